@@ -1,0 +1,324 @@
+//! The worker's side of the protocol: join, heartbeats, reports, bootstrap, stop.
+
+use std::io::{BufReader, ErrorKind};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::job::JobConfig;
+use crate::protocol::{
+    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, Welcome, WorkerMsg, read_frame,
+    write_frame,
+};
+
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What a worker tells the coordinator about where it runs.
+#[derive(Debug, Clone)]
+pub struct JoinInfo {
+    /// Host name for logs and the status page (see [`hostname`]).
+    pub host: String,
+    /// `host:port` where this worker accepts its ring predecessor (the collective's listener).
+    pub collective_addr: String,
+}
+
+/// What the worker built from the job; the coordinator refuses a worker whose data or
+/// model differs from the others'.
+#[derive(Debug, Clone)]
+pub struct Fingerprint {
+    pub model_hash: String,
+    /// `Manifest::content_hash()` of the job's training manifest as this worker reads it.
+    pub dataset_hash: String,
+}
+
+/// A worker's live connection to the coordinator. Heartbeats run on a background thread
+/// from join until [`done`](Self::done), [`failed`](Self::failed) or drop.
+pub struct WorkerClient {
+    writer: Arc<Mutex<TcpStream>>,
+    rank: usize,
+    stop: Arc<Mutex<Option<String>>>,
+    bootstrap: Receiver<Vec<u8>>,
+    finished: Arc<AtomicBool>,
+    heartbeat: Option<JoinHandle<()>>,
+}
+
+impl WorkerClient {
+    /// Connects to the coordinator at `addr` (retrying with backoff while it is not up
+    /// yet), proves the token, receives the job, calls `fingerprint` on it, joins, and
+    /// waits until the whole world has joined. Every wait is bounded by `timeout`.
+    pub fn join(
+        addr: &str,
+        token: &str,
+        info: JoinInfo,
+        timeout: Duration,
+        fingerprint: impl FnOnce(&JobConfig) -> Result<Fingerprint>,
+    ) -> Result<(WorkerClient, Welcome)> {
+        let deadline = Instant::now() + timeout;
+        let stream = connect_with_retry(addr, deadline)?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let writer = Arc::new(Mutex::new(stream));
+        send(&writer, &WorkerMsg::Hello { token: token.to_string(), protocol_version: PROTOCOL_VERSION })?;
+
+        let job = match receive(&mut reader, addr, deadline)? {
+            CoordinatorMsg::JobOffer { job } => job,
+            other => bail!("coordinator {addr} answered the hello with {}", name_of(&other)),
+        };
+        let fp = fingerprint(&job)?;
+
+        // Heartbeats start before the join: waiting for the rest of the world can take
+        // longer than the coordinator's silence limit.
+        let stop = Arc::new(Mutex::new(None));
+        let finished = Arc::new(AtomicBool::new(false));
+        let interval = Duration::from_secs_f64(job.cluster.heartbeat_interval_s);
+        let heartbeat = spawn_heartbeat(writer.clone(), interval, stop.clone(), finished.clone());
+        let mut client = WorkerClient {
+            writer,
+            rank: 0,
+            stop: stop.clone(),
+            bootstrap: mpsc::channel().1,
+            finished,
+            heartbeat: Some(heartbeat),
+        };
+        client.send(&WorkerMsg::Join(JoinRequest {
+            host: info.host,
+            collective_addr: info.collective_addr,
+            model_hash: fp.model_hash,
+            dataset_hash: fp.dataset_hash,
+        }))?;
+        let welcome = match receive(&mut reader, addr, deadline)? {
+            CoordinatorMsg::Welcome(w) => *w,
+            other => bail!("coordinator {addr} answered the join with {}", name_of(&other)),
+        };
+        reader.get_ref().set_read_timeout(None)?;
+        let (bootstrap_tx, bootstrap_rx) = mpsc::channel();
+        client.rank = welcome.rank;
+        client.bootstrap = bootstrap_rx;
+        let finished = client.finished.clone();
+        thread::spawn(move || listen(reader, bootstrap_tx, stop, finished));
+        Ok((client, welcome))
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn report_step(&self, metrics: &StepMetrics) -> Result<()> {
+        self.send(&WorkerMsg::StepReport(metrics.clone()))
+    }
+
+    pub fn report_eval(&self, metrics: &EvalMetrics) -> Result<()> {
+        self.send(&WorkerMsg::EvalReport(metrics.clone()))
+    }
+
+    /// Shares collective bootstrap bytes (an NCCL unique id, say): rank 0 passes
+    /// `Some(bytes)`, the others `None`, and every rank gets rank 0's bytes back.
+    pub fn exchange_bootstrap(&self, blob: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>> {
+        if let Some(blob) = blob {
+            if self.rank != 0 {
+                bail!("only rank 0 publishes collective bootstrap data (this is rank {})", self.rank);
+            }
+            self.send(&WorkerMsg::Bootstrap { blob })?;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(reason) = self.stop_requested() {
+                bail!("stopped while waiting for the collective bootstrap: {reason}");
+            }
+            match self.bootstrap.recv_timeout(Duration::from_millis(100)) {
+                Ok(blob) => return Ok(blob),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!("no collective bootstrap data from rank 0 within {:.0} s", timeout.as_secs_f64())
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!("connection to the coordinator lost"),
+            }
+        }
+    }
+
+    /// Why the coordinator wants this worker to stop (or why the connection to it broke),
+    /// if it does. The trainer checks this once per step.
+    pub fn stop_requested(&self) -> Option<String> {
+        self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Tells the coordinator this rank finished its work, and disconnects.
+    pub fn done(mut self) -> Result<()> {
+        self.end(WorkerMsg::Done)
+    }
+
+    /// Tells the coordinator this rank failed and why, and disconnects.
+    pub fn failed(mut self, reason: &str) -> Result<()> {
+        self.end(WorkerMsg::Failed { reason: reason.to_string() })
+    }
+
+    fn end(&mut self, last: WorkerMsg) -> Result<()> {
+        self.stop_heartbeat();
+        let sent = self.send(&last);
+        if let Ok(stream) = self.writer.lock() {
+            let _ = stream.shutdown(Shutdown::Write);
+        }
+        sent
+    }
+
+    fn stop_heartbeat(&mut self) {
+        self.finished.store(true, Ordering::SeqCst);
+        if let Some(h) = self.heartbeat.take() {
+            let _ = h.join();
+        }
+    }
+
+    fn send(&self, msg: &WorkerMsg) -> Result<()> {
+        send(&self.writer, msg)
+    }
+}
+
+impl Drop for WorkerClient {
+    fn drop(&mut self) {
+        self.stop_heartbeat();
+        if let Ok(stream) = self.writer.lock() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn send(writer: &Mutex<TcpStream>, msg: &WorkerMsg) -> Result<()> {
+    let mut stream = writer.lock().unwrap_or_else(|e| e.into_inner());
+    write_frame(&mut *stream, msg).context("sending to the coordinator")
+}
+
+fn connect_with_retry(addr: &str, deadline: Instant) -> Result<TcpStream> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let attempt = addr
+            .to_socket_addrs()
+            .map_err(anyhow::Error::from)
+            .and_then(|mut addrs| addrs.next().context("the address resolves to nothing"))
+            .and_then(|sock| {
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                Ok(TcpStream::connect_timeout(&sock, left.min(Duration::from_secs(5)))?)
+            });
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(e) if Instant::now() + backoff >= deadline => {
+                return Err(e.context(format!("connecting to the coordinator at {addr} (gave up retrying)")));
+            }
+            Err(e) => {
+                tracing::debug!("coordinator {addr} not reachable yet ({e:#}); retrying in {backoff:?}");
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Reads the coordinator's next message before `deadline`; a refusal becomes an error
+/// carrying the coordinator's reason.
+fn receive(reader: &mut BufReader<TcpStream>, addr: &str, deadline: Instant) -> Result<CoordinatorMsg> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        bail!("timed out waiting for the coordinator at {addr}");
+    }
+    reader.get_ref().set_read_timeout(Some(left))?;
+    match read_frame::<CoordinatorMsg>(reader) {
+        Ok(Some(CoordinatorMsg::Refused { reason })) => bail!("coordinator {addr} refused this worker: {reason}"),
+        Ok(Some(CoordinatorMsg::Stop { reason })) => bail!("coordinator {addr} stopped the job: {reason}"),
+        Ok(Some(msg)) => Ok(msg),
+        Ok(None) => bail!("coordinator {addr} closed the connection"),
+        Err(e) if is_timeout(&e) => bail!("timed out waiting for the coordinator at {addr} (other workers missing?)"),
+        Err(e) => Err(e.context(format!("reading from the coordinator at {addr}"))),
+    }
+}
+
+fn is_timeout(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
+}
+
+fn spawn_heartbeat(
+    writer: Arc<Mutex<TcpStream>>,
+    interval: Duration,
+    stop: Arc<Mutex<Option<String>>>,
+    finished: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let slice = Duration::from_millis(50).min(interval);
+        let mut next = Instant::now();
+        while !finished.load(Ordering::SeqCst) {
+            if Instant::now() >= next {
+                if let Err(e) = send(&writer, &WorkerMsg::Heartbeat) {
+                    set_stop(&stop, format!("heartbeat to the coordinator failed: {e:#}"));
+                    return;
+                }
+                next += interval;
+            }
+            thread::sleep(slice);
+        }
+    })
+}
+
+/// Background reader after the welcome: relays bootstrap data, records stop requests.
+fn listen(
+    mut reader: BufReader<TcpStream>,
+    bootstrap: Sender<Vec<u8>>,
+    stop: Arc<Mutex<Option<String>>>,
+    finished: Arc<AtomicBool>,
+) {
+    loop {
+        match read_frame::<CoordinatorMsg>(&mut reader) {
+            Ok(Some(CoordinatorMsg::Bootstrap { blob })) => {
+                let _ = bootstrap.send(blob);
+            }
+            Ok(Some(CoordinatorMsg::Stop { reason })) => set_stop(&stop, reason),
+            Ok(Some(other)) => tracing::warn!("ignoring an unexpected {} from the coordinator", name_of(&other)),
+            Ok(None) => {
+                if !finished.load(Ordering::SeqCst) {
+                    set_stop(&stop, "the coordinator closed the connection".into());
+                }
+                return;
+            }
+            Err(e) => {
+                if !finished.load(Ordering::SeqCst) {
+                    set_stop(&stop, format!("connection to the coordinator broke: {e:#}"));
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn set_stop(stop: &Mutex<Option<String>>, reason: String) {
+    let mut slot = stop.lock().unwrap_or_else(|e| e.into_inner());
+    // The first reason is the cause; later ones are usually its consequences.
+    if slot.is_none() {
+        *slot = Some(reason);
+    }
+}
+
+fn name_of(msg: &CoordinatorMsg) -> &'static str {
+    match msg {
+        CoordinatorMsg::JobOffer { .. } => "a job offer",
+        CoordinatorMsg::Welcome(_) => "a welcome",
+        CoordinatorMsg::Refused { .. } => "a refusal",
+        CoordinatorMsg::Bootstrap { .. } => "bootstrap data",
+        CoordinatorMsg::Stop { .. } => "a stop",
+    }
+}
+
+/// This machine's host name (for [`JoinInfo::host`]).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".to_string())
+}

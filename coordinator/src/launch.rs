@@ -1,0 +1,226 @@
+//! `bertrain launch`: a whole job on one machine (like `torchrun --standalone`).
+//!
+//! Starts `bertrain coordinator` and N `bertrain worker` processes from this same
+//! executable, prefixes their output (`[coord]`, `[w0]`, ...; a worker's rank is only
+//! known after it joins, so workers are named by start order), forwards Ctrl-C/SIGTERM,
+//! and makes sure no child outlives it: when the coordinator ends or any worker fails,
+//! the rest are stopped (SIGTERM, then SIGKILL after a grace period) and reaped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::job::Override;
+use crate::server::load_job;
+use crate::signals;
+use crate::token::ensure_token;
+
+/// How long children get to exit after SIGTERM before they are killed.
+const GRACE: Duration = Duration::from_secs(15);
+const POLL: Duration = Duration::from_millis(100);
+
+/// `bertrain launch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LaunchArgs {
+    /// The job file (TOML).
+    #[arg(long, value_name = "JOB.toml")]
+    pub config: PathBuf,
+    /// Worker processes to start [default: the job's cluster.world_size].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<u32>,
+    /// Override a job key, e.g. `--set train.lr=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<Override>,
+    /// Continue from the newest committed checkpoint (same as `[job] resume = "auto"`).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+/// Entry point of `bertrain launch`. Succeeds when the coordinator (that is, the job) does.
+pub fn run(args: LaunchArgs) -> Result<()> {
+    signals::install()?;
+    let mut overrides = args.overrides.clone();
+    if let Some(n) = args.workers {
+        overrides.push(format!("cluster.world_size={n}").parse()?);
+    }
+    // Loading here validates the job (and the world size) before anything starts.
+    let job = load_job(&args.config, &overrides, args.resume)?;
+    let workers = job.cluster.world_size;
+    ensure_token(&job)?;
+    let token_file = job.token_path();
+    let (port, http_port) = free_ports()?;
+    let coordinator_addr = format!("127.0.0.1:{port}");
+    overrides.push(format!("cluster.http=\"127.0.0.1:{http_port}\"").parse()?);
+
+    let exe = std::env::current_exe().context("finding the bertrain executable")?;
+    let mut coordinator = Command::new(&exe);
+    coordinator.arg("coordinator").arg("--config").arg(&args.config).arg("--listen").arg(&coordinator_addr);
+    for o in &overrides {
+        coordinator.arg("--set").arg(&o.source);
+    }
+    if args.resume {
+        coordinator.arg("--resume");
+    }
+    tracing::info!(
+        workers, coordinator = %coordinator_addr, status = %format!("http://127.0.0.1:{http_port}/"),
+        "launching a coordinator and {workers} worker(s)"
+    );
+    let mut procs = vec![start("coord", coordinator)?];
+    for i in 0..workers {
+        let mut worker = Command::new(&exe);
+        worker.arg("worker").arg("--coordinator").arg(&coordinator_addr).arg("--token-file").arg(&token_file);
+        match start(&format!("w{i}"), worker) {
+            Ok(p) => procs.push(p),
+            Err(e) => {
+                stop_all(&mut procs, libc::SIGTERM);
+                return Err(e);
+            }
+        }
+    }
+    supervise(&mut procs)
+}
+
+/// Two distinct free loopback ports (coordinator, HTTP). Both listeners are held until
+/// both are known, so the two cannot collide; another process could still take one
+/// before the coordinator binds it, which the coordinator then reports.
+fn free_ports() -> Result<(u16, u16)> {
+    let a = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    let b = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+}
+
+fn start(name: &str, mut command: Command) -> Result<Proc> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It asks the
+    // kernel to SIGTERM the child if launch dies without reaping it (e.g. SIGKILL).
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().with_context(|| format!("starting {name}: {command:?}"))?;
+    if let Some(out) = child.stdout.take() {
+        relay(format!("[{name}] "), out, false);
+    }
+    if let Some(err) = child.stderr.take() {
+        relay(format!("[{name}] "), err, true);
+    }
+    Ok(Proc { name: name.to_string(), child, status: None })
+}
+
+/// Copies a child's output line by line with a prefix (bytes, not text: a child's output
+/// need not be UTF-8).
+fn relay(prefix: String, pipe: impl Read + Send + 'static, to_stderr: bool) {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            let mut out: Box<dyn Write> =
+                if to_stderr { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
+            let _ = out.write_all(prefix.as_bytes()).and_then(|()| out.write_all(&line));
+        }
+    });
+}
+
+/// Waits for the job to end, stopping everything when the coordinator exits, a worker
+/// fails, or launch itself is told to stop.
+fn supervise(procs: &mut [Proc]) -> Result<()> {
+    loop {
+        if let Some(signal) = signals::received() {
+            tracing::warn!("received signal {signal}; stopping the job");
+            stop_all(procs, signal);
+            bail!("interrupted by signal {signal}");
+        }
+        for i in 0..procs.len() {
+            if procs[i].status.is_some() {
+                continue;
+            }
+            let Some(status) = procs[i].child.try_wait().with_context(|| format!("waiting for {}", procs[i].name))?
+            else {
+                continue;
+            };
+            procs[i].status = Some(status);
+            if i == 0 {
+                // The coordinator ended the job: workers should be finishing or stopped.
+                stop_all(procs, libc::SIGTERM);
+                if status.success() {
+                    return Ok(());
+                }
+                bail!("the job failed (coordinator {})", describe(status));
+            }
+            if !status.success() {
+                let name = procs[i].name.clone();
+                tracing::error!("worker {name} {}; stopping the job", describe(status));
+                stop_all(procs, libc::SIGTERM);
+                let coordinator = procs[0].status.map(describe).unwrap_or_else(|| "killed".into());
+                bail!("the job failed: worker {name} {} (coordinator {coordinator})", describe(status));
+            }
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Lets children that are still running exit on their own for a moment, then sends them
+/// `signal`, then SIGKILL after the grace period; reaps them all.
+fn stop_all(procs: &mut [Proc], signal: i32) {
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle && reap(procs) {
+        thread::sleep(POLL);
+    }
+    for p in procs.iter().filter(|p| p.status.is_none()) {
+        // SAFETY: kill(2) on a child we spawned and have not reaped, so the pid is ours.
+        unsafe { libc::kill(p.child.id() as libc::pid_t, signal) };
+    }
+    let deadline = Instant::now() + GRACE;
+    while Instant::now() < deadline && reap(procs) {
+        thread::sleep(POLL);
+    }
+    for p in procs.iter_mut().filter(|p| p.status.is_none()) {
+        tracing::warn!("{} did not stop within {GRACE:?}; killing it", p.name);
+        let _ = p.child.kill();
+        p.status = p.child.wait().ok();
+    }
+}
+
+/// Collects exited children; true while some are still running.
+fn reap(procs: &mut [Proc]) -> bool {
+    let mut running = false;
+    for p in procs.iter_mut().filter(|p| p.status.is_none()) {
+        match p.child.try_wait() {
+            Ok(Some(status)) => p.status = Some(status),
+            Ok(None) => running = true,
+            Err(_) => p.status = p.child.wait().ok(),
+        }
+    }
+    running
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => "ended".to_string(),
+    }
+}

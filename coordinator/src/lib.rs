@@ -1,0 +1,22 @@
+//! bertrain's coordinator: the job file, the data order, the coordinator <-> worker
+//! protocol with both of its ends, the HTTP status server, and `launch`.
+
+pub mod client;
+mod http;
+pub mod job;
+pub mod launch;
+mod metrics;
+pub mod plan;
+pub mod protocol;
+pub mod server;
+mod signals;
+mod status;
+mod token;
+
+pub use client::{Fingerprint, JoinInfo, WorkerClient, hostname};
+pub use job::{JobConfig, Override};
+pub use launch::LaunchArgs;
+pub use plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW, SampleRef};
+pub use protocol::{EvalMetrics, StepMetrics, Welcome};
+pub use server::{Coordinator, CoordinatorArgs, load_job, run};
+pub use token::{ensure_token, read_token};

@@ -1,0 +1,228 @@
+//! The coordinator <-> worker wire protocol: length-prefixed JSON frames over TCP.
+//!
+//! A frame is a big-endian `u32` byte length followed by that many bytes of JSON. JSON
+//! keeps the protocol debuggable with `nc`; the traffic is a few small messages per step,
+//! so its cost does not matter (gradients never travel here, they go over the collective).
+//!
+//! Conversation:
+//! 1. worker -> `Hello{token, protocol_version}`; coordinator -> `JobOffer{job}` or `Refused`.
+//! 2. The worker loads what the job names (model config, manifest) and computes its
+//!    fingerprints, then -> `Join{host, collective_addr, model_hash, dataset_hash}`.
+//! 3. When `world_size` workers have joined: coordinator -> `Welcome{rank, peers, ...}` to each.
+//! 4. Rank 0 -> `Bootstrap{blob}` (e.g. an NCCL unique id); coordinator -> `Bootstrap` to all.
+//! 5. Workers -> `Heartbeat` every `heartbeat_interval_s`, `StepReport` each step,
+//!    `EvalReport` after each evaluation, and finally `Done` (or `Failed`).
+//! 6. Coordinator -> `Stop{reason}` when the job must end early.
+//!
+//! `generation`, `start_step` and `checkpoint` in `Welcome` are how a restarted generation
+//! (after a lost worker or a resume) tells workers where to continue.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobConfig;
+
+/// Bumped on any incompatible change; a worker of another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Frames larger than this are rejected before anything is allocated for them.
+pub const MAX_FRAME_BYTES: u32 = 16 << 20;
+
+/// Messages a worker sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkerMsg {
+    Hello { token: String, protocol_version: u32 },
+    Join(JoinRequest),
+    Heartbeat,
+    StepReport(StepMetrics),
+    EvalReport(EvalMetrics),
+    /// Only rank 0 sends this; the coordinator relays it to every rank.
+    Bootstrap { #[serde(with = "hex_bytes")] blob: Vec<u8> },
+    Done,
+    Failed { reason: String },
+}
+
+/// Messages the coordinator sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CoordinatorMsg {
+    JobOffer { job: Box<JobConfig> },
+    Welcome(Box<Welcome>),
+    Refused { reason: String },
+    Bootstrap { #[serde(with = "hex_bytes")] blob: Vec<u8> },
+    Stop { reason: String },
+}
+
+/// What a worker says about itself when it joins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The worker's host name, for logs and the status page.
+    pub host: String,
+    /// `host:port` where this worker accepts its ring predecessor's connection.
+    pub collective_addr: String,
+    /// Fingerprint of the model the worker built from the job (config + initial weights).
+    pub model_hash: String,
+    /// `Manifest::content_hash()` of the training data as the worker sees it.
+    pub dataset_hash: String,
+}
+
+/// The coordinator's answer once the whole world has joined.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Welcome {
+    pub rank: usize,
+    pub world_size: usize,
+    /// Increases each time the job (re)starts its set of workers.
+    pub generation: u64,
+    /// Collective addresses, indexed by rank.
+    pub peers: Vec<String>,
+    pub job: JobConfig,
+    /// Optimizer steps already completed (0 for a fresh job): the next step's 0-based
+    /// index, which is also the data position (see `plan`).
+    pub start_step: u64,
+    /// Checkpoint directory to load before `start_step`, when resuming.
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// One rank's figures for one optimizer step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepMetrics {
+    /// Optimizer steps completed, this one included (the first step reports 1). A run
+    /// resumed with `start_step = k` therefore reports k+1 first.
+    pub step: u64,
+    pub loss: f64,
+    pub mlm_loss: f64,
+    pub nsp_loss: f64,
+    pub mlm_accuracy: f64,
+    pub nsp_accuracy: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub step_time_s: f64,
+    /// Time the step waited for the data loader.
+    pub data_wait_s: f64,
+    /// Time spent in the gradient all-reduce.
+    pub comm_s: f64,
+    /// Fraction of token positions in the step's batches that are padding.
+    pub padding_fraction: f64,
+}
+
+/// One rank's figures for one evaluation on the validation split.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalMetrics {
+    /// Optimizer steps completed when the evaluation ran.
+    pub step: u64,
+    pub loss: f64,
+    pub mlm_loss: f64,
+    pub nsp_loss: f64,
+    pub mlm_accuracy: f64,
+    pub nsp_accuracy: f64,
+    pub perplexity: f64,
+    /// Validation samples this rank evaluated.
+    pub samples: u64,
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
+    let body = serde_json::to_vec(msg).context("encoding a protocol message")?;
+    if body.len() > MAX_FRAME_BYTES as usize {
+        bail!("protocol message of {} bytes exceeds the {} byte limit", body.len(), MAX_FRAME_BYTES);
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames. Oversized,
+/// truncated or malformed frames are errors, never panics.
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len[..1]) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    r.read_exact(&mut len[1..]).context("truncated frame header")?;
+    let len = u32::from_be_bytes(len);
+    if len > MAX_FRAME_BYTES {
+        bail!("frame of {len} bytes exceeds the {MAX_FRAME_BYTES} byte limit");
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).context("truncated frame body")?;
+    let msg = serde_json::from_slice(&body).context("malformed protocol message")?;
+    Ok(Some(msg))
+}
+
+/// Byte blobs travel as hex strings: JSON has no bytes type, and an array of numbers is
+/// four times larger and unreadable in a packet dump.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.len() % 2 != 0 || !text.is_ascii() {
+            return Err(D::Error::custom("blob is not a hex string"));
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(D::Error::custom))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let msgs = vec![
+            WorkerMsg::Hello { token: "t".into(), protocol_version: PROTOCOL_VERSION },
+            WorkerMsg::Bootstrap { blob: vec![0, 1, 255, 16] },
+            WorkerMsg::StepReport(StepMetrics { step: 3, loss: 1.5, ..Default::default() }),
+            WorkerMsg::Done,
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            write_frame(&mut wire, m).unwrap();
+        }
+        let mut r = wire.as_slice();
+        for m in &msgs {
+            assert_eq!(read_frame::<WorkerMsg>(&mut r).unwrap().as_ref(), Some(m));
+        }
+        assert_eq!(read_frame::<WorkerMsg>(&mut r).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let oversized = (MAX_FRAME_BYTES + 1).to_be_bytes();
+        assert!(read_frame::<WorkerMsg>(&mut oversized.as_slice()).is_err());
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"{{{{{");
+        assert!(read_frame::<WorkerMsg>(&mut garbage.as_slice()).is_err());
+        let truncated = [0u8, 0, 0, 9, b'{'];
+        assert!(read_frame::<WorkerMsg>(&mut truncated.as_slice()).is_err());
+        let half_header = [0u8, 0];
+        assert!(read_frame::<WorkerMsg>(&mut half_header.as_slice()).is_err());
+        let mut unknown = Vec::new();
+        write_frame(&mut unknown, &serde_json::json!({"type": "launch_missiles"})).unwrap();
+        assert!(read_frame::<WorkerMsg>(&mut unknown.as_slice()).is_err());
+        let mut bad_hex = Vec::new();
+        write_frame(&mut bad_hex, &serde_json::json!({"type": "bootstrap", "blob": "zz"})).unwrap();
+        assert!(read_frame::<WorkerMsg>(&mut bad_hex.as_slice()).is_err());
+    }
+}

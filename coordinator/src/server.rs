@@ -1,0 +1,732 @@
+//! `bertrain coordinator`: runs one job.
+//!
+//! Shape: an accept thread and one reader thread per connection turn the network into
+//! [`Event`]s on a single channel; one state-machine loop ([`Machine`]) consumes them and
+//! is the only code that changes the job's state or writes to workers. Nothing is shared
+//! but the channel and the status board the HTTP server reads.
+//!
+//! States: `Rendezvous` (collecting `world_size` joins) -> `Running` (one generation of
+//! workers training) -> end. A lost worker currently ends the job with an error; the loss
+//! is funnelled through [`Machine::generation_failed`] so that restarting the generation
+//! from the latest checkpoint (issue 5) is a change in one place.
+
+use std::collections::HashMap;
+use std::io::{BufReader, ErrorKind};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bertrain_dataprep::Manifest;
+
+use crate::http;
+use crate::job::{JobConfig, Override, Resume};
+use crate::metrics::{Gather, MetricsLog, merge_evals, merge_steps};
+use crate::protocol::{
+    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, Welcome, WorkerMsg, read_frame,
+    write_frame,
+};
+use crate::signals;
+use crate::status::{StatusBoard, WorkerView};
+use crate::token::{ensure_token, tokens_equal};
+
+/// How often the state loop wakes without events to check timeouts and signals.
+const TICK: Duration = Duration::from_millis(200);
+/// A worker that does not take a message within this long is treated as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `bertrain coordinator`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoordinatorArgs {
+    /// The job file (TOML).
+    #[arg(long, value_name = "JOB.toml")]
+    pub config: PathBuf,
+    /// Address to listen on for workers [default: the job's cluster.coordinator].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Override a job key, e.g. `--set train.lr=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<Override>,
+    /// Continue from the newest committed checkpoint (same as `[job] resume = "auto"`).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// Entry point of `bertrain coordinator`: loads the job, runs it, returns its outcome.
+pub fn run(args: CoordinatorArgs) -> Result<()> {
+    signals::install()?;
+    let job = load_job(&args.config, &args.overrides, args.resume)?;
+    let listen = args.listen.unwrap_or_else(|| job.cluster.coordinator.clone());
+    let coordinator = Coordinator::bind(job, &listen)?;
+    coordinator.run()
+}
+
+/// Loads the job file with `--set` overrides and `--resume` applied.
+pub fn load_job(config: &Path, overrides: &[Override], resume: bool) -> Result<JobConfig> {
+    let mut overrides = overrides.to_vec();
+    if resume {
+        overrides.push("job.resume=auto".parse()?);
+    }
+    JobConfig::load(config, &overrides)
+}
+
+/// A job whose data has been checked and whose sockets are bound, ready to [`run`](Self::run).
+pub struct Coordinator {
+    job: JobConfig,
+    listener: TcpListener,
+    http_listener: TcpListener,
+    token: String,
+    dataset_hash: String,
+    total_rows: u64,
+    start_step: u64,
+    interrupt: Arc<AtomicBool>,
+}
+
+impl Coordinator {
+    /// Verifies the dataset against its manifest, settles where the run starts, makes sure
+    /// the token exists, and binds the worker and HTTP ports. Fails before any worker is
+    /// accepted if anything is wrong.
+    pub fn bind(job: JobConfig, listen: &str) -> Result<Coordinator> {
+        let manifest = load_verified(&job.data.manifest)?;
+        if let Some(validation) = &job.data.validation_manifest {
+            load_verified(validation)?;
+        }
+        if manifest.total_rows() == 0 {
+            bail!("dataset manifest {} lists no rows; re-run `bertrain dataprep`", job.data.manifest.display());
+        }
+        std::fs::create_dir_all(&job.job.run_dir)
+            .with_context(|| format!("creating run_dir {}", job.job.run_dir.display()))?;
+        let start_step = resume_point(&job)?;
+        let token = ensure_token(&job)?;
+        let listener = TcpListener::bind(listen)
+            .with_context(|| format!("listening for workers on {listen} (set --listen or cluster.coordinator)"))?;
+        let http_addr = job.http_address(listen)?;
+        let http_listener = TcpListener::bind(&http_addr)
+            .with_context(|| format!("listening for HTTP on {http_addr} (set cluster.http)"))?;
+        Ok(Coordinator {
+            dataset_hash: manifest.content_hash(),
+            total_rows: manifest.total_rows(),
+            job,
+            listener,
+            http_listener,
+            token,
+            start_step,
+            interrupt: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Where workers connect.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Where the HTTP status server listens.
+    pub fn http_addr(&self) -> Result<SocketAddr> {
+        Ok(self.http_listener.local_addr()?)
+    }
+
+    /// Setting this flag stops the job as SIGINT/SIGTERM would (for embedding and tests).
+    pub fn interrupt_flag(&self) -> Arc<AtomicBool> {
+        self.interrupt.clone()
+    }
+
+    /// Runs the job to its end: `Ok` when every rank said Done, an error saying why otherwise.
+    pub fn run(self) -> Result<()> {
+        let addr = self.local_addr()?;
+        let http_addr = self.http_addr()?;
+        tracing::info!(
+            job = %self.job.job.name, %addr, http = %http_addr, world_size = self.job.cluster.world_size,
+            "coordinator listening; waiting for workers"
+        );
+        let board = Arc::new(StatusBoard::new(
+            &self.job.job.name,
+            self.job.cluster.world_size as usize,
+            self.job.train.max_steps,
+            self.job.cluster.heartbeat_interval_s,
+        ));
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let (events, inbox) = mpsc::channel();
+        let silence = Duration::from_secs_f64(self.job.cluster.heartbeat_timeout_s);
+        let listener = self.listener.try_clone().context("cloning the listening socket")?;
+        let accept_shutdown = shutdown.clone();
+        let accept = thread::spawn(move || accept_loop(listener, events, silence, accept_shutdown));
+        let http_server = http::spawn(
+            self.http_listener.try_clone().context("cloning the HTTP socket")?,
+            board.clone(),
+            shutdown.clone(),
+        );
+
+        let metrics_path = self.job.job.run_dir.join("metrics.jsonl");
+        let outcome = MetricsLog::open(&metrics_path, self.start_step).and_then(|log| {
+            let mut machine = Machine::new(&self, log, board.clone());
+            let outcome = machine.run(&inbox);
+            machine.close_all();
+            outcome
+        });
+        board.update(|s| {
+            s.state = if outcome.is_ok() { "finished" } else { "failed" };
+            s.error = outcome.as_ref().err().map(|e| format!("{e:#}"));
+        });
+
+        // Wake the blocking accepts so their threads see the shutdown flag and exit.
+        shutdown.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        let _ = TcpStream::connect_timeout(&http_addr, Duration::from_secs(1));
+        let _ = accept.join();
+        let _ = http_server.join();
+        match &outcome {
+            Ok(()) => tracing::info!(job = %self.job.job.name, "job finished"),
+            Err(e) => tracing::error!(job = %self.job.job.name, "job failed: {e:#}"),
+        }
+        outcome
+    }
+}
+
+fn load_verified(path: &Path) -> Result<Manifest> {
+    let manifest = Manifest::load(path)?;
+    manifest
+        .verify_files()
+        .with_context(|| format!("refusing to start: dataset {} does not match its manifest", path.display()))?;
+    Ok(manifest)
+}
+
+/// Steps already completed by an earlier run in this `run_dir`.
+///
+/// A fresh job (`resume = "never"`) refuses a `run_dir` that already holds a run, so no
+/// earlier metrics or checkpoints are mixed up with the new run's. Continuing from a
+/// committed checkpoint is issue 5's work; until it lands a run_dir with checkpoints is
+/// refused rather than silently restarted from step 0.
+fn resume_point(job: &JobConfig) -> Result<u64> {
+    let run_dir = &job.job.run_dir;
+    let metrics = run_dir.join("metrics.jsonl");
+    let checkpoints = run_dir.join("checkpoints");
+    let has_checkpoint = checkpoints.join("latest").exists();
+    match job.job.resume {
+        Resume::Never if metrics.exists() || has_checkpoint => bail!(
+            "run_dir {} already holds a run; pass --resume (or set [job] resume = \"auto\") to continue it, or choose another [job] run_dir",
+            run_dir.display()
+        ),
+        Resume::Auto if has_checkpoint => bail!(
+            "run_dir {} holds checkpoints, but this build cannot resume from a checkpoint yet; choose another [job] run_dir",
+            run_dir.display()
+        ),
+        _ => Ok(0),
+    }
+}
+
+/// A connection, identified for the lifetime of the coordinator.
+type ConnId = u64;
+
+/// What the network tells the state loop.
+enum Event {
+    Connected { conn: ConnId, stream: TcpStream, peer: SocketAddr },
+    Message { conn: ConnId, msg: WorkerMsg },
+    /// The connection ended: `None` for a clean close, else why it broke.
+    Closed { conn: ConnId, reason: Option<String> },
+}
+
+fn accept_loop(listener: TcpListener, events: Sender<Event>, silence: Duration, shutdown: Arc<AtomicBool>) {
+    let mut next_id: ConnId = 0;
+    for stream in listener.incoming() {
+        if shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accepting a connection failed: {e}");
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        next_id += 1;
+        let conn = next_id;
+        let peer = match stream.peer_addr() {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        // The read timeout is the heartbeat check: a worker silent this long is dead.
+        let setup = stream
+            .set_nodelay(true)
+            .and_then(|()| stream.set_read_timeout(Some(silence)))
+            .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
+            .and_then(|()| stream.try_clone());
+        let reader = match setup {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%peer, "setting up a connection failed: {e}");
+                continue;
+            }
+        };
+        if events.send(Event::Connected { conn, stream, peer }).is_err() {
+            return;
+        }
+        let events = events.clone();
+        thread::spawn(move || read_loop(conn, reader, events, silence));
+    }
+}
+
+fn read_loop(conn: ConnId, stream: TcpStream, events: Sender<Event>, silence: Duration) {
+    let mut reader = BufReader::new(stream);
+    loop {
+        let event = match read_frame::<WorkerMsg>(&mut reader) {
+            Ok(Some(msg)) => Event::Message { conn, msg },
+            Ok(None) => Event::Closed { conn, reason: None },
+            Err(e) => Event::Closed { conn, reason: Some(describe_read_error(&e, silence)) },
+        };
+        let last = matches!(event, Event::Closed { .. });
+        if events.send(event).is_err() || last {
+            return;
+        }
+    }
+}
+
+fn describe_read_error(err: &anyhow::Error, silence: Duration) -> String {
+    let timed_out = err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+    if timed_out {
+        format!("silent for {:.1} s (no heartbeat within cluster.heartbeat_timeout_s)", silence.as_secs_f64())
+    } else {
+        format!("{err:#}")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Stage {
+    /// Connected; no valid Hello yet.
+    New,
+    /// Hello accepted, job offered; waiting for its Join.
+    Offered,
+    /// Joined; waiting for the rest of the world.
+    Waiting(Box<JoinRequest>),
+    /// Training as this rank.
+    Member(usize),
+}
+
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    stage: Stage,
+}
+
+/// One rank of the running generation.
+struct Member {
+    conn: ConnId,
+    view: WorkerView,
+}
+
+enum Phase {
+    Rendezvous,
+    Running,
+}
+
+/// What handling an event decided.
+enum Flow {
+    Continue,
+    End(Result<()>),
+}
+
+struct Machine {
+    job: JobConfig,
+    token: String,
+    dataset_hash: String,
+    total_rows: u64,
+    start_step: u64,
+    interrupt: Arc<AtomicBool>,
+    board: Arc<StatusBoard>,
+    log: MetricsLog,
+    conns: HashMap<ConnId, Conn>,
+    phase: Phase,
+    /// Joined connections, in join order (rank order once the world is complete).
+    waiting: Vec<ConnId>,
+    /// Model fingerprint of the first worker to join; later ones must match it.
+    model_hash: Option<String>,
+    generation: u64,
+    members: Vec<Member>,
+    steps: Gather<StepMetrics>,
+    evals: Gather<EvalMetrics>,
+    last_progress: Instant,
+}
+
+impl Machine {
+    fn new(c: &Coordinator, log: MetricsLog, board: Arc<StatusBoard>) -> Machine {
+        let world = c.job.cluster.world_size as usize;
+        Machine {
+            job: c.job.clone(),
+            token: c.token.clone(),
+            dataset_hash: c.dataset_hash.clone(),
+            total_rows: c.total_rows,
+            start_step: c.start_step,
+            interrupt: c.interrupt.clone(),
+            board,
+            log,
+            conns: HashMap::new(),
+            phase: Phase::Rendezvous,
+            waiting: Vec::new(),
+            model_hash: None,
+            generation: 0,
+            members: Vec::new(),
+            steps: Gather::new(world),
+            evals: Gather::new(world),
+            last_progress: Instant::now(),
+        }
+    }
+
+    fn world_size(&self) -> usize {
+        self.job.cluster.world_size as usize
+    }
+
+    fn run(&mut self, inbox: &Receiver<Event>) -> Result<()> {
+        self.publish();
+        loop {
+            let flow = match inbox.recv_timeout(TICK) {
+                Ok(event) => self.handle(event),
+                Err(RecvTimeoutError::Timeout) => Flow::Continue,
+                Err(RecvTimeoutError::Disconnected) => Flow::End(Err(anyhow::anyhow!("the listener stopped"))),
+            };
+            let flow = match flow {
+                Flow::Continue => self.tick(),
+                end => end,
+            };
+            self.publish();
+            if let Flow::End(outcome) = flow {
+                if let Err(e) = &outcome {
+                    self.stop_all(&format!("{e:#}"));
+                }
+                return outcome;
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) -> Flow {
+        match event {
+            Event::Connected { conn, stream, peer } => {
+                tracing::debug!(%peer, "connection");
+                self.conns.insert(conn, Conn { stream, peer, stage: Stage::New });
+                Flow::Continue
+            }
+            Event::Message { conn, msg } => self.on_message(conn, msg),
+            Event::Closed { conn, reason } => self.on_closed(conn, reason),
+        }
+    }
+
+    fn on_message(&mut self, id: ConnId, msg: WorkerMsg) -> Flow {
+        let Some(conn) = self.conns.get(&id) else { return Flow::Continue };
+        let stage = conn.stage.clone();
+        if let Stage::Member(rank) = stage {
+            self.members[rank].view.last_heard = Instant::now();
+        }
+        match (stage, msg) {
+            (Stage::New, WorkerMsg::Hello { token, protocol_version }) => self.on_hello(id, &token, protocol_version),
+            (Stage::Offered, WorkerMsg::Join(request)) => self.on_join(id, request),
+            (Stage::Waiting(_) | Stage::Offered, WorkerMsg::Heartbeat) => Flow::Continue,
+            (Stage::Member(_), WorkerMsg::Heartbeat) => Flow::Continue,
+            (Stage::Member(rank), WorkerMsg::StepReport(m)) => self.on_step(rank, m),
+            (Stage::Member(rank), WorkerMsg::EvalReport(m)) => self.on_eval(rank, m),
+            (Stage::Member(0), WorkerMsg::Bootstrap { blob }) => {
+                tracing::info!(bytes = blob.len(), "relaying rank 0's collective bootstrap to all ranks");
+                for rank in 0..self.members.len() {
+                    self.send(self.members[rank].conn, &CoordinatorMsg::Bootstrap { blob: blob.clone() });
+                }
+                Flow::Continue
+            }
+            (Stage::Member(rank), WorkerMsg::Done) => {
+                tracing::info!(rank, "rank done");
+                self.members[rank].view.done = true;
+                if self.members.iter().all(|m| m.view.done) {
+                    return Flow::End(Ok(()));
+                }
+                Flow::Continue
+            }
+            (Stage::Member(rank), WorkerMsg::Failed { reason }) => {
+                let host = self.members[rank].view.host.clone();
+                self.generation_failed(format!("rank {rank} ({host}) failed: {reason}"))
+            }
+            (stage, msg) => {
+                let peer = self.conns.get(&id).map(|c| c.peer);
+                let what = format!("{msg:?}");
+                let what = what.split(['(', ' ', '{']).next().unwrap_or("message").to_string();
+                tracing::warn!(?peer, ?stage, "protocol violation: unexpected {what}; dropping the connection");
+                self.refuse(id, &format!("unexpected {what} message at this point of the protocol"));
+                Flow::Continue
+            }
+        }
+    }
+
+    fn on_hello(&mut self, id: ConnId, token: &str, version: u32) -> Flow {
+        let reason = if version != PROTOCOL_VERSION {
+            Some(format!(
+                "protocol version {version} does not match the coordinator's {PROTOCOL_VERSION}; run the same bertrain build on every node"
+            ))
+        } else if !tokens_equal(token, &self.token) {
+            Some("wrong job token; pass the job's token file with --token-file".to_string())
+        } else if matches!(self.phase, Phase::Running) {
+            Some(format!("the job is already running with all {} workers", self.world_size()))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.refuse(id, &reason);
+            return Flow::Continue;
+        }
+        let job = Box::new(self.job.clone());
+        if self.send(id, &CoordinatorMsg::JobOffer { job }) {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.stage = Stage::Offered;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn on_join(&mut self, id: ConnId, request: JoinRequest) -> Flow {
+        if request.dataset_hash != self.dataset_hash {
+            let reason = format!(
+                "dataset differs from the job's: worker has dataset hash {}, the job's manifest {} has {}; give every worker the same dataset",
+                request.dataset_hash,
+                self.job.data.manifest.display(),
+                self.dataset_hash
+            );
+            self.refuse(id, &reason);
+            return Flow::Continue;
+        }
+        match &self.model_hash {
+            Some(expected) if *expected != request.model_hash => {
+                let reason = format!(
+                    "model differs from the first worker's: model hash {} vs {}; give every worker the same model files",
+                    request.model_hash, expected
+                );
+                self.refuse(id, &reason);
+                return Flow::Continue;
+            }
+            Some(_) => {}
+            None => self.model_hash = Some(request.model_hash.clone()),
+        }
+        let world_size = self.world_size();
+        let Some(conn) = self.conns.get_mut(&id) else { return Flow::Continue };
+        tracing::info!(
+            peer = %conn.peer, host = %request.host, joined = self.waiting.len() + 1, world_size,
+            "worker joined"
+        );
+        conn.stage = Stage::Waiting(Box::new(request));
+        self.waiting.push(id);
+        if self.waiting.len() == self.world_size() {
+            self.start_generation();
+        }
+        Flow::Continue
+    }
+
+    /// The world is complete: ranks in join order, then everyone is welcomed.
+    fn start_generation(&mut self) {
+        self.generation += 1;
+        let mut members = Vec::new();
+        let mut peers = Vec::new();
+        for (rank, &id) in self.waiting.iter().enumerate() {
+            let Some(conn) = self.conns.get_mut(&id) else { continue };
+            let Stage::Waiting(request) = std::mem::replace(&mut conn.stage, Stage::Member(rank)) else { continue };
+            peers.push(request.collective_addr.clone());
+            members.push(Member {
+                conn: id,
+                view: WorkerView {
+                    rank: Some(rank),
+                    host: request.host.clone(),
+                    peer: conn.peer.to_string(),
+                    last_heard: Instant::now(),
+                    last_step: None,
+                    gone: false,
+                    done: false,
+                },
+            });
+        }
+        self.waiting.clear();
+        self.members = members;
+        self.phase = Phase::Running;
+        self.last_progress = Instant::now();
+        tracing::info!(generation = self.generation, start_step = self.start_step, ?peers, "all workers joined; starting");
+        for rank in 0..self.members.len() {
+            let welcome = Welcome {
+                rank,
+                world_size: self.world_size(),
+                generation: self.generation,
+                peers: peers.clone(),
+                job: self.job.clone(),
+                start_step: self.start_step,
+                checkpoint: None,
+            };
+            self.send(self.members[rank].conn, &CoordinatorMsg::Welcome(Box::new(welcome)));
+        }
+    }
+
+    fn on_step(&mut self, rank: usize, m: StepMetrics) -> Flow {
+        self.members[rank].view.last_step = Some(m.step);
+        let step = m.step;
+        let Some(all) = self.steps.add(step, rank, m) else { return Flow::Continue };
+        let merged = merge_steps(&all);
+        self.last_progress = Instant::now();
+        if let Err(e) = self.log.write_step(&merged) {
+            return Flow::End(Err(e));
+        }
+        tracing::info!(
+            step, loss = merged.loss, mlm_acc = merged.mlm_accuracy, nsp_acc = merged.nsp_accuracy,
+            tokens_per_s = merged.tokens_per_s as u64, "step"
+        );
+        let epoch = (step * self.job.train.global_batch_size) / self.total_rows;
+        self.board.update(|s| {
+            s.step = Some(step);
+            s.epoch = Some(epoch);
+            s.loss = Some(merged.loss);
+            s.tokens_per_s = Some(merged.tokens_per_s);
+        });
+        self.board.record_loss(step, merged.loss);
+        Flow::Continue
+    }
+
+    fn on_eval(&mut self, rank: usize, m: EvalMetrics) -> Flow {
+        let Some(all) = self.evals.add(m.step, rank, m) else { return Flow::Continue };
+        let merged = merge_evals(&all);
+        if let Err(e) = self.log.write_eval(&merged) {
+            return Flow::End(Err(e));
+        }
+        tracing::info!(
+            step = merged.step, loss = merged.loss, mlm_acc = merged.mlm_accuracy, nsp_acc = merged.nsp_accuracy,
+            perplexity = merged.perplexity, "validation"
+        );
+        let value = serde_json::to_value(&merged).ok();
+        self.board.update(|s| s.last_eval = value);
+        Flow::Continue
+    }
+
+    fn on_closed(&mut self, id: ConnId, reason: Option<String>) -> Flow {
+        let Some(conn) = self.conns.remove(&id) else { return Flow::Continue };
+        let why = reason.unwrap_or_else(|| "connection closed".to_string());
+        match conn.stage {
+            Stage::Member(rank) => {
+                let member = &mut self.members[rank];
+                member.view.gone = true;
+                if member.view.done {
+                    return Flow::Continue;
+                }
+                let host = member.view.host.clone();
+                self.generation_failed(format!("lost rank {rank} ({host}, {}): {why}", conn.peer))
+            }
+            Stage::Waiting(request) => {
+                self.waiting.retain(|&w| w != id);
+                if self.waiting.is_empty() {
+                    self.model_hash = None;
+                }
+                tracing::warn!(peer = %conn.peer, host = %request.host, "a waiting worker left before the job started: {why}");
+                Flow::Continue
+            }
+            Stage::New | Stage::Offered => {
+                tracing::debug!(peer = %conn.peer, "connection ended before joining: {why}");
+                Flow::Continue
+            }
+        }
+    }
+
+    /// A rank of the running generation is gone or failed. Today that ends the job;
+    /// issue 5 turns this into "stop the generation, go back to rendezvous, restart from
+    /// the latest committed checkpoint".
+    fn generation_failed(&mut self, reason: String) -> Flow {
+        tracing::error!(generation = self.generation, "{reason}");
+        Flow::End(Err(anyhow::anyhow!(reason)))
+    }
+
+    fn tick(&mut self) -> Flow {
+        if let Some(signal) = signals::received() {
+            return Flow::End(Err(anyhow::anyhow!("interrupted by signal {signal}")));
+        }
+        if self.interrupt.load(Ordering::SeqCst) {
+            return Flow::End(Err(anyhow::anyhow!("interrupted")));
+        }
+        if matches!(self.phase, Phase::Running) {
+            let limit = self.job.cluster.step_timeout_s;
+            if self.last_progress.elapsed().as_secs_f64() > limit {
+                let behind: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|m| format!("rank {} at step {:?}", m.view.rank.unwrap_or(0), m.view.last_step))
+                    .collect();
+                return self.generation_failed(format!(
+                    "no step completed for {limit} s (cluster.step_timeout_s; a hung collective or a stuck worker?): {}",
+                    behind.join(", ")
+                ));
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Sends a message; a worker that cannot take it is disconnected (its reader thread
+    /// then reports the close, which is handled like any other loss).
+    fn send(&mut self, id: ConnId, msg: &CoordinatorMsg) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else { return false };
+        match write_frame(&mut conn.stream, msg) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(peer = %conn.peer, "sending to a worker failed: {e:#}");
+                let _ = conn.stream.shutdown(Shutdown::Both);
+                false
+            }
+        }
+    }
+
+    fn refuse(&mut self, id: ConnId, reason: &str) {
+        if let Some(conn) = self.conns.get(&id) {
+            tracing::warn!(peer = %conn.peer, "refused a worker: {reason}");
+        }
+        self.send(id, &CoordinatorMsg::Refused { reason: reason.to_string() });
+        if let Some(conn) = self.conns.get(&id) {
+            let _ = conn.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn stop_all(&mut self, reason: &str) {
+        let ids: Vec<ConnId> = self.members.iter().map(|m| m.conn).collect();
+        for id in ids {
+            self.send(id, &CoordinatorMsg::Stop { reason: reason.to_string() });
+        }
+    }
+
+    fn close_all(&mut self) {
+        for conn in self.conns.values() {
+            let _ = conn.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn publish(&self) {
+        let (state, workers) = match self.phase {
+            Phase::Rendezvous => {
+                let workers = self
+                    .waiting
+                    .iter()
+                    .filter_map(|id| self.conns.get(id))
+                    .filter_map(|c| match &c.stage {
+                        Stage::Waiting(r) => Some(WorkerView {
+                            rank: None,
+                            host: r.host.clone(),
+                            peer: c.peer.to_string(),
+                            last_heard: Instant::now(),
+                            last_step: None,
+                            gone: false,
+                            done: false,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                ("waiting", workers)
+            }
+            Phase::Running => ("running", self.members.iter().map(|m| m.view.clone()).collect()),
+        };
+        let generation = self.generation;
+        self.board.update(|s| {
+            s.state = state;
+            s.workers = workers;
+            s.generation = generation;
+        });
+    }
+}

@@ -1,0 +1,29 @@
+//! bertrain-dataprep: corpus -> WordPiece -> MLM/NSP instances -> Parquet shards + manifest.
+//!
+//! `bertrain vocab` trains a vocabulary, `bertrain dataprep` streams a corpus into shards
+//! (see [`pipeline`] for windows, determinism and validation hold-out, [`instances`] for the
+//! generator's semantics, and the `shards` module for the columns), `bertrain inspect` decodes
+//! them and `bertrain synth-corpus` writes the project's synthetic corpus.
+
+pub mod cli;
+mod input;
+mod inspect;
+pub mod instances;
+mod manifest;
+pub mod pipeline;
+mod progress;
+mod rng;
+mod shards;
+mod synth;
+mod vocab;
+
+pub use input::split_sentences;
+pub use inspect::{ShardStats, shard_stats};
+pub use manifest::{DataprepOptions, MANIFEST_FILE, Manifest, ShardEntry, Totals};
+pub use pipeline::{DataprepConfig, DataprepReport};
+pub use shards::{Instance, read_rows, row_group_rows};
+pub use synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus, synth_corpus_with};
+pub use vocab::{Vocab, bert_tokenizer};
+
+/// Seeded RNG used by the generator, exposed so tests can drive [`instances`] directly.
+pub use rng::Rng as SeededRng;

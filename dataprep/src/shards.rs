@@ -1,0 +1,494 @@
+//! Parquet shards: the on-disk form of instances, and streaming reads of row ranges.
+//!
+//! Columns (one row per instance):
+//! - `input_ids` list<int32>: `[CLS] A [SEP] B [SEP]`, unpadded, with masked positions
+//!   already replaced (by [MASK], a random token or themselves).
+//! - `token_type_ids` list<int8>: 0 for `[CLS] A [SEP]`, 1 for `B [SEP]`.
+//! - `masked_lm_positions` list<int32>: ascending positions chosen for prediction.
+//! - `masked_lm_ids` list<int32>: the original token at each of those positions.
+//! - `next_sentence_label` int8: 0 = IsNext, 1 = NotNext (the HF convention).
+//!
+//! Files are zstd-compressed with row groups of a few thousand rows so a reader can seek to a
+//! row by skipping whole row groups through the footer metadata.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int8Type, Int32Type};
+use arrow_array::{ArrayRef, Int8Array, Int32Array, ListArray, RecordBatch};
+use arrow_buffer::OffsetBuffer;
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{ShardEntry, hex, sync_dir, temp_name};
+
+/// One training example as stored in a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub input_ids: Vec<u32>,
+    pub token_type_ids: Vec<u8>,
+    pub masked_lm_positions: Vec<u32>,
+    pub masked_lm_ids: Vec<u32>,
+    /// 0 = IsNext, 1 = NotNext.
+    pub next_sentence_label: u8,
+}
+
+pub(crate) fn schema() -> SchemaRef {
+    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, false)));
+    Arc::new(Schema::new(vec![
+        Field::new("input_ids", list(DataType::Int32), false),
+        Field::new("token_type_ids", list(DataType::Int8), false),
+        Field::new("masked_lm_positions", list(DataType::Int32), false),
+        Field::new("masked_lm_ids", list(DataType::Int32), false),
+        Field::new("next_sentence_label", DataType::Int8, false),
+    ]))
+}
+
+/// Column-major buffers for up to one row group.
+#[derive(Default)]
+pub(crate) struct RowBuffer {
+    input_ids: Vec<i32>,
+    input_offsets: Vec<i32>,
+    token_type_ids: Vec<i8>,
+    positions: Vec<i32>,
+    masked_ids: Vec<i32>,
+    mask_offsets: Vec<i32>,
+    labels: Vec<i8>,
+}
+
+impl RowBuffer {
+    fn rows(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Appends one row. `a_len` is the length of `[CLS] A [SEP]` (token type 0).
+    pub(crate) fn push(
+        &mut self,
+        input_ids: &[u32],
+        a_len: usize,
+        positions: &[u32],
+        masked_ids: &[u32],
+        label: u8,
+    ) {
+        if self.input_offsets.is_empty() {
+            self.input_offsets.push(0);
+            self.mask_offsets.push(0);
+        }
+        self.input_ids.extend(input_ids.iter().map(|&t| t as i32));
+        self.input_offsets.push(self.input_ids.len() as i32);
+        self.token_type_ids
+            .extend((0..input_ids.len()).map(|i| i8::from(i >= a_len)));
+        self.positions.extend(positions.iter().map(|&p| p as i32));
+        self.masked_ids.extend(masked_ids.iter().map(|&t| t as i32));
+        self.mask_offsets.push(self.positions.len() as i32);
+        self.labels.push(label as i8);
+    }
+
+    fn take_batch(&mut self) -> Result<RecordBatch> {
+        let b = std::mem::take(self);
+        let item = |t: DataType| Arc::new(Field::new("item", t, false));
+        let input_offsets = OffsetBuffer::new(b.input_offsets.into());
+        let mask_offsets = OffsetBuffer::new(b.mask_offsets.into());
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(ListArray::new(
+                item(DataType::Int32),
+                input_offsets.clone(),
+                Arc::new(Int32Array::from(b.input_ids)),
+                None,
+            )),
+            Arc::new(ListArray::new(
+                item(DataType::Int8),
+                input_offsets,
+                Arc::new(Int8Array::from(b.token_type_ids)),
+                None,
+            )),
+            Arc::new(ListArray::new(
+                item(DataType::Int32),
+                mask_offsets.clone(),
+                Arc::new(Int32Array::from(b.positions)),
+                None,
+            )),
+            Arc::new(ListArray::new(
+                item(DataType::Int32),
+                mask_offsets,
+                Arc::new(Int32Array::from(b.masked_ids)),
+                None,
+            )),
+            Arc::new(Int8Array::from(b.labels)),
+        ];
+        RecordBatch::try_new(schema(), columns).context("building a record batch")
+    }
+}
+
+/// A `Write` that hashes and counts what passes through, so a shard's SHA-256 needs no re-read.
+struct HashingFile {
+    file: File,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Write for HashingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+struct OpenShard {
+    writer: ArrowWriter<io::BufWriter<HashingFile>>,
+    final_path: PathBuf,
+    file_name: String,
+    rows: u64,
+    tokens: u64,
+}
+
+/// Writes rows into `shard-NNNNN.parquet` files of at most `shard_rows` rows each. Every shard
+/// is written under a temporary name and renamed once complete and synced.
+pub(crate) struct ShardWriter {
+    dir: PathBuf,
+    shard_rows: usize,
+    row_group_rows: usize,
+    buffer: RowBuffer,
+    open: Option<OpenShard>,
+    done: Vec<ShardEntry>,
+}
+
+impl ShardWriter {
+    pub(crate) fn new(dir: &Path, shard_rows: usize, row_group_rows: usize) -> ShardWriter {
+        ShardWriter {
+            dir: dir.to_path_buf(),
+            shard_rows: shard_rows.max(1),
+            row_group_rows: row_group_rows.max(1).min(shard_rows.max(1)),
+            buffer: RowBuffer::default(),
+            open: None,
+            done: Vec::new(),
+        }
+    }
+
+    pub(crate) fn push(
+        &mut self,
+        input_ids: &[u32],
+        a_len: usize,
+        positions: &[u32],
+        masked_ids: &[u32],
+        label: u8,
+    ) -> Result<()> {
+        if self.open.is_none() {
+            self.open_shard()?;
+        }
+        self.buffer
+            .push(input_ids, a_len, positions, masked_ids, label);
+        let shard = self.open.as_mut().expect("opened above");
+        shard.rows += 1;
+        shard.tokens += input_ids.len() as u64;
+        let (rows, full) = (shard.rows, shard.rows as usize >= self.shard_rows);
+        if self.buffer.rows() >= self.row_group_rows || full {
+            self.flush_row_group()?;
+        }
+        if full {
+            self.close_shard()?;
+        }
+        debug_assert!(rows > 0);
+        Ok(())
+    }
+
+    fn open_shard(&mut self) -> Result<()> {
+        let file_name = format!("shard-{:05}.parquet", self.done.len());
+        let final_path = self.dir.join(&file_name);
+        let tmp = temp_name(&final_path);
+        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+            .set_max_row_group_row_count(Some(self.row_group_rows))
+            .set_created_by(format!("bertrain-dataprep {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let sink = io::BufWriter::with_capacity(
+            1 << 20,
+            HashingFile {
+                file,
+                hasher: Sha256::new(),
+                bytes: 0,
+            },
+        );
+        let writer = ArrowWriter::try_new(sink, schema(), Some(props))
+            .with_context(|| format!("starting Parquet file {}", tmp.display()))?;
+        self.open = Some(OpenShard {
+            writer,
+            final_path,
+            file_name,
+            rows: 0,
+            tokens: 0,
+        });
+        Ok(())
+    }
+
+    fn flush_row_group(&mut self) -> Result<()> {
+        if self.buffer.rows() == 0 {
+            return Ok(());
+        }
+        let batch = self.buffer.take_batch()?;
+        let shard = self.open.as_mut().expect("a shard is open while rows are buffered");
+        shard
+            .writer
+            .write(&batch)
+            .with_context(|| format!("writing {}", temp_name(&shard.final_path).display()))?;
+        shard
+            .writer
+            .flush()
+            .with_context(|| format!("writing {}", temp_name(&shard.final_path).display()))?;
+        Ok(())
+    }
+
+    fn close_shard(&mut self) -> Result<()> {
+        self.flush_row_group()?;
+        let Some(shard) = self.open.take() else {
+            return Ok(());
+        };
+        let tmp = temp_name(&shard.final_path);
+        let sink = shard
+            .writer
+            .into_inner()
+            .with_context(|| format!("finishing {}", tmp.display()))?;
+        let hashing = sink
+            .into_inner()
+            .map_err(|e| anyhow!("writing {}: {}", tmp.display(), e.error()))?;
+        hashing
+            .file
+            .sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, &shard.final_path).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                tmp.display(),
+                shard.final_path.display()
+            )
+        })?;
+        sync_dir(&self.dir);
+        self.done.push(ShardEntry {
+            file: shard.file_name,
+            rows: shard.rows,
+            tokens: shard.tokens,
+            bytes: hashing.bytes,
+            sha256: hex(&hashing.hasher.finalize()),
+        });
+        Ok(())
+    }
+
+    /// Completes the open shard and returns the entries of all shards, in order.
+    pub(crate) fn finish(mut self) -> Result<Vec<ShardEntry>> {
+        self.close_shard()?;
+        Ok(self.done)
+    }
+}
+
+/// Number of rows in each row group of a shard, from its footer.
+pub fn row_group_rows(shard: &Path) -> Result<Vec<u64>> {
+    let file = File::open(shard).with_context(|| format!("opening shard {}", shard.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("reading Parquet footer of {}", shard.display()))?;
+    Ok(builder
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|g| g.num_rows() as u64)
+        .collect())
+}
+
+/// Streams rows `[start, end)` of one shard. Row groups entirely before `start` are skipped
+/// through the footer metadata without being read, so resuming in the middle of a shard costs
+/// at most one partial row group.
+pub fn read_rows(
+    shard: &Path,
+    start: u64,
+    end: u64,
+) -> Result<impl Iterator<Item = Result<Instance>> + use<>> {
+    // `use<>`: the iterator owns everything it needs and does not borrow `shard`.
+    let file = File::open(shard).with_context(|| format!("opening shard {}", shard.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("reading Parquet footer of {}", shard.display()))?;
+    check_schema(builder.schema(), shard)?;
+    let total: u64 = builder
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|g| g.num_rows() as u64)
+        .sum();
+    if start > end || end > total {
+        bail!(
+            "rows {start}..{end} requested from shard {} which has {total} rows",
+            shard.display()
+        );
+    }
+    let mut groups = Vec::new();
+    let mut first_group_start = None;
+    let mut at = 0u64;
+    for (i, g) in builder.metadata().row_groups().iter().enumerate() {
+        let n = g.num_rows() as u64;
+        if at + n > start && at < end {
+            groups.push(i);
+            first_group_start.get_or_insert(at);
+        }
+        at += n;
+    }
+    let skip = start - first_group_start.unwrap_or(start);
+    let reader = builder
+        .with_row_groups(groups)
+        .with_offset(skip as usize)
+        .with_limit((end - start) as usize)
+        .with_batch_size(1024)
+        .build()
+        .with_context(|| format!("reading shard {}", shard.display()))?;
+    Ok(RowIter {
+        reader,
+        batch: None,
+        row: 0,
+        path: shard.to_path_buf(),
+        failed: false,
+    })
+}
+
+fn check_schema(found: &Schema, shard: &Path) -> Result<()> {
+    for expected in schema().fields() {
+        let field = found.field_with_name(expected.name()).map_err(|_| {
+            anyhow!(
+                "shard {} has no column `{}`; it was not written by `bertrain dataprep`",
+                shard.display(),
+                expected.name()
+            )
+        })?;
+        let same = match (field.data_type(), expected.data_type()) {
+            (DataType::List(a), DataType::List(b)) => a.data_type() == b.data_type(),
+            (a, b) => a == b,
+        };
+        if !same {
+            bail!(
+                "shard {} column `{}` has type {}, expected {}",
+                shard.display(),
+                expected.name(),
+                field.data_type(),
+                expected.data_type()
+            );
+        }
+    }
+    Ok(())
+}
+
+struct Columns {
+    input_ids: ListArray,
+    token_type_ids: ListArray,
+    positions: ListArray,
+    masked_ids: ListArray,
+    labels: Int8Array,
+}
+
+struct RowIter {
+    reader: ParquetRecordBatchReader,
+    batch: Option<Columns>,
+    row: usize,
+    path: PathBuf,
+    failed: bool,
+}
+
+impl RowIter {
+    fn column(&self, batch: &RecordBatch, name: &str) -> Result<ArrayRef> {
+        batch
+            .column_by_name(name)
+            .cloned()
+            .ok_or_else(|| anyhow!("shard {} has no column `{name}`", self.path.display()))
+    }
+
+    fn load(&self, batch: RecordBatch) -> Result<Columns> {
+        let list = |name: &str| -> Result<ListArray> {
+            let col = self.column(&batch, name)?;
+            col.as_list_opt::<i32>().cloned().ok_or_else(|| {
+                anyhow!("shard {} column `{name}` is not a list", self.path.display())
+            })
+        };
+        let labels = self.column(&batch, "next_sentence_label")?;
+        Ok(Columns {
+            input_ids: list("input_ids")?,
+            token_type_ids: list("token_type_ids")?,
+            positions: list("masked_lm_positions")?,
+            masked_ids: list("masked_lm_ids")?,
+            labels: labels
+                .as_primitive_opt::<Int8Type>()
+                .cloned()
+                .ok_or_else(|| {
+                    anyhow!(
+                        "shard {} column `next_sentence_label` is not int8",
+                        self.path.display()
+                    )
+                })?,
+        })
+    }
+}
+
+fn i32_values(list: &ListArray, row: usize) -> Vec<u32> {
+    let v = list.value(row);
+    v.as_primitive::<Int32Type>()
+        .values()
+        .iter()
+        .map(|&x| x as u32)
+        .collect()
+}
+
+impl Iterator for RowIter {
+    type Item = Result<Instance>;
+
+    fn next(&mut self) -> Option<Result<Instance>> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if let Some(cols) = &self.batch {
+                if self.row < cols.labels.len() {
+                    let r = self.row;
+                    self.row += 1;
+                    let tt = cols.token_type_ids.value(r);
+                    return Some(Ok(Instance {
+                        input_ids: i32_values(&cols.input_ids, r),
+                        token_type_ids: tt
+                            .as_primitive::<Int8Type>()
+                            .values()
+                            .iter()
+                            .map(|&x| x as u8)
+                            .collect(),
+                        masked_lm_positions: i32_values(&cols.positions, r),
+                        masked_lm_ids: i32_values(&cols.masked_ids, r),
+                        next_sentence_label: cols.labels.value(r) as u8,
+                    }));
+                }
+            }
+            match self.reader.next()? {
+                Ok(batch) => match self.load(batch) {
+                    Ok(cols) => {
+                        self.batch = Some(cols);
+                        self.row = 0;
+                    }
+                    Err(e) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                },
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(anyhow::Error::new(e)
+                        .context(format!("reading shard {}", self.path.display()))));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! BERT for pretraining in burn, with Hugging Face compatible weights.
+//!
+//! - [`config`]: the model's shape (`BertConfig`, HF field names, presets).
+//! - [`bert`]: the model itself, forward pass and losses, in one file.
+//! - [`init`]: BERT's initialisation, deterministic from a seed.
+//! - [`params`]: parameters as named flat buffers (checkpoints, all-reduce, optimizer).
+//! - [`hf`]: HF directories (`config.json`, `model.safetensors`, `vocab.txt`).
+//!
+//! This crate knows nothing of data files or networks.
+
+pub mod bert;
+pub mod config;
+pub mod hf;
+pub mod init;
+pub mod params;
+
+pub use bert::{BertForPreTraining, PretrainingBatch, PretrainingLoss, PretrainingOutput};
+pub use config::BertConfig;
+pub use init::init_bert;
+pub use params::{ParamLayout, ParamSlot, flatten_grads, flatten_params, load_flat_params};

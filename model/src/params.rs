@@ -1,0 +1,231 @@
+//! The model's parameters as named flat data: what checkpoints, HF export/import, the
+//! gradient all-reduce and the optimizer see. Every parameter has its Hugging Face name;
+//! the order is the module order, fixed for a given config, so a flat buffer laid out
+//! by [`ParamLayout`] means the same thing on every rank.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::TensorData;
+
+use crate::bert::BertForPreTraining;
+
+/// Where one parameter lives in a flat buffer, and how it maps to HF.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSlot {
+    /// HF `BertForPreTraining` name, e.g. `bert.encoder.layer.0.attention.self.query.weight`.
+    pub name: String,
+    /// Shape as stored here (burn's `[in, out]` for linear weights).
+    pub shape: Vec<usize>,
+    /// Linear weights are stored transposed relative to HF (`[out, in]` there).
+    pub transposed: bool,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl ParamSlot {
+    /// Shape in HF's layout.
+    pub fn hf_shape(&self) -> Vec<usize> {
+        let mut shape = self.shape.clone();
+        if self.transposed {
+            shape.reverse();
+        }
+        shape
+    }
+
+    /// Biases and LayerNorm parameters get no weight decay (BERT's recipe).
+    pub fn decays(&self) -> bool {
+        !(self.name.ends_with(".bias") || self.name.contains("LayerNorm"))
+    }
+}
+
+/// The layout of all parameters in one flat buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamLayout {
+    pub slots: Vec<ParamSlot>,
+    pub total: usize,
+}
+
+impl ParamLayout {
+    pub fn of<B: Backend>(model: &BertForPreTraining<B>) -> ParamLayout {
+        let mut visitor = Collect::new(false);
+        model.visit(&mut visitor);
+        ParamLayout {
+            total: visitor.offset,
+            slots: visitor.slots,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ParamSlot> {
+        self.slots.iter().find(|s| s.name == name)
+    }
+}
+
+/// HF name of a parameter from its path in the burn module tree.
+fn hf_name(path: &[String]) -> (String, bool) {
+    let joined = path.join(".");
+    let name = joined
+        .replace(".self_attention.", ".self.")
+        .replace("layer_norm.gamma", "LayerNorm.weight")
+        .replace("layer_norm.beta", "LayerNorm.bias");
+    // Embedding tables are [rows, hidden] in both; every other matrix is a linear layer.
+    let is_matrix_of_linear = !name.ends_with("_embeddings.weight");
+    (name, is_matrix_of_linear)
+}
+
+/// Visits parameters in module order, tracking the path and flat offset, and copying
+/// their values when `data` is present.
+struct Collect {
+    path: Vec<String>,
+    slots: Vec<ParamSlot>,
+    offset: usize,
+    data: Option<Vec<f32>>,
+}
+
+impl Collect {
+    fn new(with_data: bool) -> Self {
+        Collect {
+            path: Vec::new(),
+            slots: Vec::new(),
+            offset: 0,
+            data: with_data.then(Vec::new),
+        }
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collect {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let shape = param.shape().dims::<D>().to_vec();
+        let (name, linear) = hf_name(&self.path);
+        let len = shape.iter().product();
+        self.slots.push(ParamSlot {
+            name,
+            transposed: linear && D == 2,
+            shape,
+            offset: self.offset,
+            len,
+        });
+        self.offset += len;
+        if let Some(data) = &mut self.data {
+            append_f32(data, param.val().into_data());
+        }
+    }
+}
+
+/// All parameters, concatenated in layout order.
+pub fn flatten_params<B: Backend>(model: &BertForPreTraining<B>) -> Vec<f32> {
+    let mut visitor = Collect::new(true);
+    model.visit(&mut visitor);
+    visitor.data.unwrap_or_default()
+}
+
+fn append_f32(out: &mut Vec<f32>, data: TensorData) {
+    match data.as_slice::<f32>() {
+        Ok(values) => out.extend_from_slice(values),
+        Err(_) => out.extend(data.convert::<f32>().iter::<f32>()),
+    }
+}
+
+/// Gradients of all parameters after `backward`, concatenated in layout order. A
+/// parameter that took no part in the loss gets zeros.
+pub fn flatten_grads<B: AutodiffBackend>(
+    model: &BertForPreTraining<B>,
+    grads: &B::Gradients,
+    layout: &ParamLayout,
+) -> Vec<f32> {
+    struct Grads<'a, B: AutodiffBackend> {
+        grads: &'a B::Gradients,
+        out: Vec<f32>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            match value.grad(self.grads) {
+                Some(grad) => append_f32(&mut self.out, grad.into_data()),
+                None => {
+                    let n: usize = value.shape().num_elements();
+                    self.out.extend(std::iter::repeat_n(0.0, n));
+                }
+            }
+        }
+    }
+    let mut visitor = Grads::<B> {
+        grads,
+        out: Vec::with_capacity(layout.total),
+    };
+    model.visit(&mut visitor);
+    visitor.out
+}
+
+/// Replaces every parameter's value with its slice of `flat` (layout order). Parameters
+/// that required gradients keep requiring them.
+pub fn load_flat_params<B: Backend>(
+    model: BertForPreTraining<B>,
+    flat: &[f32],
+    layout: &ParamLayout,
+) -> BertForPreTraining<B> {
+    assert_eq!(flat.len(), layout.total, "flat parameter buffer has the wrong length");
+    struct Load<'a> {
+        flat: &'a [f32],
+        layout: &'a ParamLayout,
+        index: usize,
+    }
+    impl<B: Backend> ModuleMapper<B> for Load<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let slot = &self.layout.slots[self.index];
+            self.index += 1;
+            let (id, old, mapper) = param.consume();
+            let values = &self.flat[slot.offset..slot.offset + slot.len];
+            let data = TensorData::new(values.to_vec(), slot.shape.clone());
+            let mut tensor = Tensor::<B, D>::from_data(data, &old.device());
+            if old.is_require_grad() {
+                tensor = tensor.require_grad();
+            }
+            Param::from_mapped_value(id, tensor, mapper)
+        }
+    }
+    model.map(&mut Load {
+        flat,
+        layout,
+        index: 0,
+    })
+}
+
+/// Copies a flat buffer from HF layout (per-parameter, in HF shapes) into this
+/// project's layout, transposing linear weights.
+pub fn hf_to_flat(slot: &ParamSlot, hf_values: &[f32], flat: &mut [f32]) {
+    let out = &mut flat[slot.offset..slot.offset + slot.len];
+    if slot.transposed {
+        let (rows, cols) = (slot.shape[0], slot.shape[1]); // here: [in, out]
+        // HF: [out, in] = [cols, rows]
+        for r in 0..rows {
+            for c in 0..cols {
+                out[r * cols + c] = hf_values[c * rows + r];
+            }
+        }
+    } else {
+        out.copy_from_slice(hf_values);
+    }
+}
+
+/// The inverse of [`hf_to_flat`]: one parameter's values in HF layout.
+pub fn flat_to_hf(slot: &ParamSlot, flat: &[f32]) -> Vec<f32> {
+    let values = &flat[slot.offset..slot.offset + slot.len];
+    if !slot.transposed {
+        return values.to_vec();
+    }
+    let (rows, cols) = (slot.shape[0], slot.shape[1]);
+    let mut out = vec![0.0; slot.len];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}

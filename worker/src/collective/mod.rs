@@ -1,0 +1,49 @@
+//! Collectives between the workers of a job, behind one small trait so that the CPU ring
+//! and NCCL are interchangeable.
+//!
+//! - [`LocalCollective`]: a job of one worker.
+//! - [`TcpRing`]: the CPU implementation, a bandwidth-optimal ring over TCP. Each rank
+//!   binds a [`RingListener`] before joining, reports its address to the coordinator, and
+//!   connects the ring once the coordinator has told every rank its peers.
+
+mod ring;
+mod wire;
+
+pub use ring::{RingListener, RingOptions, TcpRing};
+
+use anyhow::Result;
+
+/// Operations every rank calls in the same order.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Replaces `buf` on every rank with the element-wise mean over ranks. Every rank ends
+    /// with bitwise-identical contents, and the result is deterministic at a fixed world size.
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// Replaces `buf` on every rank with `root`'s.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<()>;
+}
+
+/// The collective of a job with one worker: every operation is the identity.
+pub struct LocalCollective;
+
+impl Collective for LocalCollective {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_mean(&mut self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _buf: &mut [f32], root: usize) -> Result<()> {
+        anyhow::ensure!(root == 0, "broadcast from rank {root} in a job of one worker");
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,545 @@
+//! Ring all-reduce over TCP.
+//!
+//! Rank `r` sends to rank `r+1` and receives from rank `r-1` (mod W) on two connections.
+//! All-reduce is the bandwidth-optimal ring: the buffer is cut into W chunks; W-1
+//! reduce-scatter steps leave each rank with one fully summed chunk, which it scales to
+//! the mean; W-1 all-gather steps copy the finished chunks around. Each rank sends and
+//! receives 2(W-1)/W of the buffer, independent of W. In every step the send runs on a
+//! second thread while this one receives, so neither side can fill its socket buffers
+//! and wait forever for the other, however large the buffer.
+//!
+//! Determinism: chunk boundaries and the order in which partial sums travel depend only
+//! on the world size, so results are reproducible at a fixed world size, and because the
+//! all-gather copies one rank's bytes everywhere, all ranks end bitwise identical.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Range;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use socket2::SockRef;
+
+use super::Collective;
+use super::wire::{SEGMENT_BYTES, read_frame, write_frame};
+
+/// Identifies a ring connection's opening message.
+const MAGIC: u32 = u32::from_le_bytes(*b"BRNG");
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+const SEGMENT_FLOATS: usize = SEGMENT_BYTES / 4;
+
+/// Timeouts and identity of a ring.
+#[derive(Debug, Clone)]
+pub struct RingOptions {
+    /// How long to keep trying to connect the ring (peers may start later).
+    pub connect_timeout: Duration,
+    /// A peer silent for this long in the middle of an operation is declared dead. The
+    /// coordinator's step timeout usually catches a hung job first.
+    pub io_timeout: Duration,
+    /// Must be equal on all ranks (e.g. the coordinator's generation): a connection from a
+    /// stale ring of an earlier generation is turned away.
+    pub session: u64,
+}
+
+impl Default for RingOptions {
+    fn default() -> Self {
+        RingOptions {
+            connect_timeout: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(600),
+            session: 0,
+        }
+    }
+}
+
+/// A rank's listening socket, bound before the rank knows its peers so that its address
+/// can be published through the coordinator.
+pub struct RingListener {
+    listener: TcpListener,
+}
+
+impl RingListener {
+    /// Binds `addr` (`127.0.0.1:0` for any free loopback port; a routable address for
+    /// multi-machine jobs).
+    pub fn bind(addr: &str) -> Result<RingListener> {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("binding the collective listener on {addr}"))?;
+        Ok(RingListener { listener })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Connects the ring: dials `peers[rank + 1]` while accepting `peers[rank - 1]`.
+    /// `peers` holds every rank's listener address, indexed by rank.
+    pub fn connect(self, rank: usize, peers: &[String], options: &RingOptions) -> Result<TcpRing> {
+        let world = peers.len();
+        if rank >= world {
+            bail!("rank {rank} is outside a ring of {world}");
+        }
+        if world == 1 {
+            return Ok(TcpRing { rank, world, links: None, broken: None, scratch: Vec::new() });
+        }
+        let deadline = Instant::now() + options.connect_timeout;
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let next_addr = &peers[next_rank];
+        let (next, prev) = thread::scope(|s| {
+            let dial = s.spawn(|| dial(next_addr, rank, world, options.session, deadline));
+            let prev = accept(&self.listener, prev_rank, world, options.session, deadline);
+            let next = dial.join().map_err(|_| anyhow!("the ring connect thread panicked"))?;
+            Ok::<_, anyhow::Error>((
+                next.with_context(|| format!("connecting to rank {next_rank} at {next_addr}"))?,
+                prev.with_context(|| format!("waiting for rank {prev_rank} to connect"))?,
+            ))
+        })?;
+        for stream in [&next, &prev] {
+            tune(stream, options.io_timeout)?;
+        }
+        let links = Links {
+            next_ctl: next.try_clone()?,
+            prev_ctl: prev.try_clone()?,
+            next,
+            prev,
+            send_seq: 0,
+            recv_seq: 0,
+            next_rank,
+            prev_rank,
+        };
+        Ok(TcpRing { rank, world, links: Some(links), broken: None, scratch: Vec::new() })
+    }
+}
+
+/// Socket settings shared by the ring and the benchmark's raw-TCP baseline.
+pub(crate) fn tune(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(io_timeout))?;
+    stream.set_write_timeout(Some(io_timeout))?;
+    let sock = SockRef::from(stream);
+    sock.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
+    sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
+    Ok(())
+}
+
+fn hello(rank: usize, world: usize, session: u64) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..12].copy_from_slice(&session.to_le_bytes());
+    h[12..16].copy_from_slice(&(rank as u32).to_le_bytes());
+    h[16..20].copy_from_slice(&(world as u32).to_le_bytes());
+    h
+}
+
+fn dial(addr: &str, rank: usize, world: usize, session: u64, deadline: Instant) -> Result<TcpStream> {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let attempt = addr
+            .to_socket_addrs()
+            .map_err(anyhow::Error::from)
+            .and_then(|mut a| a.next().context("the address resolves to nothing"))
+            .and_then(|a| Ok(TcpStream::connect_timeout(&a, Duration::from_secs(5))?))
+            .and_then(|mut s| {
+                s.write_all(&hello(rank, world, session))?;
+                Ok(s)
+            });
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() + backoff >= deadline => return Err(e.context("gave up retrying")),
+            Err(_) => {
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Accepts connections until the expected predecessor arrives; strangers (wrong magic,
+/// session, world or rank) are dropped and waiting continues.
+fn accept(listener: &TcpListener, prev_rank: usize, world: usize, session: u64, deadline: Instant) -> Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let expected = hello(prev_rank, world, session);
+    loop {
+        match listener.accept() {
+            Ok((mut stream, peer)) => {
+                stream.set_nonblocking(false)?;
+                stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100))))?;
+                let mut got = [0u8; 20];
+                match stream.read_exact(&mut got) {
+                    Ok(()) if got == expected => {
+                        listener.set_nonblocking(false)?;
+                        return Ok(stream);
+                    }
+                    _ => tracing::warn!(%peer, "ignoring a connection that is not this ring's rank {prev_rank}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    bail!("no connection within the connect timeout");
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The two connections of a rank, with clones used only to shut a link down from the
+/// other thread when one direction fails (so the other cannot block forever).
+struct Links {
+    next: TcpStream,
+    prev: TcpStream,
+    next_ctl: TcpStream,
+    prev_ctl: TcpStream,
+    send_seq: u32,
+    recv_seq: u32,
+    next_rank: usize,
+    prev_rank: usize,
+}
+
+impl Links {
+    fn shutdown(&self) {
+        let _ = self.next_ctl.shutdown(Shutdown::Both);
+        let _ = self.prev_ctl.shutdown(Shutdown::Both);
+    }
+}
+
+/// What the receiving side does with the bytes of each step.
+#[derive(Clone, Copy)]
+enum Apply {
+    Add,
+    Copy,
+}
+
+/// The CPU collective: a ring of TCP connections between the ranks of a job.
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    links: Option<Links>,
+    /// Set after the first failure: the ring's state is unknown, every later call fails.
+    broken: Option<String>,
+    scratch: Vec<f32>,
+}
+
+impl TcpRing {
+    fn ensure_usable(&self) -> Result<()> {
+        match &self.broken {
+            Some(why) => bail!("the collective ring is broken by an earlier error: {why}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `op`; on failure shuts both links (so neighbours fail fast instead of
+    /// waiting for a timeout) and marks the ring broken.
+    fn guarded(&mut self, what: &str, op: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        self.ensure_usable()?;
+        let result = op(self).with_context(|| format!("{what} on rank {} of {}", self.rank, self.world));
+        if let Err(e) = &result {
+            self.broken = Some(format!("{e:#}"));
+            if let Some(links) = &self.links {
+                links.shutdown();
+            }
+        }
+        result
+    }
+
+    /// One ring step: sends `buf[send]` to the next rank while receiving the previous
+    /// rank's chunk into `buf[recv]` (adding or copying).
+    fn step(&mut self, buf: &mut [f32], send: Range<usize>, recv: Range<usize>, apply: Apply) -> Result<()> {
+        let Some(links) = self.links.as_mut() else { return Ok(()) };
+        let (send_part, recv_part) = split_disjoint(buf, send, recv);
+        let scratch = &mut self.scratch;
+        let Links { next, prev, next_ctl, prev_ctl, send_seq, recv_seq, next_rank, prev_rank } = links;
+        thread::scope(|s| {
+            let sender = s.spawn(|| {
+                let r = send_segments(next, send_seq, send_part);
+                if r.is_err() {
+                    let _ = prev_ctl.shutdown(Shutdown::Both);
+                }
+                r
+            });
+            let received = recv_segments(prev, recv_seq, recv_part, apply, scratch);
+            if received.is_err() {
+                let _ = next_ctl.shutdown(Shutdown::Both);
+            }
+            let sent = sender.join().map_err(|_| anyhow!("the ring send thread panicked"))?;
+            sent.with_context(|| format!("sending to rank {next_rank}"))?;
+            received.with_context(|| format!("receiving from rank {prev_rank}"))
+        })
+    }
+}
+
+fn send_segments(stream: &mut TcpStream, seq: &mut u32, data: &[f32]) -> Result<()> {
+    if data.is_empty() {
+        // An empty chunk still sends a frame: every step is a synchronisation point, which
+        // is what makes a one-element all-reduce a barrier.
+        return write_frame(stream, seq, &[]);
+    }
+    for segment in data.chunks(SEGMENT_FLOATS) {
+        write_frame(stream, seq, bytemuck::cast_slice(segment))?;
+    }
+    Ok(())
+}
+
+fn recv_segments(stream: &mut TcpStream, seq: &mut u32, into: &mut [f32], apply: Apply, scratch: &mut Vec<f32>) -> Result<()> {
+    if into.is_empty() {
+        return read_frame(stream, seq, &mut []);
+    }
+    for segment in into.chunks_mut(SEGMENT_FLOATS) {
+        match apply {
+            Apply::Copy => read_frame(stream, seq, bytemuck::cast_slice_mut(segment))?,
+            Apply::Add => {
+                scratch.resize(segment.len(), 0.0);
+                read_frame(stream, seq, bytemuck::cast_slice_mut(scratch.as_mut_slice()))?;
+                for (acc, x) in segment.iter_mut().zip(scratch.iter()) {
+                    *acc += *x;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(&buf[a], &mut buf[b])` for ranges that do not overlap.
+fn split_disjoint(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
+    if a.end <= b.start {
+        let (left, right) = buf.split_at_mut(b.start);
+        (&left[a], &mut right[..b.end - b.start])
+    } else {
+        let (left, right) = buf.split_at_mut(a.start);
+        (&right[..a.end - a.start], &mut left[b])
+    }
+}
+
+/// Chunk `i` of `n` elements cut into `world` nearly equal parts (sizes differ by at most
+/// one; some are empty when `n < world`).
+fn chunk(n: usize, world: usize, i: usize) -> Range<usize> {
+    let bound = |k: usize| ((n as u128 * k as u128) / world as u128) as usize;
+    bound(i)..bound(i + 1)
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
+        let (w, r, n) = (self.world, self.rank, buf.len());
+        if w == 1 {
+            return self.ensure_usable();
+        }
+        self.guarded("ring all-reduce", |ring| {
+            // Reduce-scatter: after step k, chunk (r - k - 1) holds k + 2 ranks' values.
+            for k in 0..w - 1 {
+                let send = chunk(n, w, (r + w - k) % w);
+                let recv = chunk(n, w, (r + 2 * w - k - 1) % w);
+                ring.step(buf, send, recv, Apply::Add)?;
+            }
+            // This rank now owns the complete sum of chunk r + 1.
+            let scale = w as f32;
+            for x in &mut buf[chunk(n, w, (r + 1) % w)] {
+                *x /= scale;
+            }
+            // All-gather: pass finished chunks around the ring.
+            for k in 0..w - 1 {
+                let send = chunk(n, w, (r + 1 + w - k) % w);
+                let recv = chunk(n, w, (r + w - k) % w);
+                ring.step(buf, send, recv, Apply::Copy)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        let (w, r) = (self.world, self.rank);
+        if root >= w {
+            bail!("broadcast from rank {root} in a ring of {w}");
+        }
+        if w == 1 {
+            return self.ensure_usable();
+        }
+        // Data flows root -> root+1 -> ... -> root-1, segment by segment, so ranks
+        // further down the chain work on segment i while earlier ones forward i+1.
+        let distance = (r + w - root) % w;
+        self.guarded("ring broadcast", |ring| {
+            let Some(links) = ring.links.as_mut() else { return Ok(()) };
+            let pieces: Vec<&mut [f32]> =
+                if buf.is_empty() { vec![&mut buf[..]] } else { buf.chunks_mut(SEGMENT_FLOATS).collect() };
+            for piece in pieces {
+                if distance > 0 {
+                    read_frame(&mut links.prev, &mut links.recv_seq, bytemuck::cast_slice_mut(piece))
+                        .with_context(|| format!("receiving from rank {}", links.prev_rank))?;
+                }
+                if distance < w - 1 {
+                    write_frame(&mut links.next, &mut links.send_seq, bytemuck::cast_slice(piece))
+                        .with_context(|| format!("sending to rank {}", links.next_rank))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.all_reduce_mean(&mut [0.0])
+    }
+}
+
+impl Drop for TcpRing {
+    fn drop(&mut self) {
+        if let Some(links) = &self.links {
+            links.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts `world` ranks as threads with real loopback sockets and runs `f` on each.
+    fn with_ring<T: Send>(world: usize, f: impl Fn(&mut TcpRing) -> T + Sync) -> Vec<T> {
+        let listeners: Vec<RingListener> = (0..world).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
+        let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        let options = RingOptions {
+            connect_timeout: Duration::from_secs(20),
+            io_timeout: Duration::from_secs(20),
+            session: 5,
+        };
+        thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let (peers, options, f) = (&peers, &options, &f);
+                    s.spawn(move || {
+                        let mut ring = l.connect(rank, peers, options).unwrap();
+                        f(&mut ring)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Rank r's input: small integers, so every partial sum is exact in f32.
+    fn input(rank: usize, n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7 + rank * 13) % 101) as f32 - 50.0).collect()
+    }
+
+    #[test]
+    fn all_reduce_is_the_exact_mean_on_every_rank() {
+        for world in 1..=4 {
+            for n in [0, 1, 2, 3, 5, 17, 1000, SEGMENT_FLOATS + 3, 3 * SEGMENT_FLOATS + 1] {
+                let results = with_ring(world, |ring| {
+                    let mut buf = input(ring.rank(), n);
+                    ring.all_reduce_mean(&mut buf).unwrap();
+                    buf
+                });
+                let expected: Vec<f32> = (0..n)
+                    .map(|i| (0..world).map(|r| input(r, n)[i]).sum::<f32>() / world as f32)
+                    .collect();
+                for (rank, got) in results.iter().enumerate() {
+                    assert_eq!(got.len(), n);
+                    let same = got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "world {world}, n {n}, rank {rank}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn repeated_calls_reuse_the_ring() {
+        let results = with_ring(3, |ring| {
+            let mut sums = Vec::new();
+            for round in 0..20 {
+                let mut buf = vec![(ring.rank() + round) as f32; 10];
+                ring.all_reduce_mean(&mut buf).unwrap();
+                ring.barrier().unwrap();
+                sums.push(buf[9]);
+            }
+            sums
+        });
+        for sums in &results {
+            let expected: Vec<f32> = (0..20).map(|round| (round as f32 * 3.0 + 3.0) / 3.0).collect();
+            assert_eq!(sums, &expected);
+        }
+    }
+
+    #[test]
+    fn broadcast_copies_the_roots_buffer() {
+        for world in 1..=4 {
+            for root in 0..world {
+                for n in [0, 1, 3, SEGMENT_FLOATS * 2 + 5] {
+                    let results = with_ring(world, |ring| {
+                        let mut buf = input(ring.rank(), n);
+                        ring.broadcast(&mut buf, root).unwrap();
+                        buf
+                    });
+                    for got in &results {
+                        assert_eq!(got, &input(root, n), "world {world}, root {root}, n {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_is_an_error_not_a_hang() {
+        let results = with_ring(3, |ring| {
+            if ring.rank() == 2 {
+                // Rank 2 leaves: its sockets close as the ring is dropped.
+                let dead = std::mem::replace(
+                    ring,
+                    TcpRing { rank: 2, world: 3, links: None, broken: None, scratch: Vec::new() },
+                );
+                drop(dead);
+                return None;
+            }
+            let mut buf = vec![1.0; 100_000];
+            let first = ring.all_reduce_mean(&mut buf).map_err(|e| format!("{e:#}"));
+            let second = ring.all_reduce_mean(&mut buf).map_err(|e| format!("{e:#}"));
+            Some((first, second))
+        });
+        for (rank, r) in results.into_iter().enumerate().take(2) {
+            let (first, second) = r.unwrap();
+            let err = first.expect_err("all-reduce with a dead peer must fail");
+            assert!(err.contains("ring all-reduce"), "rank {rank}: {err}");
+            assert!(second.unwrap_err().contains("broken"), "rank {rank}");
+        }
+    }
+
+    #[test]
+    fn strangers_are_not_accepted_as_peers() {
+        let listener = RingListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stranger = thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n....");
+        });
+        let options = RingOptions { connect_timeout: Duration::from_millis(500), ..Default::default() };
+        let peers = vec![addr.to_string(), "127.0.0.1:9".to_string()];
+        let err = listener.connect(0, &peers, &options).err().expect("must time out");
+        assert!(format!("{err:#}").contains("rank 1"), "{err:#}");
+        stranger.join().unwrap();
+    }
+
+    #[test]
+    fn chunks_partition_the_buffer() {
+        for n in [0, 1, 2, 7, 100] {
+            for world in 1..=5 {
+                let mut next = 0;
+                for i in 0..world {
+                    let c = chunk(n, world, i);
+                    assert_eq!(c.start, next);
+                    assert!(c.len() <= n / world + 1);
+                    next = c.end;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+}

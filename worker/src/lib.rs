@@ -1,0 +1,16 @@
+//! The worker: one process per device. It joins the job, streams its slice of the data,
+//! trains a replica of the model and averages gradients with the other workers.
+//!
+//! Data flows through the modules in this order: [`batch`] (collation) -> [`trainer`]
+//! (forward/backward) -> [`collective`] (all-reduce) -> [`optim`] (update, with the
+//! learning rate from [`schedule`]).
+
+pub mod batch;
+pub mod collective;
+pub mod loader;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+/// The CPU training backend: burn's Flex (pure Rust, measured fastest here) with autodiff.
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;

@@ -1,0 +1,191 @@
+//! One optimizer step, read top to bottom: forward/backward per micro-batch with the
+//! gradients summed on the host, one all-reduce of the flat gradient buffer, clipping,
+//! the optimizer update on the flat master parameters, and the new parameters written
+//! back into the model.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use bertrain_model::params::{flatten_grads, load_flat_params};
+use bertrain_model::{BertForPreTraining, ParamLayout, PretrainingBatch, PretrainingOutput};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::batch::HostBatch;
+use crate::collective::Collective;
+use crate::optim::{self, OptimizerConfig, OptimizerState};
+
+/// The model being trained with its master parameters and optimizer state.
+pub struct Trainer<B: AutodiffBackend> {
+    pub model: BertForPreTraining<B>,
+    pub layout: ParamLayout,
+    /// Master copy of the parameters, the one the optimizer updates and checkpoints save.
+    pub params: Vec<f32>,
+    pub optimizer: OptimizerConfig,
+    pub state: OptimizerState,
+    pub max_grad_norm: f32,
+    /// Base of the dropout seeds; see [`Trainer::step`].
+    pub seed: u64,
+    pub device: B::Device,
+}
+
+/// What one rank measured in one step. Losses and accuracies are over this rank's part
+/// of the global batch; the coordinator averages the ranks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub mlm_loss: f64,
+    pub nsp_loss: f64,
+    pub mlm_accuracy: f64,
+    pub nsp_accuracy: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub padding_fraction: f64,
+    /// Seconds in forward/backward, in the all-reduce, and in the optimizer.
+    pub compute_s: f64,
+    pub comm_s: f64,
+    pub optimizer_s: f64,
+}
+
+/// Running sums of losses and prediction counts over micro-batches.
+#[derive(Debug, Default)]
+struct Tally {
+    rows: usize,
+    mlm_loss: f64,
+    nsp_loss: f64,
+    mlm_correct: usize,
+    mlm_total: usize,
+    nsp_correct: usize,
+    tokens: usize,
+    padded_positions: usize,
+}
+
+impl Tally {
+    fn add<B: Backend>(&mut self, batch: &HostBatch, output: &PretrainingOutput<B>, device_batch: &PretrainingBatch<B>, mlm_loss: f64, nsp_loss: f64) {
+        let rows = batch.rows;
+        self.rows += rows;
+        self.mlm_loss += mlm_loss * rows as f64;
+        self.nsp_loss += nsp_loss * rows as f64;
+        self.mlm_correct += count_equal(output.mlm_logits.clone().argmax(1).flatten(0, 1), device_batch.masked_lm_ids.clone());
+        self.mlm_total += batch.masked_lm_ids.len();
+        self.nsp_correct += count_equal(output.nsp_logits.clone().argmax(1).flatten(0, 1), device_batch.next_sentence_labels.clone());
+        self.tokens += batch.tokens;
+        self.padded_positions += batch.rows * batch.seq_len;
+    }
+
+    fn stats(&self) -> StepStats {
+        let rows = self.rows.max(1) as f64;
+        StepStats {
+            loss: (self.mlm_loss + self.nsp_loss) / rows,
+            mlm_loss: self.mlm_loss / rows,
+            nsp_loss: self.nsp_loss / rows,
+            mlm_accuracy: self.mlm_correct as f64 / self.mlm_total.max(1) as f64,
+            nsp_accuracy: self.nsp_correct as f64 / rows,
+            tokens: self.tokens,
+            padding_fraction: 1.0 - self.tokens as f64 / self.padded_positions.max(1) as f64,
+            ..StepStats::default()
+        }
+    }
+}
+
+fn count_equal<B: Backend>(a: Tensor<B, 1, Int>, b: Tensor<B, 1, Int>) -> usize {
+    a.equal(b).int().sum().into_scalar().elem::<i64>() as usize
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_scalar().elem::<f64>()
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    pub fn new(
+        model: BertForPreTraining<B>,
+        optimizer: OptimizerConfig,
+        max_grad_norm: f32,
+        seed: u64,
+        device: B::Device,
+    ) -> Self {
+        let layout = ParamLayout::of(&model);
+        let params = bertrain_model::flatten_params(&model);
+        let state = OptimizerState::new(layout.total);
+        Trainer { model, layout, params, optimizer, state, max_grad_norm, seed, device }
+    }
+
+    /// Replaces the parameters (after a broadcast or a checkpoint load).
+    pub fn set_params(&mut self, params: Vec<f32>) {
+        let model = self.model.clone();
+        self.model = load_flat_params(model, &params, &self.layout);
+        self.params = params;
+    }
+
+    /// One optimizer step over this rank's `micro_batches` (together `local_rows`
+    /// sequences of the global batch).
+    ///
+    /// Dropout draws from a generator seeded by (seed, step, rank, micro-batch), so the
+    /// step is a pure function of its inputs: a resumed run repeats it bit for bit.
+    pub fn step(
+        &mut self,
+        step: u64,
+        rank: usize,
+        micro_batches: &[HostBatch],
+        lr: f32,
+        collective: &mut dyn Collective,
+    ) -> Result<StepStats> {
+        let local_rows: usize = micro_batches.iter().map(|b| b.rows).sum();
+        let started = Instant::now();
+        let mut grads = vec![0.0f32; self.layout.total];
+        let mut tally = Tally::default();
+        for (micro, batch) in micro_batches.iter().enumerate() {
+            B::seed(&self.device, dropout_seed(self.seed, step, rank, micro));
+            let device_batch = batch.to_device::<B>(&self.device);
+            let output = self.model.forward(&device_batch);
+            let losses = self.model.loss(&output, &device_batch);
+            // Each micro-batch's loss is a mean over its rows; weighting by its share of
+            // the local rows makes the summed gradient that of the mean over all of them.
+            let share = batch.rows as f32 / local_rows as f32;
+            let gradients = (losses.loss.clone() * share).backward();
+            let micro_grads = flatten_grads(&self.model, &gradients, &self.layout);
+            grads.iter_mut().zip(&micro_grads).for_each(|(g, m)| *g += m);
+            tally.add(batch, &output, &device_batch, scalar(losses.mlm_loss), scalar(losses.nsp_loss));
+        }
+        let computed = Instant::now();
+
+        collective.all_reduce_mean(&mut grads)?;
+        let communicated = Instant::now();
+
+        let grad_norm = optim::clip_grad_norm(&mut grads, self.max_grad_norm);
+        optim::update(&self.optimizer, &self.layout, &mut self.state, &mut self.params, &grads, lr);
+        let model = self.model.clone();
+        self.model = load_flat_params(model, &self.params, &self.layout);
+
+        let mut stats = tally.stats();
+        stats.grad_norm = grad_norm as f64;
+        stats.compute_s = (computed - started).as_secs_f64();
+        stats.comm_s = (communicated - computed).as_secs_f64();
+        stats.optimizer_s = communicated.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+
+    /// Losses and accuracies on `batches` without dropout or gradients.
+    pub fn evaluate(&self, batches: &[HostBatch]) -> StepStats {
+        let model = self.model.valid();
+        let mut tally = Tally::default();
+        for batch in batches {
+            let device_batch = batch.to_device::<B::InnerBackend>(&self.device);
+            let output = model.forward(&device_batch);
+            let losses = model.loss(&output, &device_batch);
+            tally.add(batch, &output, &device_batch, scalar(losses.mlm_loss), scalar(losses.nsp_loss));
+        }
+        tally.stats()
+    }
+}
+
+/// Seed of the dropout generator for one micro-batch.
+fn dropout_seed(seed: u64, step: u64, rank: usize, micro: usize) -> u64 {
+    let mut x = seed ^ 0xD1B5_4A32_D192_ED03;
+    for v in [step, rank as u64, micro as u64] {
+        x = (x ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 29;
+    }
+    x
+}
