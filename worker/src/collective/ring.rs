@@ -439,8 +439,9 @@ mod tests {
                     ring.all_reduce_mean(&mut buf).unwrap();
                     buf
                 });
+                let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, n)).collect();
                 let expected: Vec<f32> = (0..n)
-                    .map(|i| (0..world).map(|r| input(r, n)[i]).sum::<f32>() / world as f32)
+                    .map(|i| inputs.iter().map(|v| v[i]).sum::<f32>() / world as f32)
                     .collect();
                 for (rank, got) in results.iter().enumerate() {
                     assert_eq!(got.len(), n);
