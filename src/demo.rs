@@ -1,25 +1,22 @@
-//! `bertrain demo`: the whole pipeline on the embedded synthetic corpus, on the CPU:
-//! corpus -> vocabulary -> shards -> training a tiny BERT -> evaluation -> HF export ->
-//! fill-mask. Everything is written under one run directory.
+//! `bertrain demo`: the whole system on the embedded synthetic corpus, on the CPU:
+//! corpus -> vocabulary -> shards -> a coordinator and two workers training the tiny BERT
+//! (the job `configs/tiny.toml`, embedded) -> evaluation -> fill-mask. Everything is
+//! written under one directory.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use bertrain_dataprep::Manifest;
+use bertrain_coordinator::{LaunchArgs, Override};
 use bertrain_dataprep::cli::{DataprepArgs, VocabArgs, run_dataprep, run_vocab};
-use bertrain_model::{BertConfig, hf, init_bert};
-use bertrain_worker::CpuBackend;
-use bertrain_worker::collective::LocalCollective;
-use bertrain_worker::loader::{BatchShape, Prefetcher, SampleSource, step_data};
-use bertrain_worker::optim::{OptimizerConfig, OptimizerKind};
-use bertrain_worker::schedule::{Decay, LrSchedule};
-use bertrain_worker::trainer::{StepStats, Trainer};
 
 /// Marks a directory as made by the demo, so a second run may replace it (and nothing
 /// else: a directory without the marker is never touched).
 const MARKER: &str = ".bertrain-demo";
+
+/// The demo's job, `configs/tiny.toml`; its paths are replaced by the demo's own.
+const DEMO_JOB: &str = include_str!("../configs/tiny.toml");
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -29,22 +26,23 @@ pub struct DemoArgs {
     /// Documents in the synthetic corpus.
     #[arg(long, default_value_t = 2000)]
     docs: usize,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 300)]
-    steps: u64,
-    /// Sequences per step.
-    #[arg(long, default_value_t = 32)]
-    batch_size: u64,
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Override a key of the demo job (configs/tiny.toml), e.g. `--set train.max_steps=100`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<Override>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
-    let dir = &args.run_dir;
-    prepare_run_dir(dir)?;
+    prepare_run_dir(&args.run_dir)?;
+    let dir = args
+        .run_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", args.run_dir.display()))?;
 
     println!("== 1/5 synthetic corpus ({} documents)", args.docs);
     let corpus = dir.join("corpus.txt");
@@ -86,79 +84,113 @@ pub fn run(args: DemoArgs) -> Result<()> {
         quiet: true,
     })?;
 
-    println!("== 4/5 training the tiny model ({} steps of {} sequences)", args.steps, args.batch_size);
-    let mut config = BertConfig::preset("tiny")?;
-    config.vocab_size = fs::read_to_string(&vocab)?.lines().count();
-    let manifest = Manifest::load(&data)?;
-    manifest.verify_files()?;
-    let device = Default::default();
-    let model = init_bert::<CpuBackend>(&config, args.seed, &device);
-    let optimizer = OptimizerConfig::bert(OptimizerKind::AdamW, 0.01);
-    let mut trainer = Trainer::new(model, optimizer, 1.0, args.seed, device);
-    let schedule = LrSchedule {
-        peak: args.lr,
-        warmup_steps: args.steps / 10,
-        max_steps: args.steps,
-        decay: Decay::Linear,
-    };
-    let shape = BatchShape { global_batch: args.batch_size, micro_batch: args.batch_size as usize, rank: 0, world: 1 };
-    let loader = Prefetcher::start(SampleSource::new(manifest, args.seed)?, shape, 0, 4);
-    let mut collective = LocalCollective;
-    let mut metrics = String::new();
-    let mut last = StepStats::default();
-    let mut tokens = 0usize;
+    println!("== 4/5 training: a coordinator and {} workers (job configs/tiny.toml)", args.workers);
+    let job_file = dir.join("job.toml");
+    fs::write(&job_file, DEMO_JOB).with_context(|| format!("writing {}", job_file.display()))?;
+    let run = dir.join("run");
+    let mut overrides: Vec<Override> = [
+        format!("job.run_dir={}", run.display()),
+        format!("data.manifest={}", data.join("manifest.json").display()),
+        format!("data.validation_manifest={}", data.join("validation/manifest.json").display()),
+        format!("train.seed={}", args.seed),
+        format!("cluster.world_size={}", args.workers),
+    ]
+    .iter()
+    .map(|s| s.parse())
+    .collect::<Result<_>>()?;
+    overrides.extend(args.overrides.iter().cloned());
     let train_started = Instant::now();
-    for step in 0..args.steps {
-        let data = loader.next()?;
-        let lr = schedule.at(step);
-        last = trainer.step(step, 0, &data.micro_batches, lr as f32, &mut collective)?;
-        tokens += last.tokens;
-        let tokens_per_s = tokens as f64 / train_started.elapsed().as_secs_f64();
-        metrics += &serde_json::json!({
-            "step": step + 1, "loss": last.loss, "mlm_loss": last.mlm_loss, "nsp_loss": last.nsp_loss,
-            "mlm_accuracy": last.mlm_accuracy, "nsp_accuracy": last.nsp_accuracy, "lr": lr,
-            "tokens_per_s": tokens_per_s,
-        })
-        .to_string();
-        metrics.push('\n');
-        if (step + 1) % 25 == 0 || step + 1 == args.steps {
-            println!(
-                "step {:>4}/{}  loss {:.3}  mlm acc {:.3}  nsp acc {:.3}  lr {:.2e}  {:.0} tokens/s",
-                step + 1, args.steps, last.loss, last.mlm_accuracy, last.nsp_accuracy, lr, tokens_per_s
-            );
-        }
-    }
-    drop(loader);
-    let tokens_per_s = tokens as f64 / train_started.elapsed().as_secs_f64();
-    fs::write(dir.join("metrics.jsonl"), metrics)?;
+    bertrain_coordinator::launch::run(LaunchArgs {
+        config: job_file,
+        workers: None,
+        overrides,
+        resume: false,
+    })?;
+    let train_s = train_started.elapsed().as_secs_f64();
 
-    println!("== 5/5 evaluation, export, fill-mask");
-    let validation = Manifest::load(&data.join("validation"))?;
-    let rows = validation.total_rows().min(512);
-    let mut source = SampleSource::new(validation, args.seed)?;
-    let eval_shape = BatchShape { global_batch: rows, micro_batch: 64, rank: 0, world: 1 };
-    let eval = trainer.evaluate(&step_data(&mut source, eval_shape, 0)?.micro_batches);
-    let model_dir = dir.join("model");
-    hf::save_dir(&model_dir, &config, &trainer.layout, &trainer.params, Some(&vocab))?;
+    println!("== 5/5 fill-mask with the trained model");
+    let model_dir = run.join("model");
     fs::copy(dir.join("tokenizer_config.json"), model_dir.join("tokenizer_config.json")).ok();
-
     for (sentence, answer) in probe_sentences(args.docs, args.seed) {
         let guesses = crate::fill_mask::fill_mask(&model_dir, &sentence, 3)?;
         let shown: Vec<String> = guesses[0].iter().map(|(t, p)| format!("{t} ({p:.2})")).collect();
         println!("  {sentence}\n    answer: {answer}   model: {}", shown.join(", "));
     }
 
+    let summary = Summary::read(&run.join("metrics.jsonl"))?;
+    let vocab_size = fs::read_to_string(&vocab)?.lines().count();
     println!();
     println!("summary");
-    println!("  steps                {}", args.steps);
-    println!("  training tokens/s    {tokens_per_s:.0}");
-    println!("  last step            loss {:.3}, MLM acc {:.3}, NSP acc {:.3}", last.loss, last.mlm_accuracy, last.nsp_accuracy);
-    println!("  validation ({rows} seq)  MLM acc {:.3}, NSP acc {:.3}, MLM loss {:.3} (perplexity {:.1})",
-        eval.mlm_accuracy, eval.nsp_accuracy, eval.mlm_loss, eval.mlm_loss.exp());
-    println!("  chance               MLM acc {:.4}, NSP acc 0.5", 1.0 / config.vocab_size as f64);
-    println!("  written to           {}/ (corpus.txt, vocab.txt, data/, metrics.jsonl, model/)", dir.display());
+    println!("  steps                {} with {} workers in {train_s:.0} s", summary.steps, args.workers);
+    println!("  training tokens/s    {:.0} (all workers)", summary.mean_tokens_per_s);
+    println!(
+        "  last step            loss {:.3}, MLM acc {:.3}, NSP acc {:.3}",
+        summary.last_loss, summary.last_mlm_accuracy, summary.last_nsp_accuracy
+    );
+    match &summary.validation {
+        Some(v) => println!(
+            "  validation           MLM acc {:.3}, NSP acc {:.3}, MLM loss {:.3} (perplexity {:.1})",
+            v.mlm_accuracy, v.nsp_accuracy, v.mlm_loss, v.perplexity
+        ),
+        None => println!("  validation           none recorded"),
+    }
+    println!("  chance               MLM acc {:.4}, NSP acc 0.5", 1.0 / vocab_size as f64);
+    println!("  written to           {}/", dir.display());
+    println!("                       corpus.txt, vocab.txt, data/ (shards), job.toml,");
+    println!("                       run/metrics.jsonl, run/model/ (HF directory)");
     println!("  total time           {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The figures the demo prints, read back from the job's `metrics.jsonl`.
+struct Summary {
+    steps: u64,
+    mean_tokens_per_s: f64,
+    last_loss: f64,
+    last_mlm_accuracy: f64,
+    last_nsp_accuracy: f64,
+    validation: Option<Validation>,
+}
+
+struct Validation {
+    mlm_accuracy: f64,
+    nsp_accuracy: f64,
+    mlm_loss: f64,
+    perplexity: f64,
+}
+
+impl Summary {
+    fn read(path: &Path) -> Result<Summary> {
+        let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut steps = Vec::new();
+        let mut validation = None;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}: not JSON: {line}", path.display()))?;
+            let f = |key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+            if v.get("split").is_some() {
+                validation = Some(Validation {
+                    mlm_accuracy: f("mlm_accuracy"),
+                    nsp_accuracy: f("nsp_accuracy"),
+                    mlm_loss: f("mlm_loss"),
+                    perplexity: f("perplexity"),
+                });
+            } else {
+                steps.push((f("step") as u64, f("loss"), f("mlm_accuracy"), f("nsp_accuracy"), f("tokens_per_s")));
+            }
+        }
+        let Some(&(last_step, loss, mlm, nsp, _)) = steps.last() else {
+            bail!("{} records no step", path.display());
+        };
+        Ok(Summary {
+            steps: last_step,
+            mean_tokens_per_s: steps.iter().map(|s| s.4).sum::<f64>() / steps.len() as f64,
+            last_loss: loss,
+            last_mlm_accuracy: mlm,
+            last_nsp_accuracy: nsp,
+            validation,
+        })
+    }
 }
 
 /// Creates `dir`, or empties it if an earlier demo made it. Refuses any other directory.

@@ -44,6 +44,12 @@ enum Command {
     FillMask(fill_mask::FillMaskArgs),
     /// Parameter count and training FLOPs per token of a model config.
     ModelInfo(model_info::ModelInfoArgs),
+    /// Run a training job: rendezvous, data order, progress, status over HTTP.
+    Coordinator(bertrain_coordinator::CoordinatorArgs),
+    /// Join a job as one training process (one per device).
+    Worker(bertrain_worker::WorkerArgs),
+    /// Run a whole job on this machine: a coordinator and N workers.
+    Launch(bertrain_coordinator::LaunchArgs),
     /// Benchmarks that print a table.
     Bench(bench::BenchArgs),
 }
@@ -63,6 +69,9 @@ fn main() -> ExitCode {
         Command::Inspect(args) => bertrain_dataprep::cli::run_inspect(args),
         Command::FillMask(args) => fill_mask::run(args),
         Command::ModelInfo(args) => model_info::run(args),
+        Command::Coordinator(args) => bertrain_coordinator::run(args),
+        Command::Worker(args) => bertrain_worker::run(args),
+        Command::Launch(args) => bertrain_coordinator::launch::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -218,6 +218,50 @@ fn resume_point(job: &JobConfig) -> Result<u64> {
     }
 }
 
+/// Decides when a training progress line is due: the first step, then at most one every
+/// [`ProgressLine::EVERY`], and the last step; carries the step rate since the start.
+struct ProgressLine {
+    started: Instant,
+    first_step: u64,
+    last_step: u64,
+    last_line: Option<Instant>,
+}
+
+impl ProgressLine {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn new(first_step: u64, last_step: u64) -> ProgressLine {
+        ProgressLine { started: Instant::now(), first_step, last_step, last_line: None }
+    }
+
+    /// `Some(steps per second)` when `step` (steps completed) deserves a line.
+    fn due(&mut self, step: u64) -> Option<f64> {
+        let due = match self.last_line {
+            None => true,
+            Some(t) => t.elapsed() >= Self::EVERY || step >= self.last_step,
+        };
+        if !due {
+            return None;
+        }
+        self.last_line = Some(Instant::now());
+        let done = step.saturating_sub(self.first_step) as f64;
+        Some(done / self.started.elapsed().as_secs_f64().max(1e-9))
+    }
+}
+
+/// `1h02m`, `3m05s`, `12s`: the time `steps` take at `rate` steps/s.
+fn eta(steps: u64, rate: f64) -> String {
+    if rate <= 0.0 {
+        return "?".into();
+    }
+    let s = (steps as f64 / rate).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 /// A connection, identified for the lifetime of the coordinator.
 type ConnId = u64;
 
@@ -352,6 +396,7 @@ struct Machine {
     steps: Gather<StepMetrics>,
     evals: Gather<EvalMetrics>,
     last_progress: Instant,
+    progress: ProgressLine,
 }
 
 impl Machine {
@@ -375,6 +420,7 @@ impl Machine {
             steps: Gather::new(world),
             evals: Gather::new(world),
             last_progress: Instant::now(),
+            progress: ProgressLine::new(c.start_step, c.job.train.max_steps),
         }
     }
 
@@ -571,10 +617,14 @@ impl Machine {
         if let Err(e) = self.log.write_step(&merged) {
             return Flow::End(Err(e));
         }
-        tracing::info!(
-            step, loss = merged.loss, mlm_acc = merged.mlm_accuracy, nsp_acc = merged.nsp_accuracy,
-            tokens_per_s = merged.tokens_per_s as u64, "step"
-        );
+        if let Some(rate) = self.progress.due(step) {
+            let left = self.job.train.max_steps.saturating_sub(step);
+            tracing::info!(
+                "step {step}/{}  loss {:.3}  mlm acc {:.3}  nsp acc {:.3}  lr {:.2e}  {:.0} tokens/s  {rate:.2} steps/s  eta {}",
+                self.job.train.max_steps, merged.loss, merged.mlm_accuracy, merged.nsp_accuracy, merged.lr,
+                merged.tokens_per_s, eta(left, rate)
+            );
+        }
         let epoch = (step * self.job.train.global_batch_size) / self.total_rows;
         self.board.update(|s| {
             s.step = Some(step);

@@ -288,6 +288,16 @@ mod tests {
         assert!(format!("{err:#}").contains("num_attention_heads"), "{err:#}");
     }
 
+    /// `configs/models/NAME.json` is the preset NAME, so the files cannot drift.
+    #[test]
+    fn preset_files_equal_the_presets() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models");
+        for (name, ..) in PRESETS {
+            let file = BertConfig::load(&dir.join(format!("{name}.json"))).unwrap();
+            assert_eq!(file, BertConfig::preset(name).unwrap(), "{name}");
+        }
+    }
+
     #[test]
     fn hf_json_round_trips() {
         let config = BertConfig::preset("mini").unwrap();

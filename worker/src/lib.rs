@@ -3,14 +3,19 @@
 //!
 //! Data flows through the modules in this order: [`batch`] (collation) -> [`trainer`]
 //! (forward/backward) -> [`collective`] (all-reduce) -> [`optim`] (update, with the
-//! learning rate from [`schedule`]).
+//! learning rate from [`schedule`]). [`node`] is the `bertrain worker` process that drives
+//! them, on the backend `device` picks.
 
 pub mod batch;
 pub mod collective;
+mod device;
 pub mod loader;
+pub mod node;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;
+
+pub use node::{WorkerArgs, run};
 
 /// The CPU training backend: burn's Flex (pure Rust, measured fastest here) with autodiff.
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;

@@ -1,0 +1,122 @@
+//! Multi-process data-parallel training, end to end: `bertrain launch` starts a real
+//! coordinator and real worker processes that talk over loopback TCP.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+/// A job file for a small model without dropout (so that runs that cut the same global
+/// batch differently must agree), on the shared test dataset.
+fn write_job(dir: &Path, data: &Path) -> PathBuf {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap()).unwrap();
+    let model = serde_json::json!({
+        "vocab_size": manifest["vocab_size"], "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "max_position_embeddings": 64, "type_vocab_size": 2, "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12
+    });
+    std::fs::write(dir.join("model.json"), model.to_string()).unwrap();
+    let job = format!(
+        r#"
+[job]
+name = "equivalence"
+[model]
+config = "model.json"
+[data]
+manifest = "{data}/data/manifest.json"
+validation_manifest = "{data}/data/validation/manifest.json"
+[train]
+global_batch_size = 16
+micro_batch_size = 8
+max_steps = 6
+lr = 1e-3
+warmup_steps = 2
+seed = 7
+[eval]
+every_steps = 3
+max_batches = 2
+[cluster]
+world_size = 2
+heartbeat_timeout_s = 30
+"#,
+        data = data.display()
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, job).unwrap();
+    path
+}
+
+fn launch(job: &Path, run_dir: &Path, sets: &[&str]) {
+    let mut c = bertrain();
+    c.arg("launch").arg("--config").arg(job).arg("--set").arg(format!("job.run_dir={}", run_dir.display()));
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    let out = run_bounded(c, Duration::from_secs(300));
+    ok(&out);
+}
+
+fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f32;
+    for ((na, va), (nb, vb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
+}
+
+/// 2 workers x micro-batch 8 == 1 worker x micro-batch 16 == 1 worker x 2 micro-batches
+/// of 8 (gradient accumulation): the same samples per step, the same mean gradient, so
+/// the same parameters up to float rounding of the summation order.
+#[test]
+fn data_parallel_equals_one_worker_and_gradient_accumulation() {
+    let data = dataset();
+    let tmp = TempDir::new("equivalence");
+    let job = write_job(tmp.path(), data);
+    let runs = [
+        ("two-workers", vec![]),
+        ("one-worker-big-batch", vec!["cluster.world_size=1", "train.micro_batch_size=16"]),
+        ("one-worker-accumulation", vec!["cluster.world_size=1"]),
+    ];
+    let mut weights = Vec::new();
+    for (name, sets) in &runs {
+        let run_dir = tmp.path().join(name);
+        launch(&job, &run_dir, sets);
+        let m = metrics(&run_dir);
+        let steps: Vec<u64> = m.iter().filter(|v| v.get("split").is_none()).map(|v| v["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "{name}: one metrics line per step");
+        let evals = m.iter().filter(|v| v["split"] == "validation").count();
+        assert_eq!(evals, 2, "{name}: evaluations at steps 3 and 6");
+        weights.push(read_weights(&run_dir.join("model/model.safetensors")));
+    }
+    let initial_scale = weights[0].iter().flat_map(|(_, v)| v).fold(0.0f32, |m, x| m.max(x.abs()));
+    assert!(initial_scale > 0.01, "weights look empty");
+    for i in 1..weights.len() {
+        let d = max_abs_diff(&weights[0], &weights[i]);
+        assert!(d < 1e-4, "{} differs from {} by {d}", runs[i].0, runs[0].0);
+    }
+}
+
+/// Same job, same world size: bit-identical parameters (determinism is a feature).
+#[test]
+fn a_run_repeats_bit_for_bit() {
+    let data = dataset();
+    let tmp = TempDir::new("repeat");
+    let job = write_job(tmp.path(), data);
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    launch(&job, &a, &["train.max_steps=3"]);
+    launch(&job, &b, &["train.max_steps=3"]);
+    assert_eq!(
+        read_weights(&a.join("model/model.safetensors")),
+        read_weights(&b.join("model/model.safetensors"))
+    );
+}

@@ -1,0 +1,89 @@
+//! Which backend a worker trains on, and the check that it is usable.
+//!
+//! The CPU backend is always built. The CUDA backend exists only with the `cuda` cargo
+//! feature; its libraries are loaded at run time, so [`check`] can say in one line what is
+//! missing (the feature, the driver, the GPU) before a worker joins a job it cannot serve.
+
+use anyhow::Result;
+use bertrain_coordinator::job::Backend;
+
+use crate::CpuBackend;
+use crate::node::TrainRun;
+
+/// A backend and, for CUDA, the GPU index.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceChoice {
+    pub backend: Backend,
+    pub index: usize,
+}
+
+/// Fails with one line when `backend` cannot run here.
+pub fn check(backend: Backend, index: usize) -> Result<()> {
+    match backend {
+        Backend::Cpu => Ok(()),
+        Backend::Cuda => cuda::check(index),
+    }
+}
+
+/// Runs `run` on the chosen backend.
+pub fn with_backend(choice: DeviceChoice, run: TrainRun<'_>) -> Result<()> {
+    match choice.backend {
+        Backend::Cpu => run.run::<CpuBackend>(Default::default()),
+        Backend::Cuda => {
+            cuda::check(choice.index)?;
+            cuda::run(run, choice.index)
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use anyhow::{Result, bail};
+    use cudarc::driver::result as driver;
+
+    use crate::node::TrainRun;
+
+    type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
+
+    pub fn check(index: usize) -> Result<()> {
+        // SAFETY: only probes whether the driver library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!(
+                "--backend cuda: the NVIDIA driver library (libcuda.so) was not found; install the driver, \
+                 or add its directory to LD_LIBRARY_PATH"
+            );
+        }
+        driver::init().map_err(|e| anyhow::anyhow!("--backend cuda: the CUDA driver failed to start: {e:?}"))?;
+        let count = driver::device::get_count()
+            .map_err(|e| anyhow::anyhow!("--backend cuda: cannot count GPUs: {e:?}"))?;
+        if count <= 0 {
+            bail!("--backend cuda: the CUDA driver sees no GPU on this machine");
+        }
+        if index >= count as usize {
+            bail!("--backend cuda: GPU {index} requested (--device / LOCAL_RANK) but this machine has {count}");
+        }
+        Ok(())
+    }
+
+    pub fn run(run: TrainRun<'_>, index: usize) -> Result<()> {
+        run.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(index))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    use anyhow::{Result, bail};
+
+    use crate::node::TrainRun;
+
+    pub fn check(_index: usize) -> Result<()> {
+        bail!(
+            "--backend cuda: this bertrain was built without GPU support; rebuild with \
+             `cargo build --release --features cuda`"
+        )
+    }
+
+    pub fn run(_run: TrainRun<'_>, index: usize) -> Result<()> {
+        check(index)
+    }
+}

@@ -1,0 +1,376 @@
+//! `bertrain worker`: one training process, read top to bottom.
+//!
+//! 1. Check the device, read the job token, bind the collective's listener.
+//! 2. Join the coordinator: receive the job, build the model and open the dataset it names,
+//!    and send their fingerprints (the coordinator refuses a worker that differs).
+//! 3. Once the whole world has joined: connect the ring, take rank 0's parameters.
+//! 4. Train: every step takes this rank's micro-batches from the prefetching loader, runs
+//!    forward/backward, all-reduces the gradients and updates; reports go to the coordinator.
+//! 5. Evaluate on the validation split every `eval.every_steps` and at the end; rank 0
+//!    writes the trained model as an HF directory (`run_dir/model`).
+
+use std::net::{ToSocketAddrs, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bertrain_coordinator::job::{self, JobConfig};
+use bertrain_coordinator::{EvalMetrics, Fingerprint, JoinInfo, StepMetrics, Welcome, WorkerClient};
+use bertrain_dataprep::Manifest;
+use bertrain_model::{BertConfig, BertForPreTraining, ParamLayout, hf, init_bert, load_flat_params};
+use burn::tensor::backend::AutodiffBackend;
+use sha2::{Digest, Sha256};
+
+use crate::collective::{Collective, RingListener, RingOptions};
+use crate::device::{self, DeviceChoice};
+use crate::loader::{BatchShape, Prefetcher, SampleSource};
+use crate::optim::{OptimizerConfig, OptimizerKind};
+use crate::schedule::{Decay, LrSchedule};
+use crate::trainer::{StepStats, Trainer};
+
+/// Steps the loader may run ahead of training.
+const PREFETCH_STEPS: usize = 4;
+
+/// `bertrain worker`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// The coordinator's `host:port`.
+    #[arg(long, env = "BERTRAIN_COORDINATOR", value_name = "HOST:PORT")]
+    pub coordinator: String,
+    /// File holding the job's token (the coordinator's `run_dir/token` unless the job sets
+    /// `cluster.token_file`).
+    #[arg(long, env = "BERTRAIN_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Address the other workers reach this one at for the gradient ring [default: this
+    /// machine's address on the route to the coordinator].
+    #[arg(long, env = "BERTRAIN_ADVERTISE", value_name = "HOST")]
+    pub advertise: Option<String>,
+    /// Compute backend; must agree with the job's `cluster.backend` [default: the job's].
+    #[arg(long, value_enum)]
+    pub backend: Option<job::Backend>,
+    /// GPU index for `--backend cuda` [default: LOCAL_RANK, or 0].
+    #[arg(long, env = "LOCAL_RANK", value_name = "N")]
+    pub device: Option<usize>,
+    /// Seconds to wait for the coordinator and for the rest of the workers to join.
+    #[arg(long, default_value_t = 600.0, value_name = "SECONDS")]
+    pub join_timeout_s: f64,
+}
+
+/// Entry point of `bertrain worker`.
+pub fn run(args: WorkerArgs) -> Result<()> {
+    // A GPU worker that cannot use its GPU says so before it takes a place in the job.
+    if let Some(backend) = args.backend {
+        device::check(backend, args.device.unwrap_or(0))?;
+    }
+    let Some(token_file) = &args.token_file else {
+        bail!("no job token: pass --token-file FILE (the coordinator's run_dir/token, or the job's cluster.token_file)");
+    };
+    let token = bertrain_coordinator::read_token(token_file)?;
+    let advertise = match &args.advertise {
+        Some(host) => host.clone(),
+        None => route_address(&args.coordinator)?,
+    };
+    let listener = RingListener::bind(&format!("{advertise}:0"))?;
+    let info = JoinInfo {
+        host: bertrain_coordinator::hostname(),
+        collective_addr: listener.local_addr()?.to_string(),
+    };
+
+    let mut prepared = None;
+    let (client, welcome) = WorkerClient::join(
+        &args.coordinator,
+        &token,
+        info,
+        Duration::from_secs_f64(args.join_timeout_s),
+        |job| {
+            let backend = args.backend.unwrap_or(job.cluster.backend);
+            if backend != job.cluster.backend {
+                bail!(
+                    "this worker was started with --backend {backend:?} but the job's cluster.backend is {:?}",
+                    job.cluster.backend
+                );
+            }
+            let p = Prepared::new(job)?;
+            let fingerprint = p.fingerprint();
+            prepared = Some(p);
+            Ok(fingerprint)
+        },
+    )?;
+    let prepared = prepared.context("the coordinator welcomed this worker without offering a job")?;
+    tracing::info!(
+        rank = welcome.rank,
+        world_size = welcome.world_size,
+        generation = welcome.generation,
+        start_step = welcome.start_step,
+        "joined"
+    );
+
+    let choice = DeviceChoice { backend: welcome.job.cluster.backend, index: args.device.unwrap_or(0) };
+    let outcome = device::with_backend(choice, TrainRun { client: &client, welcome: &welcome, listener, prepared });
+    match outcome {
+        Ok(()) => client.done(),
+        Err(e) => {
+            // A stop the coordinator asked for is the coordinator's story to tell.
+            let reason = format!("{e:#}");
+            let _ = client.failed(&reason);
+            Err(e)
+        }
+    }
+}
+
+/// The address of this machine's interface on the route to `coordinator`: what the
+/// other workers can most likely reach. No packet is sent (UDP "connect" only routes).
+fn route_address(coordinator: &str) -> Result<String> {
+    let target = coordinator
+        .to_socket_addrs()
+        .with_context(|| format!("resolving the coordinator address {coordinator}"))?
+        .next()
+        .with_context(|| format!("the coordinator address {coordinator} resolves to nothing"))?;
+    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = UdpSocket::bind(bind).context("finding this machine's address")?;
+    socket
+        .connect(target)
+        .with_context(|| format!("no route to the coordinator {coordinator}; pass --advertise HOST"))?;
+    Ok(socket.local_addr()?.ip().to_string())
+}
+
+/// What the worker builds from the job before it joins: the model's shape and initial
+/// weights, and the datasets.
+pub struct Prepared {
+    pub job: JobConfig,
+    pub config: BertConfig,
+    /// Initial parameters in `ParamLayout` order (rank 0's are broadcast to all ranks).
+    pub initial: Vec<f32>,
+    pub train: Manifest,
+    pub validation: Option<Manifest>,
+}
+
+impl Prepared {
+    pub fn new(job: &JobConfig) -> Result<Prepared> {
+        let train = open_dataset(&job.data.manifest)?;
+        let validation = job.data.validation_manifest.as_deref().map(open_dataset).transpose()?;
+        let (config, initial) = initial_model(job, &train)?;
+        Ok(Prepared { job: job.clone(), config, initial, train, validation })
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        let mut h = Sha256::new();
+        h.update(self.config.to_hf_json().as_bytes());
+        h.update(bytemuck::cast_slice::<f32, u8>(&self.initial));
+        Fingerprint { model_hash: hex(&h.finalize()), dataset_hash: self.train.content_hash() }
+    }
+}
+
+fn open_dataset(manifest: &Path) -> Result<Manifest> {
+    let m = Manifest::load(manifest)?;
+    m.verify_files()
+        .with_context(|| format!("refusing to train: dataset {} does not match its manifest", manifest.display()))?;
+    Ok(m)
+}
+
+/// The model the job names, with its initial parameters. A preset takes its vocabulary
+/// size from the dataset; a config file or initial weights must agree with it.
+fn initial_model(job: &JobConfig, data: &Manifest) -> Result<(BertConfig, Vec<f32>)> {
+    let m = &job.model;
+    let config = if let Some(preset) = &m.preset {
+        let name = preset.strip_prefix("bert-").unwrap_or(preset);
+        let mut config = BertConfig::preset(name).with_context(|| format!("model.preset = {preset:?}"))?;
+        config.vocab_size = data.vocab_size;
+        config
+    } else if let Some(path) = &m.config {
+        BertConfig::load(path)?
+    } else if let Some(dir) = &m.init_from {
+        BertConfig::load(&dir.join(hf::CONFIG_FILE))
+            .with_context(|| format!("model.init_from = {}", dir.display()))?
+    } else {
+        bail!("[model] needs one of preset, config or init_from");
+    };
+    if config.vocab_size != data.vocab_size {
+        bail!(
+            "the model's vocab_size is {} but dataset {} was made with a vocabulary of {}; \
+             use the vocabulary the model was trained with (or a preset, which adopts the dataset's)",
+            config.vocab_size,
+            data.dir().display(),
+            data.vocab_size
+        );
+    }
+    if config.max_position_embeddings < data.max_seq_len {
+        bail!(
+            "the model has {} positions but dataset {} holds sequences of up to {} tokens",
+            config.max_position_embeddings,
+            data.dir().display(),
+            data.max_seq_len
+        );
+    }
+    let shape = BertForPreTraining::<burn::backend::Flex>::new(&config, &Default::default());
+    let layout = ParamLayout::of(&shape);
+    let flat = match &m.init_from {
+        Some(dir) => {
+            let loaded = hf::load_dir(dir, &layout, job.train.seed)?;
+            if !loaded.initialised.is_empty() {
+                tracing::warn!(
+                    "{} has no pretraining heads; initialised {} of them: {}",
+                    dir.display(),
+                    loaded.initialised.len(),
+                    loaded.initialised.join(", ")
+                );
+            }
+            loaded.flat
+        }
+        None => bertrain_model::flatten_params(&init_bert::<burn::backend::Flex>(&config, job.train.seed, &Default::default())),
+    };
+    Ok((config, flat))
+}
+
+/// Everything [`train`] needs, handed to the backend chosen at run time.
+pub struct TrainRun<'a> {
+    client: &'a WorkerClient,
+    welcome: &'a Welcome,
+    listener: RingListener,
+    prepared: Prepared,
+}
+
+impl TrainRun<'_> {
+    /// The training loop on backend `B`.
+    pub fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        let TrainRun { client, welcome, listener, prepared } = self;
+        let job = &welcome.job;
+        let (rank, world) = (welcome.rank, welcome.world_size);
+        let options = RingOptions {
+            session: welcome.generation,
+            io_timeout: Duration::from_secs_f64(job.cluster.step_timeout_s),
+            ..RingOptions::default()
+        };
+        let mut ring = listener.connect(rank, &welcome.peers, &options)?;
+
+        // Every rank starts from rank 0's parameters, whatever it loaded itself.
+        let mut params = prepared.initial;
+        ring.broadcast(&mut params, 0)?;
+        let model = BertForPreTraining::<B>::new(&prepared.config, &device);
+        let layout = ParamLayout::of(&model);
+        let model = load_flat_params(model, &params, &layout);
+        let t = &job.train;
+        let kind = match t.optimizer {
+            job::Optimizer::Adamw => OptimizerKind::AdamW,
+            job::Optimizer::Lamb => OptimizerKind::Lamb,
+        };
+        let optimizer = OptimizerConfig::bert(kind, t.weight_decay as f32);
+        let mut trainer = Trainer::new(model, optimizer, t.max_grad_norm as f32, t.seed, device);
+        let schedule = LrSchedule {
+            peak: t.lr,
+            warmup_steps: t.warmup_steps,
+            max_steps: t.max_steps,
+            decay: match t.decay {
+                job::Decay::Linear => Decay::Linear,
+                job::Decay::Poly => Decay::Poly,
+            },
+        };
+        let shape = BatchShape {
+            global_batch: t.global_batch_size,
+            micro_batch: t.micro_batch_size as usize,
+            rank,
+            world,
+        };
+        let source = SampleSource::new(prepared.train.clone(), t.seed)?;
+        let loader = Prefetcher::start(source, shape, welcome.start_step, PREFETCH_STEPS);
+        let mut evaluator = prepared
+            .validation
+            .as_ref()
+            .map(|m| Evaluator::new(m.clone(), job, rank, world))
+            .transpose()?;
+
+        for step in welcome.start_step..t.max_steps {
+            if let Some(reason) = client.stop_requested() {
+                bail!("stopping at step {step}: {reason}");
+            }
+            let started = Instant::now();
+            let data = loader.next()?;
+            let data_wait_s = started.elapsed().as_secs_f64();
+            let lr = schedule.at(step);
+            let stats = trainer.step(step, rank, &data.micro_batches, lr as f32, &mut ring)?;
+            let step_time_s = started.elapsed().as_secs_f64();
+            client.report_step(&step_metrics(step + 1, lr, &stats, step_time_s, data_wait_s))?;
+
+            let done = step + 1;
+            let eval_due = job.eval.every_steps > 0 && done % job.eval.every_steps == 0;
+            if let Some(evaluator) = evaluator.as_mut()
+                && (eval_due || done == t.max_steps)
+            {
+                client.report_eval(&evaluator.run(&trainer, done)?)?;
+            }
+        }
+        drop(loader);
+        ring.barrier()?;
+        if rank == 0 {
+            let dir = job.job.run_dir.join("model");
+            let vocab = prepared.train.dir().join(&prepared.train.vocab_file);
+            hf::save_dir(&dir, &prepared.config, &trainer.layout, &trainer.params, Some(&vocab))?;
+            tracing::info!(dir = %dir.display(), "wrote the trained model (HF format)");
+        }
+        Ok(())
+    }
+}
+
+fn step_metrics(step: u64, lr: f64, s: &StepStats, step_time_s: f64, data_wait_s: f64) -> StepMetrics {
+    StepMetrics {
+        step,
+        loss: s.loss,
+        mlm_loss: s.mlm_loss,
+        nsp_loss: s.nsp_loss,
+        mlm_accuracy: s.mlm_accuracy,
+        nsp_accuracy: s.nsp_accuracy,
+        lr,
+        tokens_per_s: s.tokens as f64 / step_time_s.max(1e-9),
+        step_time_s,
+        data_wait_s,
+        comm_s: s.comm_s,
+        padding_fraction: s.padding_fraction,
+    }
+}
+
+/// This rank's share of the validation split: the same samples at every evaluation (the
+/// first `per_rank` of the split's seeded order, offset by rank), so evaluations compare.
+struct Evaluator {
+    source: SampleSource,
+    shape: BatchShape,
+}
+
+impl Evaluator {
+    fn new(manifest: Manifest, job: &JobConfig, rank: usize, world: usize) -> Result<Evaluator> {
+        let micro = job.train.micro_batch_size;
+        let available = manifest.total_rows() / world as u64;
+        let per_rank = match job.eval.max_batches {
+            0 => available,
+            n => (n * micro).min(available),
+        };
+        if per_rank == 0 {
+            bail!(
+                "validation set {} has {} rows, fewer than one per worker ({world})",
+                manifest.dir().display(),
+                manifest.total_rows()
+            );
+        }
+        let source = SampleSource::new(manifest, job.train.seed)?;
+        let shape = BatchShape { global_batch: per_rank * world as u64, micro_batch: micro as usize, rank, world };
+        Ok(Evaluator { source, shape })
+    }
+
+    fn run<B: AutodiffBackend>(&mut self, trainer: &Trainer<B>, step: u64) -> Result<EvalMetrics> {
+        let data = crate::loader::step_data(&mut self.source, self.shape, 0)?;
+        let s = trainer.evaluate(&data.micro_batches);
+        Ok(EvalMetrics {
+            step,
+            loss: s.loss,
+            mlm_loss: s.mlm_loss,
+            nsp_loss: s.nsp_loss,
+            mlm_accuracy: s.mlm_accuracy,
+            nsp_accuracy: s.nsp_accuracy,
+            perplexity: s.mlm_loss.exp(),
+            samples: self.shape.global_batch / self.shape.world as u64,
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
