@@ -643,8 +643,8 @@ impl Machine {
             return Flow::End(Err(e));
         }
         tracing::info!(
-            step = merged.step, loss = merged.loss, mlm_acc = merged.mlm_accuracy, nsp_acc = merged.nsp_accuracy,
-            perplexity = merged.perplexity, "validation"
+            "validation at step {}: loss {:.3}  mlm acc {:.3}  nsp acc {:.3}  perplexity {:.1}  ({} samples)",
+            merged.step, merged.loss, merged.mlm_accuracy, merged.nsp_accuracy, merged.perplexity, merged.samples
         );
         let value = serde_json::to_value(&merged).ok();
         self.board.update(|s| s.last_eval = value);
