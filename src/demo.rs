@@ -47,7 +47,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("== 1/5 synthetic corpus ({} documents)", args.docs);
     let corpus = dir.join("corpus.txt");
     let text: Vec<String> = bertrain_dataprep::synth_corpus(args.docs, args.seed).collect();
-    fs::write(&corpus, text.join("\n\n") + "\n").with_context(|| format!("writing {}", corpus.display()))?;
+    fs::write(&corpus, text.join("\n\n") + "\n")
+        .with_context(|| format!("writing {}", corpus.display()))?;
 
     println!("== 2/5 WordPiece vocabulary");
     let vocab = dir.join("vocab.txt");
@@ -84,14 +85,20 @@ pub fn run(args: DemoArgs) -> Result<()> {
         quiet: true,
     })?;
 
-    println!("== 4/5 training: a coordinator and {} workers (job configs/tiny.toml)", args.workers);
+    println!(
+        "== 4/5 training: a coordinator and {} workers (job configs/tiny.toml)",
+        args.workers
+    );
     let job_file = dir.join("job.toml");
     fs::write(&job_file, DEMO_JOB).with_context(|| format!("writing {}", job_file.display()))?;
     let run = dir.join("run");
     let mut overrides: Vec<Override> = [
         format!("job.run_dir={}", run.display()),
         format!("data.manifest={}", data.join("manifest.json").display()),
-        format!("data.validation_manifest={}", data.join("validation/manifest.json").display()),
+        format!(
+            "data.validation_manifest={}",
+            data.join("validation/manifest.json").display()
+        ),
         format!("train.seed={}", args.seed),
         format!("cluster.world_size={}", args.workers),
     ]
@@ -108,21 +115,37 @@ pub fn run(args: DemoArgs) -> Result<()> {
     })?;
     let train_s = train_started.elapsed().as_secs_f64();
 
-    println!("== 5/5 fill-mask with the trained model");
-    let model_dir = run.join("model");
-    fs::copy(dir.join("tokenizer_config.json"), model_dir.join("tokenizer_config.json")).ok();
+    println!("== 5/5 export to Hugging Face format, fill-mask with the trained model");
+    let model_dir = dir.join("model");
+    crate::export::run(crate::export::ExportArgs {
+        checkpoint: run.clone(),
+        output: model_dir.clone(),
+        overwrite: true,
+    })?;
     for (sentence, answer) in probe_sentences(args.docs, args.seed) {
         let guesses = crate::fill_mask::fill_mask(&model_dir, &sentence, 3)?;
-        let shown: Vec<String> = guesses[0].iter().map(|(t, p)| format!("{t} ({p:.2})")).collect();
-        println!("  {sentence}\n    answer: {answer}   model: {}", shown.join(", "));
+        let shown: Vec<String> = guesses[0]
+            .iter()
+            .map(|(t, p)| format!("{t} ({p:.2})"))
+            .collect();
+        println!(
+            "  {sentence}\n    answer: {answer}   model: {}",
+            shown.join(", ")
+        );
     }
 
     let summary = Summary::read(&run.join("metrics.jsonl"))?;
     let vocab_size = fs::read_to_string(&vocab)?.lines().count();
     println!();
     println!("summary");
-    println!("  steps                {} with {} workers in {train_s:.0} s", summary.steps, args.workers);
-    println!("  training tokens/s    {:.0} (all workers)", summary.mean_tokens_per_s);
+    println!(
+        "  steps                {} with {} workers in {train_s:.0} s",
+        summary.steps, args.workers
+    );
+    println!(
+        "  training tokens/s    {:.0} (all workers)",
+        summary.mean_tokens_per_s
+    );
     println!(
         "  last step            loss {:.3}, MLM acc {:.3}, NSP acc {:.3}",
         summary.last_loss, summary.last_mlm_accuracy, summary.last_nsp_accuracy
@@ -134,11 +157,19 @@ pub fn run(args: DemoArgs) -> Result<()> {
         ),
         None => println!("  validation           none recorded"),
     }
-    println!("  chance               MLM acc {:.4}, NSP acc 0.5", 1.0 / vocab_size as f64);
+    println!(
+        "  chance               MLM acc {:.4}, NSP acc 0.5",
+        1.0 / vocab_size as f64
+    );
     println!("  written to           {}/", dir.display());
     println!("                       corpus.txt, vocab.txt, data/ (shards), job.toml,");
-    println!("                       run/metrics.jsonl, run/model/ (HF directory)");
-    println!("  total time           {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "                       run/ (metrics.jsonl, checkpoints/, journal.jsonl), model/ (HF)"
+    );
+    println!(
+        "  total time           {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -161,12 +192,13 @@ struct Validation {
 
 impl Summary {
     fn read(path: &Path) -> Result<Summary> {
-        let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut steps = Vec::new();
         let mut validation = None;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value =
-                serde_json::from_str(line).with_context(|| format!("{}: not JSON: {line}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}: not JSON: {line}", path.display()))?;
             let f = |key: &str| v[key].as_f64().unwrap_or(f64::NAN);
             if v.get("split").is_some() {
                 validation = Some(Validation {
@@ -176,7 +208,13 @@ impl Summary {
                     perplexity: f("perplexity"),
                 });
             } else {
-                steps.push((f("step") as u64, f("loss"), f("mlm_accuracy"), f("nsp_accuracy"), f("tokens_per_s")));
+                steps.push((
+                    f("step") as u64,
+                    f("loss"),
+                    f("mlm_accuracy"),
+                    f("nsp_accuracy"),
+                    f("tokens_per_s"),
+                ));
             }
         }
         let Some(&(last_step, loss, mlm, nsp, _)) = steps.last() else {
@@ -202,17 +240,23 @@ fn prepare_run_dir(dir: &Path) -> Result<()> {
                 dir.display()
             );
         }
-        fs::remove_dir_all(dir).with_context(|| format!("removing the old demo run {}", dir.display()))?;
+        fs::remove_dir_all(dir)
+            .with_context(|| format!("removing the old demo run {}", dir.display()))?;
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    fs::write(dir.join(MARKER), "made by `bertrain demo`; removed by the next demo run\n")?;
+    fs::write(
+        dir.join(MARKER),
+        "made by `bertrain demo`; removed by the next demo run\n",
+    )?;
     Ok(())
 }
 
 /// Sentences from a document the model never saw (the generator's next one), each with
 /// one word replaced by [MASK], and that word.
 fn probe_sentences(docs: usize, seed: u64) -> Vec<(String, String)> {
-    let unseen = bertrain_dataprep::synth_corpus(docs + 1, seed).last().unwrap_or_default();
+    let unseen = bertrain_dataprep::synth_corpus(docs + 1, seed)
+        .last()
+        .unwrap_or_default();
     unseen
         .lines()
         .take(3)

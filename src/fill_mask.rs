@@ -11,8 +11,8 @@ use burn::tensor::activation::softmax;
 
 #[derive(clap::Args)]
 pub struct FillMaskArgs {
-    /// An HF directory (config.json, model.safetensors, vocab.txt) or a bertrain
-    /// checkpoint directory.
+    /// An HF directory (config.json, model.safetensors, vocab.txt), a bertrain checkpoint
+    /// directory, or a run directory (its newest checkpoint).
     #[arg(long)]
     model: PathBuf,
     /// Predictions per [MASK].
@@ -43,7 +43,10 @@ pub fn run(args: FillMaskArgs) -> Result<()> {
         return Ok(());
     }
     for (i, guesses) in predictions.iter().enumerate() {
-        let line: Vec<String> = guesses.iter().map(|(t, p)| format!("{t} ({p:.3})")).collect();
+        let line: Vec<String> = guesses
+            .iter()
+            .map(|(t, p)| format!("{t} ({p:.3})"))
+            .collect();
         println!("[MASK] {}: {}", i + 1, line.join(", "));
     }
     Ok(())
@@ -51,6 +54,14 @@ pub fn run(args: FillMaskArgs) -> Result<()> {
 
 /// Top-`k` predictions for each [MASK] in `text`, in order.
 pub fn fill_mask(model_dir: &std::path::Path, text: &str, k: usize) -> Result<Vec<Guesses>> {
+    // A run directory stands for its newest checkpoint.
+    let resolved;
+    let model_dir = if model_dir.join(hf::CONFIG_FILE).exists() {
+        model_dir
+    } else {
+        resolved = bertrain_coordinator::checkpoints::resolve(model_dir)?;
+        resolved.as_path()
+    };
     let vocab = model_dir.join(VOCAB_FILE);
     let tokenizer = bertrain_dataprep::bert_tokenizer(&vocab, None)?;
     let encoding = tokenizer
@@ -59,12 +70,18 @@ pub fn fill_mask(model_dir: &std::path::Path, text: &str, k: usize) -> Result<Ve
     let mask_id = tokenizer
         .token_to_id("[MASK]")
         .with_context(|| format!("{} has no [MASK] token", vocab.display()))?;
-    let cls = tokenizer.token_to_id("[CLS]").context("vocabulary has no [CLS] token")?;
-    let sep = tokenizer.token_to_id("[SEP]").context("vocabulary has no [SEP] token")?;
+    let cls = tokenizer
+        .token_to_id("[CLS]")
+        .context("vocabulary has no [CLS] token")?;
+    let sep = tokenizer
+        .token_to_id("[SEP]")
+        .context("vocabulary has no [SEP] token")?;
     let mut ids: Vec<i64> = vec![cls as i64];
     ids.extend(encoding.get_ids().iter().map(|&i| i as i64));
     ids.push(sep as i64);
-    let positions: Vec<i64> = (0..ids.len() as i64).filter(|&p| ids[p as usize] == mask_id as i64).collect();
+    let positions: Vec<i64> = (0..ids.len() as i64)
+        .filter(|&p| ids[p as usize] == mask_id as i64)
+        .collect();
     if positions.is_empty() {
         bail!("the text has no [MASK] token: write [MASK] where the model should guess");
     }
@@ -73,19 +90,27 @@ pub fn fill_mask(model_dir: &std::path::Path, text: &str, k: usize) -> Result<Ve
     let config = BertConfig::load(&model_dir.join(hf::CONFIG_FILE))?;
     hf::check_vocab(&vocab, &config)?;
     if ids.len() > config.max_position_embeddings {
-        bail!("the text is {} tokens long; this model reads at most {}", ids.len(), config.max_position_embeddings);
+        bail!(
+            "the text is {} tokens long; this model reads at most {}",
+            ids.len(),
+            config.max_position_embeddings
+        );
     }
     let model = BertForPreTraining::<Flex>::new(&config, &device);
     let layout = ParamLayout::of(&model);
     let weights = hf::load_dir(model_dir, &layout, 0)?;
     if !weights.initialised.is_empty() {
-        bail!("{} has no MLM head (a bare BertModel): fill-mask needs a pretraining checkpoint", model_dir.display());
+        bail!(
+            "{} has no MLM head (a bare BertModel): fill-mask needs a pretraining checkpoint",
+            model_dir.display()
+        );
     }
     let model = load_flat_params(model, &weights.flat, &layout);
 
     let len = ids.len();
     let n = positions.len();
-    let ints2 = |v: Vec<i64>| Tensor::<Flex, 2, Int>::from_data(TensorData::new(v, [1, len]), &device);
+    let ints2 =
+        |v: Vec<i64>| Tensor::<Flex, 2, Int>::from_data(TensorData::new(v, [1, len]), &device);
     let batch = bertrain_model::PretrainingBatch {
         input_ids: ints2(ids),
         token_type_ids: ints2(vec![0; len]),
@@ -95,7 +120,9 @@ pub fn fill_mask(model_dir: &std::path::Path, text: &str, k: usize) -> Result<Ve
         masked_lm_weights: Tensor::zeros([n], &device),
         next_sentence_labels: Tensor::zeros([1], &device),
     };
-    let probs = softmax(model.forward(&batch).mlm_logits, 1).into_data().to_vec::<f32>()?;
+    let probs = softmax(model.forward(&batch).mlm_logits, 1)
+        .into_data()
+        .to_vec::<f32>()?;
     let vocab_size = config.vocab_size;
     Ok(probs
         .chunks(vocab_size)
@@ -105,7 +132,12 @@ pub fn fill_mask(model_dir: &std::path::Path, text: &str, k: usize) -> Result<Ve
             order
                 .into_iter()
                 .take(k)
-                .map(|id| (tokenizer.id_to_token(id as u32).unwrap_or_default(), row[id]))
+                .map(|id| {
+                    (
+                        tokenizer.id_to_token(id as u32).unwrap_or_default(),
+                        row[id],
+                    )
+                })
                 .collect()
         })
         .collect())

@@ -9,11 +9,16 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod export;
 mod fill_mask;
 mod model_info;
 
 #[derive(Parser)]
-#[command(name = "bertrain", version, about = "Distributed data-parallel BERT pretraining")]
+#[command(
+    name = "bertrain",
+    version,
+    about = "Distributed data-parallel BERT pretraining"
+)]
 struct Cli {
     /// Log format: human-readable lines or one JSON object per line.
     #[arg(long, global = true, value_enum, default_value = "human")]
@@ -42,6 +47,8 @@ enum Command {
     Inspect(bertrain_dataprep::cli::InspectArgs),
     /// Predict the [MASK] tokens of a sentence with a trained model.
     FillMask(fill_mask::FillMaskArgs),
+    /// Write a checkpoint as a Hugging Face model directory.
+    Export(export::ExportArgs),
     /// Parameter count and training FLOPs per token of a model config.
     ModelInfo(model_info::ModelInfoArgs),
     /// Run a training job: rendezvous, data order, progress, status over HTTP.
@@ -68,6 +75,7 @@ fn main() -> ExitCode {
         Command::Dataprep(args) => bertrain_dataprep::cli::run_dataprep(args),
         Command::Inspect(args) => bertrain_dataprep::cli::run_inspect(args),
         Command::FillMask(args) => fill_mask::run(args),
+        Command::Export(args) => export::run(args),
         Command::ModelInfo(args) => model_info::run(args),
         Command::Coordinator(args) => bertrain_coordinator::run(args),
         Command::Worker(args) => bertrain_worker::run(args),

@@ -12,7 +12,8 @@ use common::*;
 /// batch differently must agree), on the shared test dataset.
 fn write_job(dir: &Path, data: &Path) -> PathBuf {
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap())
+            .unwrap();
     let model = serde_json::json!({
         "vocab_size": manifest["vocab_size"], "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
@@ -53,7 +54,11 @@ heartbeat_timeout_s = 30
 
 fn launch(job: &Path, run_dir: &Path, sets: &[&str]) {
     let mut c = bertrain();
-    c.arg("launch").arg("--config").arg(job).arg("--set").arg(format!("job.run_dir={}", run_dir.display()));
+    c.arg("launch")
+        .arg("--config")
+        .arg(job)
+        .arg("--set")
+        .arg(format!("job.run_dir={}", run_dir.display()));
     for s in sets {
         c.arg("--set").arg(s);
     }
@@ -83,7 +88,10 @@ fn data_parallel_equals_one_worker_and_gradient_accumulation() {
     let job = write_job(tmp.path(), data);
     let runs = [
         ("two-workers", vec![]),
-        ("one-worker-big-batch", vec!["cluster.world_size=1", "train.micro_batch_size=16"]),
+        (
+            "one-worker-big-batch",
+            vec!["cluster.world_size=1", "train.micro_batch_size=16"],
+        ),
         ("one-worker-accumulation", vec!["cluster.world_size=1"]),
     ];
     let mut weights = Vec::new();
@@ -91,13 +99,24 @@ fn data_parallel_equals_one_worker_and_gradient_accumulation() {
         let run_dir = tmp.path().join(name);
         launch(&job, &run_dir, sets);
         let m = metrics(&run_dir);
-        let steps: Vec<u64> = m.iter().filter(|v| v.get("split").is_none()).map(|v| v["step"].as_u64().unwrap()).collect();
-        assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "{name}: one metrics line per step");
+        let steps: Vec<u64> = m
+            .iter()
+            .filter(|v| v.get("split").is_none())
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            steps,
+            (1..=6).collect::<Vec<_>>(),
+            "{name}: one metrics line per step"
+        );
         let evals = m.iter().filter(|v| v["split"] == "validation").count();
         assert_eq!(evals, 2, "{name}: evaluations at steps 3 and 6");
-        weights.push(read_weights(&run_dir.join("model/model.safetensors")));
+        weights.push(final_weights(&run_dir));
     }
-    let initial_scale = weights[0].iter().flat_map(|(_, v)| v).fold(0.0f32, |m, x| m.max(x.abs()));
+    let initial_scale = weights[0]
+        .iter()
+        .flat_map(|(_, v)| v)
+        .fold(0.0f32, |m, x| m.max(x.abs()));
     assert!(initial_scale > 0.01, "weights look empty");
     for i in 1..weights.len() {
         let d = max_abs_diff(&weights[0], &weights[i]);
@@ -115,8 +134,5 @@ fn a_run_repeats_bit_for_bit() {
     let b = tmp.path().join("b");
     launch(&job, &a, &["train.max_steps=3"]);
     launch(&job, &b, &["train.max_steps=3"]);
-    assert_eq!(
-        read_weights(&a.join("model/model.safetensors")),
-        read_weights(&b.join("model/model.safetensors"))
-    );
+    assert_eq!(final_weights(&a), final_weights(&b));
 }

@@ -2,6 +2,7 @@
 
 use std::io::{BufReader, ErrorKind};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -12,8 +13,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::job::JobConfig;
 use crate::protocol::{
-    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, Welcome, WorkerMsg, read_frame,
-    write_frame,
+    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, Welcome, WorkerMsg,
+    read_frame, write_frame,
 };
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,12 +38,22 @@ pub struct Fingerprint {
     pub dataset_hash: String,
 }
 
+/// Why this worker must leave its generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StopRequest {
+    pub reason: String,
+    /// The job goes on: join again (the coordinator restarts the generation from the latest
+    /// checkpoint, or it was lost and will be back).
+    pub rejoin: bool,
+}
+
 /// A worker's live connection to the coordinator. Heartbeats run on a background thread
 /// from join until [`done`](Self::done), [`failed`](Self::failed) or drop.
 pub struct WorkerClient {
     writer: Arc<Mutex<TcpStream>>,
     rank: usize,
-    stop: Arc<Mutex<Option<String>>>,
+    stop: Arc<Mutex<Option<StopRequest>>>,
+    checkpoint_request: Arc<Mutex<Option<String>>>,
     bootstrap: Receiver<Vec<u8>>,
     finished: Arc<AtomicBool>,
     heartbeat: Option<JoinHandle<()>>,
@@ -65,11 +76,20 @@ impl WorkerClient {
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let writer = Arc::new(Mutex::new(stream));
-        send(&writer, &WorkerMsg::Hello { token: token.to_string(), protocol_version: PROTOCOL_VERSION })?;
+        send(
+            &writer,
+            &WorkerMsg::Hello {
+                token: token.to_string(),
+                protocol_version: PROTOCOL_VERSION,
+            },
+        )?;
 
         let job = match receive(&mut reader, addr, deadline)? {
             CoordinatorMsg::JobOffer { job } => job,
-            other => bail!("coordinator {addr} answered the hello with {}", name_of(&other)),
+            other => bail!(
+                "coordinator {addr} answered the hello with {}",
+                name_of(&other)
+            ),
         };
         let fp = fingerprint(&job)?;
 
@@ -83,6 +103,7 @@ impl WorkerClient {
             writer,
             rank: 0,
             stop: stop.clone(),
+            checkpoint_request: Arc::new(Mutex::new(None)),
             bootstrap: mpsc::channel().1,
             finished,
             heartbeat: Some(heartbeat),
@@ -95,14 +116,18 @@ impl WorkerClient {
         }))?;
         let welcome = match receive(&mut reader, addr, deadline)? {
             CoordinatorMsg::Welcome(w) => *w,
-            other => bail!("coordinator {addr} answered the join with {}", name_of(&other)),
+            other => bail!(
+                "coordinator {addr} answered the join with {}",
+                name_of(&other)
+            ),
         };
         reader.get_ref().set_read_timeout(None)?;
         let (bootstrap_tx, bootstrap_rx) = mpsc::channel();
         client.rank = welcome.rank;
         client.bootstrap = bootstrap_rx;
         let finished = client.finished.clone();
-        thread::spawn(move || listen(reader, bootstrap_tx, stop, finished));
+        let checkpoint_request = client.checkpoint_request.clone();
+        thread::spawn(move || listen(reader, bootstrap_tx, stop, checkpoint_request, finished));
         Ok((client, welcome))
     }
 
@@ -118,25 +143,54 @@ impl WorkerClient {
         self.send(&WorkerMsg::EvalReport(metrics.clone()))
     }
 
+    /// Rank 0's report of a checkpoint write: the sealed directory, or why it failed.
+    pub fn report_checkpoint(
+        &self,
+        step: u64,
+        result: &Result<PathBuf>,
+        seconds: f64,
+    ) -> Result<()> {
+        self.send(&match result {
+            Ok(dir) => WorkerMsg::Checkpointed {
+                step,
+                dir: dir.clone(),
+                seconds,
+            },
+            Err(e) => WorkerMsg::CheckpointFailed {
+                step,
+                reason: format!("{e:#}"),
+            },
+        })
+    }
+
     /// Shares collective bootstrap bytes (an NCCL unique id, say): rank 0 passes
     /// `Some(bytes)`, the others `None`, and every rank gets rank 0's bytes back.
     pub fn exchange_bootstrap(&self, blob: Option<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>> {
         if let Some(blob) = blob {
             if self.rank != 0 {
-                bail!("only rank 0 publishes collective bootstrap data (this is rank {})", self.rank);
+                bail!(
+                    "only rank 0 publishes collective bootstrap data (this is rank {})",
+                    self.rank
+                );
             }
             self.send(&WorkerMsg::Bootstrap { blob })?;
         }
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(reason) = self.stop_requested() {
-                bail!("stopped while waiting for the collective bootstrap: {reason}");
+            if let Some(stop) = self.stop_requested() {
+                bail!(
+                    "stopped while waiting for the collective bootstrap: {}",
+                    stop.reason
+                );
             }
             match self.bootstrap.recv_timeout(Duration::from_millis(100)) {
                 Ok(blob) => return Ok(blob),
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
                 Err(RecvTimeoutError::Timeout) => {
-                    bail!("no collective bootstrap data from rank 0 within {:.0} s", timeout.as_secs_f64())
+                    bail!(
+                        "no collective bootstrap data from rank 0 within {:.0} s",
+                        timeout.as_secs_f64()
+                    )
                 }
                 Err(RecvTimeoutError::Disconnected) => bail!("connection to the coordinator lost"),
             }
@@ -145,8 +199,16 @@ impl WorkerClient {
 
     /// Why the coordinator wants this worker to stop (or why the connection to it broke),
     /// if it does. The trainer checks this once per step.
-    pub fn stop_requested(&self) -> Option<String> {
+    pub fn stop_requested(&self) -> Option<StopRequest> {
         self.stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Why the coordinator asked for a checkpoint followed by a stop, if it did.
+    pub fn checkpoint_requested(&self) -> Option<String> {
+        self.checkpoint_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Tells the coordinator this rank finished its work, and disconnects.
@@ -156,7 +218,31 @@ impl WorkerClient {
 
     /// Tells the coordinator this rank failed and why, and disconnects.
     pub fn failed(mut self, reason: &str) -> Result<()> {
-        self.end(WorkerMsg::Failed { reason: reason.to_string() })
+        self.end(WorkerMsg::Failed {
+            reason: reason.to_string(),
+        })
+    }
+
+    /// Tells the coordinator this rank's generation failed and why, staying connected to
+    /// hear what happens next (see [`wait_for_stop`](Self::wait_for_stop)).
+    pub fn report_failure(&self, reason: &str) -> Result<()> {
+        self.send(&WorkerMsg::Failed {
+            reason: reason.to_string(),
+        })
+    }
+
+    /// Waits up to `timeout` for the coordinator's stop (or for the connection to end).
+    pub fn wait_for_stop(&self, timeout: Duration) -> Option<StopRequest> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(stop) = self.stop_requested() {
+                return Some(stop);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn end(&mut self, last: WorkerMsg) -> Result<()> {
@@ -202,16 +288,25 @@ fn connect_with_retry(addr: &str, deadline: Instant) -> Result<TcpStream> {
             .map_err(anyhow::Error::from)
             .and_then(|mut addrs| addrs.next().context("the address resolves to nothing"))
             .and_then(|sock| {
-                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
-                Ok(TcpStream::connect_timeout(&sock, left.min(Duration::from_secs(5)))?)
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10));
+                Ok(TcpStream::connect_timeout(
+                    &sock,
+                    left.min(Duration::from_secs(5)),
+                )?)
             });
         match attempt {
             Ok(stream) => return Ok(stream),
             Err(e) if Instant::now() + backoff >= deadline => {
-                return Err(e.context(format!("connecting to the coordinator at {addr} (gave up retrying)")));
+                return Err(e.context(format!(
+                    "connecting to the coordinator at {addr} (gave up retrying)"
+                )));
             }
             Err(e) => {
-                tracing::debug!("coordinator {addr} not reachable yet ({e:#}); retrying in {backoff:?}");
+                tracing::debug!(
+                    "coordinator {addr} not reachable yet ({e:#}); retrying in {backoff:?}"
+                );
                 thread::sleep(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -221,18 +316,28 @@ fn connect_with_retry(addr: &str, deadline: Instant) -> Result<TcpStream> {
 
 /// Reads the coordinator's next message before `deadline`; a refusal becomes an error
 /// carrying the coordinator's reason.
-fn receive(reader: &mut BufReader<TcpStream>, addr: &str, deadline: Instant) -> Result<CoordinatorMsg> {
+fn receive(
+    reader: &mut BufReader<TcpStream>,
+    addr: &str,
+    deadline: Instant,
+) -> Result<CoordinatorMsg> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         bail!("timed out waiting for the coordinator at {addr}");
     }
     reader.get_ref().set_read_timeout(Some(left))?;
     match read_frame::<CoordinatorMsg>(reader) {
-        Ok(Some(CoordinatorMsg::Refused { reason })) => bail!("coordinator {addr} refused this worker: {reason}"),
-        Ok(Some(CoordinatorMsg::Stop { reason })) => bail!("coordinator {addr} stopped the job: {reason}"),
+        Ok(Some(CoordinatorMsg::Refused { reason })) => {
+            bail!("coordinator {addr} refused this worker: {reason}")
+        }
+        Ok(Some(CoordinatorMsg::Stop { reason, .. })) => {
+            bail!("coordinator {addr} stopped the job: {reason}")
+        }
         Ok(Some(msg)) => Ok(msg),
         Ok(None) => bail!("coordinator {addr} closed the connection"),
-        Err(e) if is_timeout(&e) => bail!("timed out waiting for the coordinator at {addr} (other workers missing?)"),
+        Err(e) if is_timeout(&e) => {
+            bail!("timed out waiting for the coordinator at {addr} (other workers missing?)")
+        }
         Err(e) => Err(e.context(format!("reading from the coordinator at {addr}"))),
     }
 }
@@ -246,7 +351,7 @@ fn is_timeout(err: &anyhow::Error) -> bool {
 fn spawn_heartbeat(
     writer: Arc<Mutex<TcpStream>>,
     interval: Duration,
-    stop: Arc<Mutex<Option<String>>>,
+    stop: Arc<Mutex<Option<StopRequest>>>,
     finished: Arc<AtomicBool>,
 ) -> JoinHandle<()> {
     thread::spawn(move || {
@@ -255,7 +360,11 @@ fn spawn_heartbeat(
         while !finished.load(Ordering::SeqCst) {
             if Instant::now() >= next {
                 if let Err(e) = send(&writer, &WorkerMsg::Heartbeat) {
-                    set_stop(&stop, format!("heartbeat to the coordinator failed: {e:#}"));
+                    set_stop(
+                        &stop,
+                        format!("heartbeat to the coordinator failed: {e:#}"),
+                        true,
+                    );
                     return;
                 }
                 next += interval;
@@ -269,7 +378,8 @@ fn spawn_heartbeat(
 fn listen(
     mut reader: BufReader<TcpStream>,
     bootstrap: Sender<Vec<u8>>,
-    stop: Arc<Mutex<Option<String>>>,
+    stop: Arc<Mutex<Option<StopRequest>>>,
+    checkpoint_request: Arc<Mutex<Option<String>>>,
     finished: Arc<AtomicBool>,
 ) {
     loop {
@@ -277,17 +387,28 @@ fn listen(
             Ok(Some(CoordinatorMsg::Bootstrap { blob })) => {
                 let _ = bootstrap.send(blob);
             }
-            Ok(Some(CoordinatorMsg::Stop { reason })) => set_stop(&stop, reason),
-            Ok(Some(other)) => tracing::warn!("ignoring an unexpected {} from the coordinator", name_of(&other)),
+            Ok(Some(CoordinatorMsg::Stop { reason, rejoin })) => set_stop(&stop, reason, rejoin),
+            Ok(Some(CoordinatorMsg::CheckpointAndStop { reason })) => {
+                let mut slot = checkpoint_request.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert(reason);
+            }
+            Ok(Some(other)) => tracing::warn!(
+                "ignoring an unexpected {} from the coordinator",
+                name_of(&other)
+            ),
             Ok(None) => {
                 if !finished.load(Ordering::SeqCst) {
-                    set_stop(&stop, "the coordinator closed the connection".into());
+                    set_stop(&stop, "the coordinator closed the connection".into(), true);
                 }
                 return;
             }
             Err(e) => {
                 if !finished.load(Ordering::SeqCst) {
-                    set_stop(&stop, format!("connection to the coordinator broke: {e:#}"));
+                    set_stop(
+                        &stop,
+                        format!("connection to the coordinator broke: {e:#}"),
+                        true,
+                    );
                 }
                 return;
             }
@@ -295,12 +416,10 @@ fn listen(
     }
 }
 
-fn set_stop(stop: &Mutex<Option<String>>, reason: String) {
+fn set_stop(stop: &Mutex<Option<StopRequest>>, reason: String, rejoin: bool) {
     let mut slot = stop.lock().unwrap_or_else(|e| e.into_inner());
     // The first reason is the cause; later ones are usually its consequences.
-    if slot.is_none() {
-        *slot = Some(reason);
-    }
+    slot.get_or_insert(StopRequest { reason, rejoin });
 }
 
 fn name_of(msg: &CoordinatorMsg) -> &'static str {
@@ -310,6 +429,7 @@ fn name_of(msg: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::Refused { .. } => "a refusal",
         CoordinatorMsg::Bootstrap { .. } => "bootstrap data",
         CoordinatorMsg::Stop { .. } => "a stop",
+        CoordinatorMsg::CheckpointAndStop { .. } => "a checkpoint-and-stop",
     }
 }
 

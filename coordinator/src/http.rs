@@ -19,7 +19,11 @@ const MAX_HEAD_BYTES: u64 = 16 << 10;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` is set (and the listener is woken by a connection).
-pub(crate) fn spawn(listener: TcpListener, board: Arc<StatusBoard>, shutdown: Arc<AtomicBool>) -> JoinHandle<()> {
+pub(crate) fn spawn(
+    listener: TcpListener,
+    board: Arc<StatusBoard>,
+    shutdown: Arc<AtomicBool>,
+) -> JoinHandle<()> {
     thread::spawn(move || {
         for stream in listener.incoming() {
             if shutdown.load(Ordering::SeqCst) {
@@ -44,7 +48,11 @@ fn serve(stream: TcpStream, board: &StatusBoard) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.take(MAX_HEAD_BYTES));
     let (status, content_type, body) = match read_request_line(&mut reader) {
         Ok((method, path)) => route(&method, &path, board),
-        Err(reason) => (400, "text/plain; charset=utf-8", format!("bad request: {reason}\n")),
+        Err(reason) => (
+            400,
+            "text/plain; charset=utf-8",
+            format!("bad request: {reason}\n"),
+        ),
     };
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
@@ -59,9 +67,12 @@ fn serve(stream: TcpStream, board: &StatusBoard) -> std::io::Result<()> {
 /// Reads `METHOD PATH HTTP/1.x` and skips the headers; anything else is a bad request.
 fn read_request_line(reader: &mut impl BufRead) -> Result<(String, String), String> {
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(|e| format!("unreadable request: {e}"))?;
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("unreadable request: {e}"))?;
     let mut parts = line.trim_end().split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err("malformed request line".into());
     };
@@ -70,7 +81,9 @@ fn read_request_line(reader: &mut impl BufRead) -> Result<(String, String), Stri
     }
     loop {
         let mut header = String::new();
-        let n = reader.read_line(&mut header).map_err(|e| format!("unreadable headers: {e}"))?;
+        let n = reader
+            .read_line(&mut header)
+            .map_err(|e| format!("unreadable headers: {e}"))?;
         if n == 0 {
             return Err("headers too long or truncated".into());
         }
@@ -84,13 +97,25 @@ fn read_request_line(reader: &mut impl BufRead) -> Result<(String, String), Stri
 
 fn route(method: &str, path: &str, board: &StatusBoard) -> (u16, &'static str, String) {
     if method != "GET" && method != "HEAD" {
-        return (405, "text/plain; charset=utf-8", "only GET is served\n".into());
+        return (
+            405,
+            "text/plain; charset=utf-8",
+            "only GET is served\n".into(),
+        );
     }
     match path {
         "/" | "/index.html" => (200, "text/html; charset=utf-8", PAGE.to_string()),
         "/status" => (200, "application/json", board.to_json().to_string()),
-        "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", board.to_prometheus()),
-        _ => (404, "text/plain; charset=utf-8", "not found; try /, /status or /metrics\n".into()),
+        "/metrics" => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            board.to_prometheus(),
+        ),
+        _ => (
+            404,
+            "text/plain; charset=utf-8",
+            "not found; try /, /status or /metrics\n".into(),
+        ),
     }
 }
 

@@ -140,6 +140,9 @@ pub struct ClusterSection {
     /// A job in which no step completes for this many seconds is declared hung (first step
     /// included, so allow for model loading). Default: 900.
     pub step_timeout_s: f64,
+    /// Times the worker set may be restarted from the latest checkpoint after a lost, failed
+    /// or hung worker before the job is given up. Default: 3.
+    pub max_restarts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -184,7 +187,11 @@ pub enum Backend {
 
 impl Default for JobSection {
     fn default() -> Self {
-        JobSection { name: "bertrain".into(), run_dir: PathBuf::new(), resume: Resume::Never }
+        JobSection {
+            name: "bertrain".into(),
+            run_dir: PathBuf::new(),
+            resume: Resume::Never,
+        }
     }
 }
 
@@ -209,13 +216,19 @@ impl Default for TrainSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every_steps: 1000, keep_last: 3 }
+        CheckpointSection {
+            every_steps: 1000,
+            keep_last: 3,
+        }
     }
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { every_steps: 1000, max_batches: 100 }
+        EvalSection {
+            every_steps: 1000,
+            max_batches: 100,
+        }
     }
 }
 
@@ -230,6 +243,7 @@ impl Default for ClusterSection {
             heartbeat_interval_s: 1.0,
             heartbeat_timeout_s: 10.0,
             step_timeout_s: 900.0,
+            max_restarts: 3,
         }
     }
 }
@@ -265,7 +279,12 @@ impl std::str::FromStr for Override {
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-        Ok(Override { section: section.into(), key: key.into(), value, source: text.into() })
+        Ok(Override {
+            section: section.into(),
+            key: key.into(),
+            value,
+            source: text.into(),
+        })
     }
 }
 
@@ -282,7 +301,11 @@ impl JobConfig {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading job file {}", path.display()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
         Self::from_toml_str(&text, &path.display().to_string(), &base, overrides)
     }
 
@@ -294,8 +317,9 @@ impl JobConfig {
         base: &Path,
         overrides: &[Override],
     ) -> Result<JobConfig> {
-        let mut doc: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", one_line(&e.to_string())))?;
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            anyhow::anyhow!("{origin}: {}", one_line(&e.to_string()))
+        })?;
         let schema = known_keys();
         check_keys(&doc, &schema, &format!("in {origin}"))?;
         for o in overrides {
@@ -312,12 +336,19 @@ impl JobConfig {
             .try_into()
             .map_err(|e: toml::de::Error| describe_value_error(&e, origin))?;
         job.resolve_paths(base);
-        job.validate().with_context(|| format!("invalid job {origin}"))?;
+        job.validate()
+            .with_context(|| format!("invalid job {origin}"))?;
         Ok(job)
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
         if self.job.run_dir.as_os_str().is_empty() {
             self.job.run_dir = Path::new("runs").join(&self.job.name);
         }
@@ -344,10 +375,14 @@ impl JobConfig {
             self.model.init_from.is_some(),
         ];
         if models.iter().filter(|&&m| m).count() != 1 {
-            bail!("[model] needs exactly one of preset, config or init_from (e.g. preset = \"tiny\")");
+            bail!(
+                "[model] needs exactly one of preset, config or init_from (e.g. preset = \"tiny\")"
+            );
         }
         if self.data.manifest.as_os_str().is_empty() {
-            bail!("data.manifest is missing; point it at the manifest.json written by `bertrain dataprep`");
+            bail!(
+                "data.manifest is missing; point it at the manifest.json written by `bertrain dataprep`"
+            );
         }
         for (name, v) in [
             ("train.global_batch_size", t.global_batch_size),
@@ -420,7 +455,8 @@ impl JobConfig {
 
     /// Gradient accumulation steps per optimizer step on each worker.
     pub fn accumulation_steps(&self) -> u64 {
-        self.train.global_batch_size / (u64::from(self.cluster.world_size) * self.train.micro_batch_size)
+        self.train.global_batch_size
+            / (u64::from(self.cluster.world_size) * self.train.micro_batch_size)
     }
 
     /// Where the HTTP status server listens: `cluster.http`, or the coordinator's host with
@@ -430,13 +466,21 @@ impl JobConfig {
             return Ok(http.clone());
         }
         let (host, port) = check_host_port("coordinator address", coordinator_listen)?;
-        let port = if port == 0 { 0 } else { port.checked_add(1).context("coordinator port 65535 leaves no room for HTTP; set cluster.http")? };
+        let port = if port == 0 {
+            0
+        } else {
+            port.checked_add(1)
+                .context("coordinator port 65535 leaves no room for HTTP; set cluster.http")?
+        };
         Ok(format!("{host}:{port}"))
     }
 
     /// Where the job's token lives: `cluster.token_file` or `run_dir/token`.
     pub fn token_path(&self) -> PathBuf {
-        self.cluster.token_file.clone().unwrap_or_else(|| self.job.run_dir.join("token"))
+        self.cluster
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.job.run_dir.join("token"))
     }
 }
 
@@ -470,7 +514,11 @@ fn known_keys() -> BTreeMap<String, Vec<String>> {
     out
 }
 
-fn check_keys(doc: &toml::Table, schema: &BTreeMap<String, Vec<String>>, origin: &str) -> Result<()> {
+fn check_keys(
+    doc: &toml::Table,
+    schema: &BTreeMap<String, Vec<String>>,
+    origin: &str,
+) -> Result<()> {
     for (section, value) in doc {
         let Some(_) = schema.get(section) else {
             bail!(
@@ -488,7 +536,12 @@ fn check_keys(doc: &toml::Table, schema: &BTreeMap<String, Vec<String>>, origin:
     Ok(())
 }
 
-fn check_key(section: &str, key: &str, schema: &BTreeMap<String, Vec<String>>, origin: &str) -> Result<()> {
+fn check_key(
+    section: &str,
+    key: &str,
+    schema: &BTreeMap<String, Vec<String>>,
+    origin: &str,
+) -> Result<()> {
     let Some(keys) = schema.get(section) else {
         bail!(
             "unknown section [{section}] {origin}; known sections: {}",
@@ -496,7 +549,10 @@ fn check_key(section: &str, key: &str, schema: &BTreeMap<String, Vec<String>>, o
         );
     };
     if !keys.iter().any(|k| k == key) {
-        bail!("unknown key {section}.{key} {origin}; [{section}] accepts: {}", keys.join(", "));
+        bail!(
+            "unknown key {section}.{key} {origin}; [{section}] accepts: {}",
+            keys.join(", ")
+        );
     }
     Ok(())
 }
@@ -520,7 +576,11 @@ fn describe_value_error(err: &toml::de::Error, origin: &str) -> anyhow::Error {
 }
 
 fn one_line(text: &str) -> String {
-    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -530,7 +590,8 @@ mod tests {
     const MINIMAL: &str = "[model]\npreset = \"tiny\"\n[data]\nmanifest = \"data/manifest.json\"\n";
 
     fn load(text: &str, overrides: &[&str]) -> Result<JobConfig> {
-        let overrides: Vec<Override> = overrides.iter().map(|s| s.parse()).collect::<Result<_>>()?;
+        let overrides: Vec<Override> =
+            overrides.iter().map(|s| s.parse()).collect::<Result<_>>()?;
         JobConfig::from_toml_str(text, "job.toml", Path::new("/jobs"), &overrides)
     }
 
@@ -547,17 +608,34 @@ mod tests {
     #[test]
     fn unknown_keys_name_file_and_key() {
         let err = load(&format!("{MINIMAL}[train]\nlrr = 1.0\n"), &[]).unwrap_err();
-        assert!(format!("{err:#}").starts_with("unknown key train.lrr in job.toml"), "{err:#}");
+        assert!(
+            format!("{err:#}").starts_with("unknown key train.lrr in job.toml"),
+            "{err:#}"
+        );
         let err = load(&format!("{MINIMAL}[trian]\nlr = 1.0\n"), &[]).unwrap_err();
-        assert!(format!("{err:#}").contains("unknown section [trian] in job.toml"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("unknown section [trian] in job.toml"),
+            "{err:#}"
+        );
         let err = load(MINIMAL, &["train.lrr=3"]).unwrap_err();
-        assert!(format!("{err:#}").contains("unknown key train.lrr in --set train.lrr=3"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("unknown key train.lrr in --set train.lrr=3"),
+            "{err:#}"
+        );
     }
 
     #[test]
     fn overrides_parse_as_toml_then_string() {
-        let job = load(MINIMAL, &["train.lr=3e-4", "job.name=demo", "cluster.world_size=2", "train.optimizer=lamb"])
-            .unwrap();
+        let job = load(
+            MINIMAL,
+            &[
+                "train.lr=3e-4",
+                "job.name=demo",
+                "cluster.world_size=2",
+                "train.optimizer=lamb",
+            ],
+        )
+        .unwrap();
         assert_eq!(job.train.lr, 3e-4);
         assert_eq!(job.job.name, "demo");
         assert_eq!(job.cluster.world_size, 2);
@@ -571,7 +649,10 @@ mod tests {
     fn bad_values_name_the_key() {
         let err = load(&format!("{MINIMAL}[train]\nlr = \"fast\"\n"), &[]).unwrap_err();
         let text = format!("{err:#}");
-        assert!(text.starts_with("job.toml: train.lr: invalid type"), "{text}");
+        assert!(
+            text.starts_with("job.toml: train.lr: invalid type"),
+            "{text}"
+        );
         assert!(!text.contains('\n'), "{text}");
         let err = load(&format!("{MINIMAL}[train]\noptimizer = \"sgd\"\n"), &[]).unwrap_err();
         assert!(format!("{err:#}").contains("train.optimizer"), "{err:#}");
@@ -579,17 +660,27 @@ mod tests {
 
     #[test]
     fn batch_divisibility_says_what_to_change() {
-        let err = load(MINIMAL, &["train.global_batch_size=100", "cluster.world_size=2"]).unwrap_err();
+        let err = load(
+            MINIMAL,
+            &["train.global_batch_size=100", "cluster.world_size=2"],
+        )
+        .unwrap_err();
         let text = format!("{err:#}");
         assert!(text.contains("multiple of 64 (e.g. 64)"), "{text}");
         let err = load("[data]\nmanifest = \"m.json\"\n", &[]).unwrap_err();
-        assert!(format!("{err:#}").contains("exactly one of preset"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("exactly one of preset"),
+            "{err:#}"
+        );
     }
 
     #[test]
     fn http_address_defaults_to_next_port() {
         let job = load(MINIMAL, &[]).unwrap();
-        assert_eq!(job.http_address("127.0.0.1:29500").unwrap(), "127.0.0.1:29501");
+        assert_eq!(
+            job.http_address("127.0.0.1:29500").unwrap(),
+            "127.0.0.1:29501"
+        );
         assert_eq!(job.http_address("127.0.0.1:0").unwrap(), "127.0.0.1:0");
     }
 

@@ -66,7 +66,12 @@ pub fn run(args: LaunchArgs) -> Result<()> {
 
     let exe = std::env::current_exe().context("finding the bertrain executable")?;
     let mut coordinator = Command::new(&exe);
-    coordinator.arg("coordinator").arg("--config").arg(&args.config).arg("--listen").arg(&coordinator_addr);
+    coordinator
+        .arg("coordinator")
+        .arg("--config")
+        .arg(&args.config)
+        .arg("--listen")
+        .arg(&coordinator_addr);
     for o in &overrides {
         coordinator.arg("--set").arg(&o.source);
     }
@@ -80,7 +85,12 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     let mut procs = vec![start("coord", coordinator)?];
     for i in 0..workers {
         let mut worker = Command::new(&exe);
-        worker.arg("worker").arg("--coordinator").arg(&coordinator_addr).arg("--token-file").arg(&token_file);
+        worker
+            .arg("worker")
+            .arg("--coordinator")
+            .arg(&coordinator_addr)
+            .arg("--token-file")
+            .arg(&token_file);
         match start(&format!("w{i}"), worker) {
             Ok(p) => procs.push(p),
             Err(e) => {
@@ -102,7 +112,10 @@ fn free_ports() -> Result<(u16, u16)> {
 }
 
 fn start(name: &str, mut command: Command) -> Result<Proc> {
-    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It asks the
     // kernel to SIGTERM the child if launch dies without reaping it (e.g. SIGKILL).
     unsafe {
@@ -111,14 +124,20 @@ fn start(name: &str, mut command: Command) -> Result<Proc> {
             Ok(())
         });
     }
-    let mut child = command.spawn().with_context(|| format!("starting {name}: {command:?}"))?;
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {name}: {command:?}"))?;
     if let Some(out) = child.stdout.take() {
         relay(format!("[{name}] "), out, false);
     }
     if let Some(err) = child.stderr.take() {
         relay(format!("[{name}] "), err, true);
     }
-    Ok(Proc { name: name.to_string(), child, status: None })
+    Ok(Proc {
+        name: name.to_string(),
+        child,
+        status: None,
+    })
 }
 
 /// Copies a child's output line by line with a prefix (bytes, not text: a child's output
@@ -136,9 +155,14 @@ fn relay(prefix: String, pipe: impl Read + Send + 'static, to_stderr: bool) {
             if !line.ends_with(b"\n") {
                 line.push(b'\n');
             }
-            let mut out: Box<dyn Write> =
-                if to_stderr { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
-            let _ = out.write_all(prefix.as_bytes()).and_then(|()| out.write_all(&line));
+            let mut out: Box<dyn Write> = if to_stderr {
+                Box::new(std::io::stderr().lock())
+            } else {
+                Box::new(std::io::stdout().lock())
+            };
+            let _ = out
+                .write_all(prefix.as_bytes())
+                .and_then(|()| out.write_all(&line));
         }
     });
 }
@@ -156,7 +180,10 @@ fn supervise(procs: &mut [Proc]) -> Result<()> {
             if procs[i].status.is_some() {
                 continue;
             }
-            let Some(status) = procs[i].child.try_wait().with_context(|| format!("waiting for {}", procs[i].name))?
+            let Some(status) = procs[i]
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", procs[i].name))?
             else {
                 continue;
             };
@@ -173,8 +200,14 @@ fn supervise(procs: &mut [Proc]) -> Result<()> {
                 let name = procs[i].name.clone();
                 tracing::error!("worker {name} {}; stopping the job", describe(status));
                 stop_all(procs, libc::SIGTERM);
-                let coordinator = procs[0].status.map(describe).unwrap_or_else(|| "killed".into());
-                bail!("the job failed: worker {name} {} (coordinator {coordinator})", describe(status));
+                let coordinator = procs[0]
+                    .status
+                    .map(describe)
+                    .unwrap_or_else(|| "killed".into());
+                bail!(
+                    "the job failed: worker {name} {} (coordinator {coordinator})",
+                    describe(status)
+                );
             }
         }
         thread::sleep(POLL);

@@ -1,9 +1,11 @@
 //! bertrain's coordinator: the job file, the data order, the coordinator <-> worker
 //! protocol with both of its ends, the HTTP status server, and `launch`.
 
+pub mod checkpoints;
 pub mod client;
 mod http;
 pub mod job;
+mod journal;
 pub mod launch;
 mod metrics;
 pub mod plan;
@@ -13,7 +15,7 @@ mod signals;
 mod status;
 mod token;
 
-pub use client::{Fingerprint, JoinInfo, WorkerClient, hostname};
+pub use client::{Fingerprint, JoinInfo, StopRequest, WorkerClient, hostname};
 pub use job::{JobConfig, Override};
 pub use launch::LaunchArgs;
 pub use plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW, SampleRef};

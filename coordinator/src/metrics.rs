@@ -19,12 +19,18 @@ pub(crate) struct Gather<T> {
 
 impl<T> Gather<T> {
     pub(crate) fn new(world: usize) -> Self {
-        Gather { world, pending: BTreeMap::new() }
+        Gather {
+            world,
+            pending: BTreeMap::new(),
+        }
     }
 
     /// Records `rank`'s report for `step`; returns all ranks' reports when this was the last.
     pub(crate) fn add(&mut self, step: u64, rank: usize, report: T) -> Option<Vec<T>> {
-        let slots = self.pending.entry(step).or_insert_with(|| (0..self.world).map(|_| None).collect());
+        let slots = self
+            .pending
+            .entry(step)
+            .or_insert_with(|| (0..self.world).map(|_| None).collect());
         slots[rank] = Some(report);
         if slots.iter().all(Option::is_some) {
             let slots = self.pending.remove(&step)?;
@@ -59,7 +65,11 @@ pub(crate) fn merge_steps(reports: &[StepMetrics]) -> StepMetrics {
 pub(crate) fn merge_evals(reports: &[EvalMetrics]) -> EvalMetrics {
     let total: u64 = reports.iter().map(|r| r.samples).sum();
     let weight = |r: &EvalMetrics| {
-        if total == 0 { 1.0 / reports.len().max(1) as f64 } else { r.samples as f64 / total as f64 }
+        if total == 0 {
+            1.0 / reports.len().max(1) as f64
+        } else {
+            r.samples as f64 / total as f64
+        }
     };
     let mean = |f: fn(&EvalMetrics) -> f64| reports.iter().map(|r| f(r) * weight(r)).sum::<f64>();
     let mlm_loss = mean(|r| r.mlm_loss);
@@ -87,7 +97,8 @@ impl MetricsLog {
     /// so the log reads as one uninterrupted run. The rewrite goes through a temporary file.
     pub(crate) fn open(path: &Path, start_step: u64) -> Result<MetricsLog> {
         if path.exists() {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             let kept: String = text
                 .lines()
                 .filter(|line| {
@@ -100,14 +111,18 @@ impl MetricsLog {
                 .collect();
             let temp = path.with_extension("jsonl.tmp");
             std::fs::write(&temp, kept).with_context(|| format!("writing {}", temp.display()))?;
-            std::fs::rename(&temp, path).with_context(|| format!("replacing {}", path.display()))?;
+            std::fs::rename(&temp, path)
+                .with_context(|| format!("replacing {}", path.display()))?;
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(MetricsLog { file, path: path.to_path_buf() })
+        Ok(MetricsLog {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub(crate) fn write_step(&mut self, m: &StepMetrics) -> Result<()> {
@@ -147,13 +162,17 @@ impl MetricsLog {
         // One write per line, so a reader tailing the file never sees half a line.
         let mut text = line.to_string();
         text.push('\n');
-        self.file.write_all(text.as_bytes()).with_context(|| format!("appending to {}", self.path.display()))
+        self.file
+            .write_all(text.as_bytes())
+            .with_context(|| format!("appending to {}", self.path.display()))
     }
 }
 
 /// Seconds since the Unix epoch.
 pub(crate) fn unix_time() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]
@@ -171,12 +190,32 @@ mod tests {
 
     #[test]
     fn merge_means_and_sums() {
-        let a = StepMetrics { step: 1, loss: 2.0, tokens_per_s: 100.0, ..Default::default() };
-        let b = StepMetrics { step: 1, loss: 4.0, tokens_per_s: 50.0, ..Default::default() };
+        let a = StepMetrics {
+            step: 1,
+            loss: 2.0,
+            tokens_per_s: 100.0,
+            ..Default::default()
+        };
+        let b = StepMetrics {
+            step: 1,
+            loss: 4.0,
+            tokens_per_s: 50.0,
+            ..Default::default()
+        };
         let m = merge_steps(&[a, b]);
         assert_eq!((m.step, m.loss, m.tokens_per_s), (1, 3.0, 150.0));
-        let a = EvalMetrics { mlm_loss: 1.0, mlm_accuracy: 0.5, samples: 30, ..Default::default() };
-        let b = EvalMetrics { mlm_loss: 3.0, mlm_accuracy: 0.1, samples: 10, ..Default::default() };
+        let a = EvalMetrics {
+            mlm_loss: 1.0,
+            mlm_accuracy: 0.5,
+            samples: 30,
+            ..Default::default()
+        };
+        let b = EvalMetrics {
+            mlm_loss: 3.0,
+            mlm_accuracy: 0.1,
+            samples: 10,
+            ..Default::default()
+        };
         let m = merge_evals(&[a, b]);
         assert!((m.mlm_loss - 1.5).abs() < 1e-12);
         assert!((m.mlm_accuracy - 0.4).abs() < 1e-12);
@@ -191,15 +230,27 @@ mod tests {
         let path = dir.join("metrics.jsonl");
         let mut log = MetricsLog::open(&path, 0).unwrap();
         for step in 0..5 {
-            log.write_step(&StepMetrics { step, ..Default::default() }).unwrap();
+            log.write_step(&StepMetrics {
+                step,
+                ..Default::default()
+            })
+            .unwrap();
         }
-        log.write_eval(&EvalMetrics { step: 4, ..Default::default() }).unwrap();
+        log.write_eval(&EvalMetrics {
+            step: 4,
+            ..Default::default()
+        })
+        .unwrap();
         drop(log);
         let _ = MetricsLog::open(&path, 2).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let steps: Vec<u64> = text
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(steps, vec![0, 1, 2]);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -47,7 +47,9 @@ impl DataPlan {
         let mut total = 0u64;
         shard_starts.push(0);
         for &rows in shard_rows {
-            total = total.checked_add(rows).ok_or_else(|| anyhow::anyhow!("dataset row count overflows u64"))?;
+            total = total
+                .checked_add(rows)
+                .ok_or_else(|| anyhow::anyhow!("dataset row count overflows u64"))?;
             shard_starts.push(total);
         }
         if total == 0 {
@@ -68,7 +70,13 @@ impl DataPlan {
 
     /// The global samples rank `rank` of `world` consumes at optimizer step `step`.
     /// `global_batch` must be divisible by `world` (the job config guarantees it).
-    pub fn rank_slice(&self, step: u64, rank: usize, world: usize, global_batch: u64) -> Range<u64> {
+    pub fn rank_slice(
+        &self,
+        step: u64,
+        rank: usize,
+        world: usize,
+        global_batch: u64,
+    ) -> Range<u64> {
         let per_rank = global_batch / world as u64;
         let start = step * global_batch + rank as u64 * per_rank;
         start..start + per_rank
@@ -92,7 +100,8 @@ impl DataPlan {
             if epoch_order.as_ref().is_some_and(|(e, _)| *e != epoch) {
                 epoch_order = None;
             }
-            let (_, order) = epoch_order.get_or_insert_with(|| (epoch, EpochOrder::new(n, self.seed, epoch)));
+            let (_, order) =
+                epoch_order.get_or_insert_with(|| (epoch, EpochOrder::new(n, self.seed, epoch)));
             let w = pos / WINDOW_ROWS;
             if window.as_ref().is_some_and(|(key, _)| *key != (epoch, w)) {
                 window = None;
@@ -112,7 +121,10 @@ impl DataPlan {
     fn locate(&self, global_row: u64) -> SampleRef {
         // partition_point gives the first shard starting after the row.
         let shard = self.shard_starts.partition_point(|&s| s <= global_row) - 1;
-        SampleRef { shard, row: global_row - self.shard_starts[shard] }
+        SampleRef {
+            shard,
+            row: global_row - self.shard_starts[shard],
+        }
     }
 }
 
@@ -132,7 +144,11 @@ impl EpochOrder {
         let last = (num_blocks - 1) as u32;
         let short_at = blocks.iter().position(|&b| b == last).unwrap_or(0);
         let short_len = total_rows - u64::from(last) * BLOCK_ROWS;
-        EpochOrder { blocks, short_at, short_len }
+        EpochOrder {
+            blocks,
+            short_at,
+            short_len,
+        }
     }
 
     /// The dataset row at position `p` of the epoch stream.
@@ -144,7 +160,10 @@ impl EpochOrder {
             (self.short_at, p - short_start)
         } else {
             let after = p - short_start - self.short_len;
-            (self.short_at + 1 + (after / BLOCK_ROWS) as usize, after % BLOCK_ROWS)
+            (
+                self.short_at + 1 + (after / BLOCK_ROWS) as usize,
+                after % BLOCK_ROWS,
+            )
         };
         u64::from(self.blocks[index]) * BLOCK_ROWS + offset
     }
@@ -250,10 +269,20 @@ mod tests {
         let plan = DataPlan::new(&shards, 3).unwrap();
         let g = 48u64;
         let steps = plan.total_rows() / g;
-        for schedule in [vec![(0, 1)], vec![(0, 2)], vec![(0, 3)], vec![(0, 4), (50, 2), (77, 3), (100, 1)]] {
+        for schedule in [
+            vec![(0, 1)],
+            vec![(0, 2)],
+            vec![(0, 3)],
+            vec![(0, 4), (50, 2), (77, 3), (100, 1)],
+        ] {
             let mut seen = Vec::new();
             for step in 0..steps {
-                let world = schedule.iter().rev().find(|(from, _)| step >= *from).unwrap().1;
+                let world = schedule
+                    .iter()
+                    .rev()
+                    .find(|(from, _)| step >= *from)
+                    .unwrap()
+                    .1;
                 for rank in 0..world {
                     let slice = plan.rank_slice(step, rank, world, g);
                     assert_eq!(slice.end - slice.start, g / world as u64);

@@ -12,7 +12,9 @@
 //! 4. Rank 0 -> `Bootstrap{blob}` (e.g. an NCCL unique id); coordinator -> `Bootstrap` to all.
 //! 5. Workers -> `Heartbeat` every `heartbeat_interval_s`, `StepReport` each step,
 //!    `EvalReport` after each evaluation, and finally `Done` (or `Failed`).
-//! 6. Coordinator -> `Stop{reason}` when the job must end early.
+//! 6. Rank 0 -> `Checkpointed` (or `CheckpointFailed`) after each checkpoint write.
+//! 7. Coordinator -> `Stop{reason, rejoin}` when a generation must end (a rank was lost:
+//!    the others rejoin), or `CheckpointAndStop` when the job is interrupted.
 //!
 //! `generation`, `start_step` and `checkpoint` in `Welcome` are how a restarted generation
 //! (after a lost worker or a resume) tells workers where to continue.
@@ -35,26 +37,62 @@ pub const MAX_FRAME_BYTES: u32 = 16 << 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WorkerMsg {
-    Hello { token: String, protocol_version: u32 },
+    Hello {
+        token: String,
+        protocol_version: u32,
+    },
     Join(JoinRequest),
     Heartbeat,
     StepReport(StepMetrics),
     EvalReport(EvalMetrics),
     /// Only rank 0 sends this; the coordinator relays it to every rank.
-    Bootstrap { #[serde(with = "hex_bytes")] blob: Vec<u8> },
+    Bootstrap {
+        #[serde(with = "hex_bytes")]
+        blob: Vec<u8>,
+    },
+    /// Rank 0 finished writing and sealing a checkpoint directory.
+    Checkpointed {
+        step: u64,
+        dir: PathBuf,
+        seconds: f64,
+    },
+    /// Rank 0 could not write a checkpoint (disk full, permissions); training goes on.
+    CheckpointFailed {
+        step: u64,
+        reason: String,
+    },
     Done,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 /// Messages the coordinator sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CoordinatorMsg {
-    JobOffer { job: Box<JobConfig> },
+    JobOffer {
+        job: Box<JobConfig>,
+    },
     Welcome(Box<Welcome>),
-    Refused { reason: String },
-    Bootstrap { #[serde(with = "hex_bytes")] blob: Vec<u8> },
-    Stop { reason: String },
+    Refused {
+        reason: String,
+    },
+    Bootstrap {
+        #[serde(with = "hex_bytes")]
+        blob: Vec<u8>,
+    },
+    /// Leave the current generation now. With `rejoin`, the job goes on: join again and
+    /// continue from the latest committed checkpoint; without it, the job is over.
+    Stop {
+        reason: String,
+        rejoin: bool,
+    },
+    /// Agree with the other ranks on a step, checkpoint there, and stop (SIGTERM/SIGINT of
+    /// the job: the run can be resumed exactly).
+    CheckpointAndStop {
+        reason: String,
+    },
 }
 
 /// What a worker says about itself when it joins.
@@ -132,7 +170,11 @@ pub struct EvalMetrics {
 pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
     let body = serde_json::to_vec(msg).context("encoding a protocol message")?;
     if body.len() > MAX_FRAME_BYTES as usize {
-        bail!("protocol message of {} bytes exceeds the {} byte limit", body.len(), MAX_FRAME_BYTES);
+        bail!(
+            "protocol message of {} bytes exceeds the {} byte limit",
+            body.len(),
+            MAX_FRAME_BYTES
+        );
     }
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -151,7 +193,8 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<Option<T>> {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    r.read_exact(&mut len[1..]).context("truncated frame header")?;
+    r.read_exact(&mut len[1..])
+        .context("truncated frame header")?;
     let len = u32::from_be_bytes(len);
     if len > MAX_FRAME_BYTES {
         bail!("frame of {len} bytes exceeds the {MAX_FRAME_BYTES} byte limit");
@@ -191,9 +234,18 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let msgs = vec![
-            WorkerMsg::Hello { token: "t".into(), protocol_version: PROTOCOL_VERSION },
-            WorkerMsg::Bootstrap { blob: vec![0, 1, 255, 16] },
-            WorkerMsg::StepReport(StepMetrics { step: 3, loss: 1.5, ..Default::default() }),
+            WorkerMsg::Hello {
+                token: "t".into(),
+                protocol_version: PROTOCOL_VERSION,
+            },
+            WorkerMsg::Bootstrap {
+                blob: vec![0, 1, 255, 16],
+            },
+            WorkerMsg::StepReport(StepMetrics {
+                step: 3,
+                loss: 1.5,
+                ..Default::default()
+            }),
             WorkerMsg::Done,
         ];
         let mut wire = Vec::new();
@@ -219,10 +271,18 @@ mod tests {
         let half_header = [0u8, 0];
         assert!(read_frame::<WorkerMsg>(&mut half_header.as_slice()).is_err());
         let mut unknown = Vec::new();
-        write_frame(&mut unknown, &serde_json::json!({"type": "launch_missiles"})).unwrap();
+        write_frame(
+            &mut unknown,
+            &serde_json::json!({"type": "launch_missiles"}),
+        )
+        .unwrap();
         assert!(read_frame::<WorkerMsg>(&mut unknown.as_slice()).is_err());
         let mut bad_hex = Vec::new();
-        write_frame(&mut bad_hex, &serde_json::json!({"type": "bootstrap", "blob": "zz"})).unwrap();
+        write_frame(
+            &mut bad_hex,
+            &serde_json::json!({"type": "bootstrap", "blob": "zz"}),
+        )
+        .unwrap();
         assert!(read_frame::<WorkerMsg>(&mut bad_hex.as_slice()).is_err());
     }
 }

@@ -6,9 +6,11 @@
 //! but the channel and the status board the HTTP server reads.
 //!
 //! States: `Rendezvous` (collecting `world_size` joins) -> `Running` (one generation of
-//! workers training) -> end. A lost worker currently ends the job with an error; the loss
-//! is funnelled through [`Machine::generation_failed`] so that restarting the generation
-//! from the latest checkpoint (issue 5) is a change in one place.
+//! workers training) -> end. A lost, failed or hung worker ends the generation
+//! ([`Machine::generation_failed`]): the survivors are told to rejoin, the state goes back
+//! to `Rendezvous`, and the next generation starts from the newest committed checkpoint,
+//! up to `cluster.max_restarts` times. SIGINT/SIGTERM asks the workers to checkpoint and
+//! stop; a second signal stops at once. Everything that happens is written to the journal.
 
 use std::collections::HashMap;
 use std::io::{BufReader, ErrorKind};
@@ -23,12 +25,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bertrain_dataprep::Manifest;
 
+use crate::checkpoints::{self, Found};
 use crate::http;
 use crate::job::{JobConfig, Override, Resume};
+use crate::journal::{self, Entry, Journal};
 use crate::metrics::{Gather, MetricsLog, merge_evals, merge_steps};
 use crate::protocol::{
-    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, Welcome, WorkerMsg, read_frame,
-    write_frame,
+    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, Welcome, WorkerMsg,
+    read_frame, write_frame,
 };
 use crate::signals;
 use crate::status::{StatusBoard, WorkerView};
@@ -60,7 +64,9 @@ pub struct CoordinatorArgs {
 pub fn run(args: CoordinatorArgs) -> Result<()> {
     signals::install()?;
     let job = load_job(&args.config, &args.overrides, args.resume)?;
-    let listen = args.listen.unwrap_or_else(|| job.cluster.coordinator.clone());
+    let listen = args
+        .listen
+        .unwrap_or_else(|| job.cluster.coordinator.clone());
     let coordinator = Coordinator::bind(job, &listen)?;
     coordinator.run()
 }
@@ -83,6 +89,8 @@ pub struct Coordinator {
     dataset_hash: String,
     total_rows: u64,
     start_step: u64,
+    /// The checkpoint the first generation loads, when resuming.
+    resume_from: Option<PathBuf>,
     interrupt: Arc<AtomicBool>,
 }
 
@@ -96,14 +104,18 @@ impl Coordinator {
             load_verified(validation)?;
         }
         if manifest.total_rows() == 0 {
-            bail!("dataset manifest {} lists no rows; re-run `bertrain dataprep`", job.data.manifest.display());
+            bail!(
+                "dataset manifest {} lists no rows; re-run `bertrain dataprep`",
+                job.data.manifest.display()
+            );
         }
         std::fs::create_dir_all(&job.job.run_dir)
             .with_context(|| format!("creating run_dir {}", job.job.run_dir.display()))?;
-        let start_step = resume_point(&job)?;
+        let resumed = resume_point(&job, &manifest.content_hash())?;
         let token = ensure_token(&job)?;
-        let listener = TcpListener::bind(listen)
-            .with_context(|| format!("listening for workers on {listen} (set --listen or cluster.coordinator)"))?;
+        let listener = TcpListener::bind(listen).with_context(|| {
+            format!("listening for workers on {listen} (set --listen or cluster.coordinator)")
+        })?;
         let http_addr = job.http_address(listen)?;
         let http_listener = TcpListener::bind(&http_addr)
             .with_context(|| format!("listening for HTTP on {http_addr} (set cluster.http)"))?;
@@ -114,7 +126,8 @@ impl Coordinator {
             listener,
             http_listener,
             token,
-            start_step,
+            start_step: resumed.as_ref().map_or(0, |f| f.state.step),
+            resume_from: resumed.map(|f| f.dir),
             interrupt: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -151,24 +164,33 @@ impl Coordinator {
         let shutdown = Arc::new(AtomicBool::new(false));
         let (events, inbox) = mpsc::channel();
         let silence = Duration::from_secs_f64(self.job.cluster.heartbeat_timeout_s);
-        let listener = self.listener.try_clone().context("cloning the listening socket")?;
+        let listener = self
+            .listener
+            .try_clone()
+            .context("cloning the listening socket")?;
         let accept_shutdown = shutdown.clone();
         let accept = thread::spawn(move || accept_loop(listener, events, silence, accept_shutdown));
         let http_server = http::spawn(
-            self.http_listener.try_clone().context("cloning the HTTP socket")?,
+            self.http_listener
+                .try_clone()
+                .context("cloning the HTTP socket")?,
             board.clone(),
             shutdown.clone(),
         );
 
         let metrics_path = self.job.job.run_dir.join("metrics.jsonl");
         let outcome = MetricsLog::open(&metrics_path, self.start_step).and_then(|log| {
-            let mut machine = Machine::new(&self, log, board.clone());
+            let mut machine = Machine::new(&self, log, metrics_path.clone(), board.clone())?;
             let outcome = machine.run(&inbox);
             machine.close_all();
             outcome
         });
         board.update(|s| {
-            s.state = if outcome.is_ok() { "finished" } else { "failed" };
+            s.state = if outcome.is_ok() {
+                "finished"
+            } else {
+                "failed"
+            };
             s.error = outcome.as_ref().err().map(|e| format!("{e:#}"));
         });
 
@@ -188,34 +210,63 @@ impl Coordinator {
 
 fn load_verified(path: &Path) -> Result<Manifest> {
     let manifest = Manifest::load(path)?;
-    manifest
-        .verify_files()
-        .with_context(|| format!("refusing to start: dataset {} does not match its manifest", path.display()))?;
+    manifest.verify_files().with_context(|| {
+        format!(
+            "refusing to start: dataset {} does not match its manifest",
+            path.display()
+        )
+    })?;
     Ok(manifest)
 }
 
-/// Steps already completed by an earlier run in this `run_dir`.
+/// Where the run starts: `None` for a fresh run, or the newest valid committed checkpoint.
 ///
 /// A fresh job (`resume = "never"`) refuses a `run_dir` that already holds a run, so no
-/// earlier metrics or checkpoints are mixed up with the new run's. Continuing from a
-/// committed checkpoint is issue 5's work; until it lands a run_dir with checkpoints is
-/// refused rather than silently restarted from step 0.
-fn resume_point(job: &JobConfig) -> Result<u64> {
+/// earlier metrics or checkpoints are mixed up with the new run's. With `resume = "auto"`
+/// a damaged or incomplete newest checkpoint is reported and the previous one used; a
+/// checkpoint of other training data, or of another global batch, is refused.
+fn resume_point(job: &JobConfig, dataset_hash: &str) -> Result<Option<Found>> {
     let run_dir = &job.job.run_dir;
-    let metrics = run_dir.join("metrics.jsonl");
-    let checkpoints = run_dir.join("checkpoints");
-    let has_checkpoint = checkpoints.join("latest").exists();
-    match job.job.resume {
-        Resume::Never if metrics.exists() || has_checkpoint => bail!(
-            "run_dir {} already holds a run; pass --resume (or set [job] resume = \"auto\") to continue it, or choose another [job] run_dir",
-            run_dir.display()
-        ),
-        Resume::Auto if has_checkpoint => bail!(
-            "run_dir {} holds checkpoints, but this build cannot resume from a checkpoint yet; choose another [job] run_dir",
-            run_dir.display()
-        ),
-        _ => Ok(0),
+    let ckpt_dir = checkpoints::checkpoints_dir(run_dir);
+    let has_run =
+        run_dir.join("metrics.jsonl").exists() || !checkpoints::step_dirs(&ckpt_dir)?.is_empty();
+    if job.job.resume == Resume::Never {
+        if has_run {
+            bail!(
+                "run_dir {} already holds a run; pass --resume (or set [job] resume = \"auto\") to continue it, or choose another [job] run_dir",
+                run_dir.display()
+            );
+        }
+        return Ok(None);
     }
+    let found = checkpoints::newest_valid(&ckpt_dir, &mut |problem| tracing::warn!("{problem}"))?;
+    let Some(found) = found else {
+        if has_run {
+            tracing::warn!(
+                "run_dir {} has no usable checkpoint; starting from step 0",
+                run_dir.display()
+            );
+        }
+        return Ok(None);
+    };
+    let state = &found.state;
+    if state.dataset_hash != dataset_hash {
+        bail!(
+            "checkpoint {} was trained on other data (dataset hash {}, the job's is {dataset_hash}); point data.manifest at the run's dataset",
+            found.dir.display(),
+            state.dataset_hash
+        );
+    }
+    if state.global_batch_size != job.train.global_batch_size {
+        bail!(
+            "checkpoint {} was trained with train.global_batch_size = {}, the job says {}; a resume keeps the global batch (the world size may change)",
+            found.dir.display(),
+            state.global_batch_size,
+            job.train.global_batch_size
+        );
+    }
+    tracing::info!(checkpoint = %found.dir.display(), step = state.step, "resuming");
+    Ok(Some(found))
 }
 
 /// Decides when a training progress line is due: the first step, then at most one every
@@ -231,7 +282,12 @@ impl ProgressLine {
     const EVERY: Duration = Duration::from_secs(5);
 
     fn new(first_step: u64, last_step: u64) -> ProgressLine {
-        ProgressLine { started: Instant::now(), first_step, last_step, last_line: None }
+        ProgressLine {
+            started: Instant::now(),
+            first_step,
+            last_step,
+            last_line: None,
+        }
     }
 
     /// `Some(steps per second)` when `step` (steps completed) deserves a line.
@@ -267,13 +323,28 @@ type ConnId = u64;
 
 /// What the network tells the state loop.
 enum Event {
-    Connected { conn: ConnId, stream: TcpStream, peer: SocketAddr },
-    Message { conn: ConnId, msg: WorkerMsg },
+    Connected {
+        conn: ConnId,
+        stream: TcpStream,
+        peer: SocketAddr,
+    },
+    Message {
+        conn: ConnId,
+        msg: WorkerMsg,
+    },
     /// The connection ended: `None` for a clean close, else why it broke.
-    Closed { conn: ConnId, reason: Option<String> },
+    Closed {
+        conn: ConnId,
+        reason: Option<String>,
+    },
 }
 
-fn accept_loop(listener: TcpListener, events: Sender<Event>, silence: Duration, shutdown: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    events: Sender<Event>,
+    silence: Duration,
+    shutdown: Arc<AtomicBool>,
+) {
     let mut next_id: ConnId = 0;
     for stream in listener.incoming() {
         if shutdown.load(Ordering::SeqCst) {
@@ -306,7 +377,10 @@ fn accept_loop(listener: TcpListener, events: Sender<Event>, silence: Duration, 
                 continue;
             }
         };
-        if events.send(Event::Connected { conn, stream, peer }).is_err() {
+        if events
+            .send(Event::Connected { conn, stream, peer })
+            .is_err()
+        {
             return;
         }
         let events = events.clone();
@@ -320,7 +394,10 @@ fn read_loop(conn: ConnId, stream: TcpStream, events: Sender<Event>, silence: Du
         let event = match read_frame::<WorkerMsg>(&mut reader) {
             Ok(Some(msg)) => Event::Message { conn, msg },
             Ok(None) => Event::Closed { conn, reason: None },
-            Err(e) => Event::Closed { conn, reason: Some(describe_read_error(&e, silence)) },
+            Err(e) => Event::Closed {
+                conn,
+                reason: Some(describe_read_error(&e, silence)),
+            },
         };
         let last = matches!(event, Event::Closed { .. });
         if events.send(event).is_err() || last {
@@ -335,7 +412,10 @@ fn describe_read_error(err: &anyhow::Error, silence: Duration) -> String {
         .filter_map(|e| e.downcast_ref::<std::io::Error>())
         .any(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
     if timed_out {
-        format!("silent for {:.1} s (no heartbeat within cluster.heartbeat_timeout_s)", silence.as_secs_f64())
+        format!(
+            "silent for {:.1} s (no heartbeat within cluster.heartbeat_timeout_s)",
+            silence.as_secs_f64()
+        )
     } else {
         format!("{err:#}")
     }
@@ -397,12 +477,35 @@ struct Machine {
     evals: Gather<EvalMetrics>,
     last_progress: Instant,
     progress: ProgressLine,
+    metrics_path: PathBuf,
+    journal: Journal,
+    /// The checkpoint the next generation loads (`None`: fresh initialisation).
+    resume_from: Option<PathBuf>,
+    /// Generations restarted so far (counted over coordinator restarts, from the journal).
+    restarts: u32,
+    /// Set once the job was interrupted: the workers are checkpointing before they stop.
+    stopping: Option<String>,
 }
 
 impl Machine {
-    fn new(c: &Coordinator, log: MetricsLog, board: Arc<StatusBoard>) -> Machine {
+    fn new(
+        c: &Coordinator,
+        log: MetricsLog,
+        metrics_path: PathBuf,
+        board: Arc<StatusBoard>,
+    ) -> Result<Machine> {
         let world = c.job.cluster.world_size as usize;
-        Machine {
+        let restarts = journal::restarts_used(&journal::read(&c.job.job.run_dir)?);
+        let mut journal = Journal::open(&c.job.job.run_dir)?;
+        journal.append(&Entry::CoordinatorStarted {
+            start_step: c.start_step,
+            resumed_from: c.resume_from.clone(),
+        })?;
+        board.update(|s| {
+            s.restarts = restarts;
+            s.step = (c.start_step > 0).then_some(c.start_step);
+        });
+        Ok(Machine {
             job: c.job.clone(),
             token: c.token.clone(),
             dataset_hash: c.dataset_hash.clone(),
@@ -421,7 +524,12 @@ impl Machine {
             evals: Gather::new(world),
             last_progress: Instant::now(),
             progress: ProgressLine::new(c.start_step, c.job.train.max_steps),
-        }
+            metrics_path,
+            journal,
+            resume_from: c.resume_from.clone(),
+            restarts,
+            stopping: None,
+        })
     }
 
     fn world_size(&self) -> usize {
@@ -429,12 +537,21 @@ impl Machine {
     }
 
     fn run(&mut self, inbox: &Receiver<Event>) -> Result<()> {
+        if self.start_step >= self.job.train.max_steps {
+            tracing::info!(
+                "the job already reached train.max_steps = {} at its last checkpoint; nothing to do",
+                self.job.train.max_steps
+            );
+            return Ok(());
+        }
         self.publish();
         loop {
             let flow = match inbox.recv_timeout(TICK) {
                 Ok(event) => self.handle(event),
                 Err(RecvTimeoutError::Timeout) => Flow::Continue,
-                Err(RecvTimeoutError::Disconnected) => Flow::End(Err(anyhow::anyhow!("the listener stopped"))),
+                Err(RecvTimeoutError::Disconnected) => {
+                    Flow::End(Err(anyhow::anyhow!("the listener stopped")))
+                }
             };
             let flow = match flow {
                 Flow::Continue => self.tick(),
@@ -443,7 +560,7 @@ impl Machine {
             self.publish();
             if let Flow::End(outcome) = flow {
                 if let Err(e) = &outcome {
-                    self.stop_all(&format!("{e:#}"));
+                    self.stop_all(&format!("{e:#}"), false);
                 }
                 return outcome;
             }
@@ -454,7 +571,14 @@ impl Machine {
         match event {
             Event::Connected { conn, stream, peer } => {
                 tracing::debug!(%peer, "connection");
-                self.conns.insert(conn, Conn { stream, peer, stage: Stage::New });
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        stream,
+                        peer,
+                        stage: Stage::New,
+                    },
+                );
                 Flow::Continue
             }
             Event::Message { conn, msg } => self.on_message(conn, msg),
@@ -463,32 +587,79 @@ impl Machine {
     }
 
     fn on_message(&mut self, id: ConnId, msg: WorkerMsg) -> Flow {
-        let Some(conn) = self.conns.get(&id) else { return Flow::Continue };
+        let Some(conn) = self.conns.get(&id) else {
+            return Flow::Continue;
+        };
         let stage = conn.stage.clone();
         if let Stage::Member(rank) = stage {
             self.members[rank].view.last_heard = Instant::now();
         }
         match (stage, msg) {
-            (Stage::New, WorkerMsg::Hello { token, protocol_version }) => self.on_hello(id, &token, protocol_version),
+            (
+                Stage::New,
+                WorkerMsg::Hello {
+                    token,
+                    protocol_version,
+                },
+            ) => self.on_hello(id, &token, protocol_version),
             (Stage::Offered, WorkerMsg::Join(request)) => self.on_join(id, request),
             (Stage::Waiting(_) | Stage::Offered, WorkerMsg::Heartbeat) => Flow::Continue,
             (Stage::Member(_), WorkerMsg::Heartbeat) => Flow::Continue,
             (Stage::Member(rank), WorkerMsg::StepReport(m)) => self.on_step(rank, m),
             (Stage::Member(rank), WorkerMsg::EvalReport(m)) => self.on_eval(rank, m),
             (Stage::Member(0), WorkerMsg::Bootstrap { blob }) => {
-                tracing::info!(bytes = blob.len(), "relaying rank 0's collective bootstrap to all ranks");
+                tracing::info!(
+                    bytes = blob.len(),
+                    "relaying rank 0's collective bootstrap to all ranks"
+                );
                 for rank in 0..self.members.len() {
-                    self.send(self.members[rank].conn, &CoordinatorMsg::Bootstrap { blob: blob.clone() });
+                    self.send(
+                        self.members[rank].conn,
+                        &CoordinatorMsg::Bootstrap { blob: blob.clone() },
+                    );
                 }
                 Flow::Continue
+            }
+            (Stage::Member(0), WorkerMsg::Checkpointed { step, dir, seconds }) => {
+                self.on_checkpointed(step, dir, seconds)
+            }
+            (Stage::Member(0), WorkerMsg::CheckpointFailed { step, reason }) => {
+                tracing::error!(
+                    step,
+                    "checkpoint failed, the previous committed one stays: {reason}"
+                );
+                self.board.update(|s| {
+                    s.error = Some(format!("checkpoint at step {step} failed: {reason}"))
+                });
+                self.journal_append(&Entry::CheckpointFailed { step, reason })
             }
             (Stage::Member(rank), WorkerMsg::Done) => {
                 tracing::info!(rank, "rank done");
                 self.members[rank].view.done = true;
-                if self.members.iter().all(|m| m.view.done) {
-                    return Flow::End(Ok(()));
+                if !self.members.iter().all(|m| m.view.done) {
+                    return Flow::Continue;
                 }
-                Flow::Continue
+                match self.stopping.clone() {
+                    Some(reason) => {
+                        let at = self.board.update(|s| s.last_checkpoint);
+                        let _ = self.journal.append(&Entry::JobStopped {
+                            reason: reason.clone(),
+                        });
+                        let saved = match at {
+                            Some(step) => format!(
+                                "the checkpoint of step {step} is committed; continue with --resume"
+                            ),
+                            None => "no checkpoint was committed".to_string(),
+                        };
+                        Flow::End(Err(anyhow::anyhow!("{reason}; {saved}")))
+                    }
+                    None => {
+                        let _ = self.journal.append(&Entry::JobFinished {
+                            step: self.job.train.max_steps,
+                        });
+                        Flow::End(Ok(()))
+                    }
+                }
             }
             (Stage::Member(rank), WorkerMsg::Failed { reason }) => {
                 let host = self.members[rank].view.host.clone();
@@ -497,9 +668,20 @@ impl Machine {
             (stage, msg) => {
                 let peer = self.conns.get(&id).map(|c| c.peer);
                 let what = format!("{msg:?}");
-                let what = what.split(['(', ' ', '{']).next().unwrap_or("message").to_string();
-                tracing::warn!(?peer, ?stage, "protocol violation: unexpected {what}; dropping the connection");
-                self.refuse(id, &format!("unexpected {what} message at this point of the protocol"));
+                let what = what
+                    .split(['(', ' ', '{'])
+                    .next()
+                    .unwrap_or("message")
+                    .to_string();
+                tracing::warn!(
+                    ?peer,
+                    ?stage,
+                    "protocol violation: unexpected {what}; dropping the connection"
+                );
+                self.refuse(
+                    id,
+                    &format!("unexpected {what} message at this point of the protocol"),
+                );
                 Flow::Continue
             }
         }
@@ -513,7 +695,10 @@ impl Machine {
         } else if !tokens_equal(token, &self.token) {
             Some("wrong job token; pass the job's token file with --token-file".to_string())
         } else if matches!(self.phase, Phase::Running) {
-            Some(format!("the job is already running with all {} workers", self.world_size()))
+            Some(format!(
+                "the job is already running with all {} workers",
+                self.world_size()
+            ))
         } else {
             None
         };
@@ -554,7 +739,9 @@ impl Machine {
             None => self.model_hash = Some(request.model_hash.clone()),
         }
         let world_size = self.world_size();
-        let Some(conn) = self.conns.get_mut(&id) else { return Flow::Continue };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return Flow::Continue;
+        };
         tracing::info!(
             peer = %conn.peer, host = %request.host, joined = self.waiting.len() + 1, world_size,
             "worker joined"
@@ -573,8 +760,13 @@ impl Machine {
         let mut members = Vec::new();
         let mut peers = Vec::new();
         for (rank, &id) in self.waiting.iter().enumerate() {
-            let Some(conn) = self.conns.get_mut(&id) else { continue };
-            let Stage::Waiting(request) = std::mem::replace(&mut conn.stage, Stage::Member(rank)) else { continue };
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            let Stage::Waiting(request) = std::mem::replace(&mut conn.stage, Stage::Member(rank))
+            else {
+                continue;
+            };
             peers.push(request.collective_addr.clone());
             members.push(Member {
                 conn: id,
@@ -593,7 +785,17 @@ impl Machine {
         self.members = members;
         self.phase = Phase::Running;
         self.last_progress = Instant::now();
-        tracing::info!(generation = self.generation, start_step = self.start_step, ?peers, "all workers joined; starting");
+        tracing::info!(
+            generation = self.generation,
+            start_step = self.start_step,
+            ?peers,
+            "all workers joined; starting"
+        );
+        let _ = self.journal.append(&Entry::GenerationStarted {
+            generation: self.generation,
+            start_step: self.start_step,
+            world_size: self.world_size(),
+        });
         for rank in 0..self.members.len() {
             let welcome = Welcome {
                 rank,
@@ -602,16 +804,21 @@ impl Machine {
                 peers: peers.clone(),
                 job: self.job.clone(),
                 start_step: self.start_step,
-                checkpoint: None,
+                checkpoint: self.resume_from.clone(),
             };
-            self.send(self.members[rank].conn, &CoordinatorMsg::Welcome(Box::new(welcome)));
+            self.send(
+                self.members[rank].conn,
+                &CoordinatorMsg::Welcome(Box::new(welcome)),
+            );
         }
     }
 
     fn on_step(&mut self, rank: usize, m: StepMetrics) -> Flow {
         self.members[rank].view.last_step = Some(m.step);
         let step = m.step;
-        let Some(all) = self.steps.add(step, rank, m) else { return Flow::Continue };
+        let Some(all) = self.steps.add(step, rank, m) else {
+            return Flow::Continue;
+        };
         let merged = merge_steps(&all);
         self.last_progress = Instant::now();
         if let Err(e) = self.log.write_step(&merged) {
@@ -621,8 +828,13 @@ impl Machine {
             let left = self.job.train.max_steps.saturating_sub(step);
             tracing::info!(
                 "step {step}/{}  loss {:.3}  mlm acc {:.3}  nsp acc {:.3}  lr {:.2e}  {:.0} tokens/s  {rate:.2} steps/s  eta {}",
-                self.job.train.max_steps, merged.loss, merged.mlm_accuracy, merged.nsp_accuracy, merged.lr,
-                merged.tokens_per_s, eta(left, rate)
+                self.job.train.max_steps,
+                merged.loss,
+                merged.mlm_accuracy,
+                merged.nsp_accuracy,
+                merged.lr,
+                merged.tokens_per_s,
+                eta(left, rate)
             );
         }
         let epoch = (step * self.job.train.global_batch_size) / self.total_rows;
@@ -637,14 +849,21 @@ impl Machine {
     }
 
     fn on_eval(&mut self, rank: usize, m: EvalMetrics) -> Flow {
-        let Some(all) = self.evals.add(m.step, rank, m) else { return Flow::Continue };
+        let Some(all) = self.evals.add(m.step, rank, m) else {
+            return Flow::Continue;
+        };
         let merged = merge_evals(&all);
         if let Err(e) = self.log.write_eval(&merged) {
             return Flow::End(Err(e));
         }
         tracing::info!(
             "validation at step {}: loss {:.3}  mlm acc {:.3}  nsp acc {:.3}  perplexity {:.1}  ({} samples)",
-            merged.step, merged.loss, merged.mlm_accuracy, merged.nsp_accuracy, merged.perplexity, merged.samples
+            merged.step,
+            merged.loss,
+            merged.mlm_accuracy,
+            merged.nsp_accuracy,
+            merged.perplexity,
+            merged.samples
         );
         let value = serde_json::to_value(&merged).ok();
         self.board.update(|s| s.last_eval = value);
@@ -652,7 +871,9 @@ impl Machine {
     }
 
     fn on_closed(&mut self, id: ConnId, reason: Option<String>) -> Flow {
-        let Some(conn) = self.conns.remove(&id) else { return Flow::Continue };
+        let Some(conn) = self.conns.remove(&id) else {
+            return Flow::Continue;
+        };
         let why = reason.unwrap_or_else(|| "connection closed".to_string());
         match conn.stage {
             Stage::Member(rank) => {
@@ -679,20 +900,130 @@ impl Machine {
         }
     }
 
-    /// A rank of the running generation is gone or failed. Today that ends the job;
-    /// issue 5 turns this into "stop the generation, go back to rendezvous, restart from
-    /// the latest committed checkpoint".
+    /// Rank 0 sealed a checkpoint: record it, point `latest` at it, drop old ones.
+    fn on_checkpointed(&mut self, step: u64, dir: PathBuf, seconds: f64) -> Flow {
+        let ckpt_dir = checkpoints::checkpoints_dir(&self.job.job.run_dir);
+        if let Flow::End(e) = self.journal_append(&Entry::CheckpointCommitted {
+            step,
+            dir: dir.clone(),
+            seconds,
+        }) {
+            return Flow::End(e);
+        }
+        if let Err(e) = checkpoints::set_latest(&ckpt_dir, step) {
+            tracing::error!("cannot update {}/latest: {e:#}", ckpt_dir.display());
+        }
+        match checkpoints::prune(&ckpt_dir, self.job.checkpoint.keep_last as usize) {
+            Ok(removed) => {
+                for old in removed {
+                    tracing::debug!(dir = %old.display(), "removed an old checkpoint");
+                }
+            }
+            Err(e) => tracing::warn!("cannot remove old checkpoints: {e:#}"),
+        }
+        tracing::info!(
+            "checkpoint of step {step} committed in {seconds:.2} s: {}",
+            dir.display()
+        );
+        self.resume_from = Some(dir);
+        self.board.update(|s| s.last_checkpoint = Some(step));
+        Flow::Continue
+    }
+
+    fn journal_append(&mut self, entry: &Entry) -> Flow {
+        match self.journal.append(entry) {
+            Ok(()) => Flow::Continue,
+            Err(e) => Flow::End(Err(e)),
+        }
+    }
+
+    /// A rank of the running generation is gone, failed or hung: stop the generation and,
+    /// unless the restart budget is spent, go back to rendezvous. The next generation
+    /// starts from the newest committed checkpoint (the survivors rejoin by themselves; a
+    /// dead worker is restarted by `launch` or the cluster's supervisor).
     fn generation_failed(&mut self, reason: String) -> Flow {
         tracing::error!(generation = self.generation, "{reason}");
-        Flow::End(Err(anyhow::anyhow!(reason)))
+        if let Some(stopping) = &self.stopping {
+            return Flow::End(Err(anyhow::anyhow!("{stopping}; then {reason}")));
+        }
+        let limit = self.job.cluster.max_restarts;
+        if self.restarts >= limit {
+            let _ = self.journal.append(&Entry::JobStopped {
+                reason: reason.clone(),
+            });
+            return Flow::End(Err(anyhow::anyhow!(
+                "{reason}; giving up after {} restart(s) (cluster.max_restarts = {limit})",
+                self.restarts
+            )));
+        }
+        self.restarts += 1;
+        let _ = self.journal.append(&Entry::GenerationFailed {
+            generation: self.generation,
+            reason: reason.clone(),
+            restart: self.restarts,
+        });
+        self.stop_all(&reason, true);
+        for member in std::mem::take(&mut self.members) {
+            if let Some(conn) = self.conns.remove(&member.conn) {
+                let _ = conn.stream.shutdown(Shutdown::Both);
+            }
+        }
+        // Restart from the newest checkpoint that is still valid on disk.
+        let ckpt_dir = checkpoints::checkpoints_dir(&self.job.job.run_dir);
+        let found = match checkpoints::newest_valid(&ckpt_dir, &mut |p| tracing::warn!("{p}")) {
+            Ok(found) => found,
+            Err(e) => return Flow::End(Err(e)),
+        };
+        self.start_step = found.as_ref().map_or(0, |f| f.state.step);
+        self.resume_from = found.map(|f| f.dir);
+        match MetricsLog::open(&self.metrics_path, self.start_step) {
+            Ok(log) => self.log = log,
+            Err(e) => return Flow::End(Err(e)),
+        }
+        let world = self.world_size();
+        self.steps = Gather::new(world);
+        self.evals = Gather::new(world);
+        self.model_hash = None;
+        self.phase = Phase::Rendezvous;
+        self.progress = ProgressLine::new(self.start_step, self.job.train.max_steps);
+        let restarts = self.restarts;
+        self.board.update(|s| s.restarts = restarts);
+        tracing::warn!(
+            "restart {restarts} of {limit}: waiting for {world} workers, then continuing from step {}",
+            self.start_step
+        );
+        Flow::Continue
     }
 
     fn tick(&mut self) -> Flow {
-        if let Some(signal) = signals::received() {
-            return Flow::End(Err(anyhow::anyhow!("interrupted by signal {signal}")));
-        }
-        if self.interrupt.load(Ordering::SeqCst) {
-            return Flow::End(Err(anyhow::anyhow!("interrupted")));
+        let signal = signals::received();
+        let interrupted = signal.is_some() || self.interrupt.load(Ordering::SeqCst);
+        if interrupted {
+            let reason = match signal {
+                Some(s) => format!("interrupted by signal {s}"),
+                None => "interrupted".to_string(),
+            };
+            let running = matches!(self.phase, Phase::Running);
+            if !running || signals::count() > 1 {
+                let _ = self.journal.append(&Entry::JobStopped {
+                    reason: reason.clone(),
+                });
+                return Flow::End(Err(anyhow::anyhow!(reason)));
+            }
+            if self.stopping.is_none() {
+                tracing::warn!(
+                    "{reason}: asking the workers to checkpoint and stop (signal again to stop at once)"
+                );
+                for m in 0..self.members.len() {
+                    self.send(
+                        self.members[m].conn,
+                        &CoordinatorMsg::CheckpointAndStop {
+                            reason: reason.clone(),
+                        },
+                    );
+                }
+                self.stopping = Some(reason);
+            }
         }
         if matches!(self.phase, Phase::Running) {
             let limit = self.job.cluster.step_timeout_s;
@@ -700,7 +1031,13 @@ impl Machine {
                 let behind: Vec<String> = self
                     .members
                     .iter()
-                    .map(|m| format!("rank {} at step {:?}", m.view.rank.unwrap_or(0), m.view.last_step))
+                    .map(|m| {
+                        format!(
+                            "rank {} at step {:?}",
+                            m.view.rank.unwrap_or(0),
+                            m.view.last_step
+                        )
+                    })
                     .collect();
                 return self.generation_failed(format!(
                     "no step completed for {limit} s (cluster.step_timeout_s; a hung collective or a stuck worker?): {}",
@@ -714,7 +1051,9 @@ impl Machine {
     /// Sends a message; a worker that cannot take it is disconnected (its reader thread
     /// then reports the close, which is handled like any other loss).
     fn send(&mut self, id: ConnId, msg: &CoordinatorMsg) -> bool {
-        let Some(conn) = self.conns.get_mut(&id) else { return false };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
         match write_frame(&mut conn.stream, msg) {
             Ok(()) => true,
             Err(e) => {
@@ -729,16 +1068,27 @@ impl Machine {
         if let Some(conn) = self.conns.get(&id) {
             tracing::warn!(peer = %conn.peer, "refused a worker: {reason}");
         }
-        self.send(id, &CoordinatorMsg::Refused { reason: reason.to_string() });
+        self.send(
+            id,
+            &CoordinatorMsg::Refused {
+                reason: reason.to_string(),
+            },
+        );
         if let Some(conn) = self.conns.get(&id) {
             let _ = conn.stream.shutdown(Shutdown::Both);
         }
     }
 
-    fn stop_all(&mut self, reason: &str) {
+    fn stop_all(&mut self, reason: &str, rejoin: bool) {
         let ids: Vec<ConnId> = self.members.iter().map(|m| m.conn).collect();
         for id in ids {
-            self.send(id, &CoordinatorMsg::Stop { reason: reason.to_string() });
+            self.send(
+                id,
+                &CoordinatorMsg::Stop {
+                    reason: reason.to_string(),
+                    rejoin,
+                },
+            );
         }
     }
 
@@ -770,7 +1120,10 @@ impl Machine {
                     .collect();
                 ("waiting", workers)
             }
-            Phase::Running => ("running", self.members.iter().map(|m| m.view.clone()).collect()),
+            Phase::Running => (
+                "running",
+                self.members.iter().map(|m| m.view.clone()).collect(),
+            ),
         };
         let generation = self.generation;
         self.board.update(|s| {

@@ -1,14 +1,16 @@
 //! SIGINT/SIGTERM as a flag polled by the coordinator's and launcher's main loops.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use anyhow::{Result, bail};
 
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
+static COUNT: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn on_signal(signal: libc::c_int) {
-    // Only an atomic store: the one kind of work that is safe inside a signal handler.
+    // Only atomic operations: the one kind of work that is safe inside a signal handler.
     RECEIVED.store(signal, Ordering::SeqCst);
+    COUNT.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Routes SIGINT and SIGTERM to the flag instead of killing the process.
@@ -24,7 +26,10 @@ pub fn install() -> Result<()> {
             libc::sigaction(signal, &action, std::ptr::null_mut())
         };
         if rc != 0 {
-            bail!("installing a handler for signal {signal}: {}", std::io::Error::last_os_error());
+            bail!(
+                "installing a handler for signal {signal}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())
@@ -36,4 +41,9 @@ pub fn received() -> Option<i32> {
         0 => None,
         s => Some(s),
     }
+}
+
+/// How many SIGINT/SIGTERM have arrived (a second one means "stop now").
+pub fn count() -> u32 {
+    COUNT.load(Ordering::SeqCst)
 }

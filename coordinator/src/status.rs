@@ -48,6 +48,10 @@ pub(crate) struct Snapshot {
     pub loss: Option<f64>,
     pub tokens_per_s: Option<f64>,
     pub last_eval: Option<Value>,
+    /// Step of the newest committed checkpoint.
+    pub last_checkpoint: Option<u64>,
+    /// Generations restarted after a lost worker.
+    pub restarts: u32,
     pub workers: Vec<WorkerView>,
     pub loss_history: Vec<(u64, f64)>,
     pub started: Instant,
@@ -60,7 +64,12 @@ pub(crate) struct StatusBoard {
 }
 
 impl StatusBoard {
-    pub(crate) fn new(job: &str, world_size: usize, max_steps: u64, heartbeat_interval_s: f64) -> StatusBoard {
+    pub(crate) fn new(
+        job: &str,
+        world_size: usize,
+        max_steps: u64,
+        heartbeat_interval_s: f64,
+    ) -> StatusBoard {
         StatusBoard {
             inner: Mutex::new(Snapshot {
                 job: job.to_string(),
@@ -74,6 +83,8 @@ impl StatusBoard {
                 loss: None,
                 tokens_per_s: None,
                 last_eval: None,
+                last_checkpoint: None,
+                restarts: 0,
                 workers: Vec::new(),
                 loss_history: Vec::new(),
                 started: Instant::now(),
@@ -141,6 +152,8 @@ impl StatusBoard {
                 "loss": s.loss,
                 "tokens_per_s": s.tokens_per_s,
                 "last_eval": s.last_eval,
+                "last_checkpoint": s.last_checkpoint,
+                "restarts": s.restarts,
                 "uptime_s": now.duration_since(s.started).as_secs_f64(),
                 "workers": workers,
                 "loss_history": s.loss_history,
@@ -167,6 +180,8 @@ impl StatusBoard {
             gauge("tokens_per_second", "Training throughput of the last step, sum over ranks.", s.tokens_per_s);
             gauge("generation", "How many times the worker set has been (re)started.", Some(s.generation as f64));
             gauge("world_size", "Workers the job runs with.", Some(s.world_size as f64));
+            gauge("last_checkpoint_step", "Step of the newest committed checkpoint.", s.last_checkpoint.map(|v| v as f64));
+            gauge("restarts", "Generations restarted after a lost or failed worker.", Some(f64::from(s.restarts)));
             let running = match s.state {
                 "running" => 1.0,
                 _ => 0.0,
@@ -202,7 +217,9 @@ fn health_name(h: Health) -> &'static str {
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -239,7 +256,10 @@ mod tests {
         let text = board.to_prometheus();
         assert!(text.contains("# TYPE bertrain_step gauge"));
         assert!(text.contains("bertrain_step{job=\"a\\\"b\"} 3"), "{text}");
-        assert!(text.contains("rank=\"0\",host=\"h\",health=\"ok\""), "{text}");
+        assert!(
+            text.contains("rank=\"0\",host=\"h\",health=\"ok\""),
+            "{text}"
+        );
         let json = board.to_json();
         assert_eq!(json["workers"][0]["health"], "ok");
     }

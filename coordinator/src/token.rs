@@ -32,17 +32,22 @@ pub fn ensure_token(job: &JobConfig) -> Result<String> {
     file.write_all(format!("{token}\n").as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing token file {}", temp.display()))?;
-    std::fs::rename(&temp, &path).with_context(|| format!("creating token file {}", path.display()))?;
+    std::fs::rename(&temp, &path)
+        .with_context(|| format!("creating token file {}", path.display()))?;
     tracing::info!(path = %path.display(), "created a new job token");
     Ok(token)
 }
 
 /// Reads a token file (surrounding whitespace ignored).
 pub fn read_token(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
     let token = text.trim();
     if token.is_empty() {
-        bail!("token file {} is empty; put the job's secret in it", path.display());
+        bail!(
+            "token file {} is empty; put the job's secret in it",
+            path.display()
+        );
     }
     Ok(token.to_string())
 }
@@ -59,5 +64,9 @@ fn random_hex(bytes: usize) -> Result<String> {
 /// Compares in time independent of where the strings differ, so the token cannot be
 /// guessed byte by byte from response times.
 pub(crate) fn tokens_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }

@@ -199,7 +199,8 @@ pub fn run_vocab(args: VocabArgs) -> Result<()> {
 
 impl DataprepArgs {
     pub fn to_config(&self) -> DataprepConfig {
-        let mut c = DataprepConfig::new(self.input.clone(), self.vocab.clone(), self.output.clone());
+        let mut c =
+            DataprepConfig::new(self.input.clone(), self.vocab.clone(), self.output.clone());
         c.lowercase = flag(self.lowercase, self.cased);
         c.max_seq_len = self.max_seq_len;
         c.max_predictions = self.max_predictions;
@@ -248,7 +249,9 @@ fn print_summary(r: &DataprepReport) {
     row("  NotNext", &|t| t.not_next);
     row("tokens", &|t| t.tokens);
     row("masked tokens", &|t| t.masked_tokens);
-    row("single-sentence documents", &|t| t.single_sentence_documents);
+    row("single-sentence documents", &|t| {
+        t.single_sentence_documents
+    });
     println!(
         "  {:<28} {:>14} {:>14}",
         "shard files",
@@ -259,11 +262,26 @@ fn print_summary(r: &DataprepReport) {
             .unwrap_or_else(|| "-".into())
     );
     println!("  skipped or repaired input:");
-    println!("    empty documents            {:>14}", t.empty_documents_skipped);
-    println!("    invalid UTF-8 lines        {:>14}", t.invalid_utf8_lines_skipped);
-    println!("    long lines truncated       {:>14}", t.long_lines_truncated);
-    println!("    malformed records          {:>14}", t.malformed_records_skipped);
-    println!("    long documents split       {:>14}", t.long_documents_split);
+    println!(
+        "    empty documents            {:>14}",
+        t.empty_documents_skipped
+    );
+    println!(
+        "    invalid UTF-8 lines        {:>14}",
+        t.invalid_utf8_lines_skipped
+    );
+    println!(
+        "    long lines truncated       {:>14}",
+        t.long_lines_truncated
+    );
+    println!(
+        "    malformed records          {:>14}",
+        t.malformed_records_skipped
+    );
+    println!(
+        "    long documents split       {:>14}",
+        t.long_documents_split
+    );
     println!("  input        {:.2} MB", mb);
     println!("  output       {}", r.train.dir().display());
     println!("  content hash {}", r.train.content_hash());

@@ -278,10 +278,8 @@ impl DocumentReader {
                         path.display()
                     ),
                 }
-                let mask = parquet::arrow::ProjectionMask::columns(
-                    builder.parquet_schema(),
-                    ["text"],
-                );
+                let mask =
+                    parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), ["text"]);
                 let reader = builder
                     .with_projection(mask)
                     .with_batch_size(256)
@@ -310,16 +308,10 @@ impl DocumentReader {
                 Source::Text(r) => {
                     read_text_document(r.as_mut(), &mut self.line, &mut self.stats, path)?
                 }
-                Source::Jsonl(r, line_no) => read_jsonl_document(
-                    r.as_mut(),
-                    &mut self.line,
-                    line_no,
-                    &mut self.stats,
-                    path,
-                )?,
-                Source::Parquet(reader, pending) => {
-                    read_parquet_document(reader, pending, path)?
+                Source::Jsonl(r, line_no) => {
+                    read_jsonl_document(r.as_mut(), &mut self.line, line_no, &mut self.stats, path)?
                 }
+                Source::Parquet(reader, pending) => read_parquet_document(reader, pending, path)?,
             };
             match doc {
                 Some(d) => return Ok(Some(d)),
@@ -329,7 +321,10 @@ impl DocumentReader {
     }
 
     /// The next non-empty document, split if longer than the document cap.
-    pub(crate) fn next_document(&mut self, pending: &mut VecDeque<Vec<String>>) -> Result<Option<Vec<String>>> {
+    pub(crate) fn next_document(
+        &mut self,
+        pending: &mut VecDeque<Vec<String>>,
+    ) -> Result<Option<Vec<String>>> {
         loop {
             if let Some(d) = pending.pop_front() {
                 return Ok(Some(d));
@@ -503,7 +498,8 @@ pub fn split_sentences(text: &str, out: &mut Vec<String>) {
             let (_, c) = chars[i];
             if matches!(c, '.' | '!' | '?') {
                 let mut j = i + 1;
-                while j < chars.len() && matches!(chars[j].1, '"' | '\'' | ')' | ']' | '”' | '’') {
+                while j < chars.len() && matches!(chars[j].1, '"' | '\'' | ')' | ']' | '”' | '’')
+                {
                     j += 1;
                 }
                 let mut k = j;
@@ -516,7 +512,11 @@ pub fn split_sentences(text: &str, out: &mut Vec<String>) {
                         || chars[k].1.is_ascii_digit()
                         || matches!(chars[k].1, '"' | '\'' | '(' | '“' | '‘'));
                 if next_starts_sentence && !(c == '.' && is_abbreviation(line, start, chars[i].0)) {
-                    let end = if j < chars.len() { chars[j].0 } else { line.len() };
+                    let end = if j < chars.len() {
+                        chars[j].0
+                    } else {
+                        line.len()
+                    };
                     let s = line[start..end].trim();
                     if !s.is_empty() {
                         out.push(s.to_string());

@@ -172,7 +172,13 @@ pub fn run(path: &Path, rows: usize, as_json: bool, vocab_override: Option<&Path
         );
         println!("  {}", render(r, vocab.as_ref()));
     }
-    let pct = |a: u64, b: u64| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
+    let pct = |a: u64, b: u64| {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
     println!("\nshard statistics");
     println!("  rows                 {}", stats.rows);
     println!("  row groups           {}", stats.row_groups);

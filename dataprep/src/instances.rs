@@ -85,8 +85,7 @@ pub struct MaskVocab {
 impl MaskVocab {
     pub fn from_vocab(v: &Vocab) -> MaskVocab {
         let special = |t: &str| {
-            crate::vocab::SPECIALS.contains(&t)
-                || (t.starts_with("[unused") && t.ends_with(']'))
+            crate::vocab::SPECIALS.contains(&t) || (t.starts_with("[unused") && t.ends_with(']'))
         };
         MaskVocab {
             cls: v.cls,
@@ -133,7 +132,10 @@ impl InstanceBatch {
 
     pub fn row(&self, i: usize) -> (&[u32], u32, &[u32], &[u32], u8) {
         let (s, e) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
-        let (ms, me) = (self.mask_offsets[i] as usize, self.mask_offsets[i + 1] as usize);
+        let (ms, me) = (
+            self.mask_offsets[i] as usize,
+            self.mask_offsets[i + 1] as usize,
+        );
         (
             &self.input_ids[s..e],
             self.a_lens[i],
@@ -160,7 +162,9 @@ impl InstanceBatch {
         let (ids, a_len, pos, masked, label) = self.row(i);
         crate::Instance {
             input_ids: ids.to_vec(),
-            token_type_ids: (0..ids.len()).map(|k| u8::from(k >= a_len as usize)).collect(),
+            token_type_ids: (0..ids.len())
+                .map(|k| u8::from(k >= a_len as usize))
+                .collect(),
             masked_lm_positions: pos.to_vec(),
             masked_lm_ids: masked.to_vec(),
             next_sentence_label: label,
@@ -277,7 +281,11 @@ fn truncate_pair(
     rng: &mut Rng,
 ) -> ((usize, usize), (usize, usize)) {
     while (a.1 - a.0) + (b.1 - b.0) > max_tokens {
-        let side = if a.1 - a.0 > b.1 - b.0 { &mut a } else { &mut b };
+        let side = if a.1 - a.0 > b.1 - b.0 {
+            &mut a
+        } else {
+            &mut b
+        };
         if rng.f64() < 0.5 {
             side.0 += 1;
         } else {

@@ -34,7 +34,9 @@ use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
 use crate::input::{DocumentReader, InputStats, expand_inputs};
-use crate::instances::{GenOptions, InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document};
+use crate::instances::{
+    GenOptions, InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document,
+};
 use crate::manifest::{
     DataprepOptions, MANIFEST_FILE, Manifest, ShardEntry, Totals, write_file_atomically,
 };
@@ -116,16 +118,10 @@ impl DataprepConfig {
             bail!("--max-predictions must be at least 1");
         }
         if !(self.masked_lm_prob > 0.0 && self.masked_lm_prob <= 1.0) {
-            bail!(
-                "--masked-lm-prob {} must be in (0, 1]",
-                self.masked_lm_prob
-            );
+            bail!("--masked-lm-prob {} must be in (0, 1]", self.masked_lm_prob);
         }
         if !(0.0..=1.0).contains(&self.short_seq_prob) {
-            bail!(
-                "--short-seq-prob {} must be in [0, 1]",
-                self.short_seq_prob
-            );
+            bail!("--short-seq-prob {} must be in [0, 1]", self.short_seq_prob);
         }
         if self.dupe_factor == 0 {
             bail!("--dupe-factor must be at least 1");
@@ -199,8 +195,7 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
     prepare_output(&cfg.output, cfg.overwrite)?;
     let val_dir = cfg.output.join(VALIDATION_DIR);
     if cfg.validation_fraction > 0.0 {
-        fs::create_dir_all(&val_dir)
-            .with_context(|| format!("creating {}", val_dir.display()))?;
+        fs::create_dir_all(&val_dir).with_context(|| format!("creating {}", val_dir.display()))?;
     }
     copy_vocab(&vocab, &vocab_bytes, &cfg.output)?;
 
@@ -242,9 +237,8 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         for msg in doc_rx.iter() {
             match msg? {
                 ReaderMsg::Window(w) => {
-                    let out = pool.install(|| {
-                        process_window(&w, cfg, &tokenizer, &gen_opts, &mask_vocab)
-                    })?;
+                    let out = pool
+                        .install(|| process_window(&w, cfg, &tokenizer, &gen_opts, &mask_vocab))?;
                     add_totals(&mut train_totals, &out.train.totals);
                     add_totals(&mut val_totals, &out.validation.totals);
                     progress.update(
@@ -307,29 +301,42 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         lowercase: vocab.lowercase,
     };
     let inputs: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    let manifest = |dir: &Path, split: &str, shards: Vec<ShardEntry>, totals: Totals, vocab_file: &str| {
-        Manifest::new(
-            dir,
-            split,
-            shards,
-            vocab.len(),
-            vocab.sha256.clone(),
-            cfg.max_seq_len,
-            cfg.max_predictions,
-            options.clone(),
-            inputs.clone(),
-            vocab_file.to_string(),
-            totals,
-        )
-    };
+    let manifest =
+        |dir: &Path, split: &str, shards: Vec<ShardEntry>, totals: Totals, vocab_file: &str| {
+            Manifest::new(
+                dir,
+                split,
+                shards,
+                vocab.len(),
+                vocab.sha256.clone(),
+                cfg.max_seq_len,
+                cfg.max_predictions,
+                options.clone(),
+                inputs.clone(),
+                vocab_file.to_string(),
+                totals,
+            )
+        };
     let validation = if cfg.validation_fraction > 0.0 {
-        let m = manifest(&val_dir, "validation", val_shards, val_totals, "../vocab.txt");
+        let m = manifest(
+            &val_dir,
+            "validation",
+            val_shards,
+            val_totals,
+            "../vocab.txt",
+        );
         m.write()?;
         Some(m)
     } else {
         None
     };
-    let mut train = manifest(&cfg.output, "train", train_shards, train_totals, "vocab.txt");
+    let mut train = manifest(
+        &cfg.output,
+        "train",
+        train_shards,
+        train_totals,
+        "vocab.txt",
+    );
     if validation.is_some() {
         train.set_validation_manifest(Some(format!("{VALIDATION_DIR}/{MANIFEST_FILE}")));
     }
@@ -565,8 +572,8 @@ fn prepare_output(dir: &Path, overwrite: bool) -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let recognised = is_dataset_file(&name)
-            || (!in_validation && name == VALIDATION_DIR && path.is_dir());
+        let recognised =
+            is_dataset_file(&name) || (!in_validation && name == VALIDATION_DIR && path.is_dir());
         if !recognised {
             bail!(
                 "output directory {} holds {} which bertrain dataprep did not write; choose an empty or new directory",

@@ -240,7 +240,10 @@ impl ShardWriter {
             return Ok(());
         }
         let batch = self.buffer.take_batch()?;
-        let shard = self.open.as_mut().expect("a shard is open while rows are buffered");
+        let shard = self
+            .open
+            .as_mut()
+            .expect("a shard is open while rows are buffered");
         shard
             .writer
             .write(&batch)
@@ -414,7 +417,10 @@ impl RowIter {
         let list = |name: &str| -> Result<ListArray> {
             let col = self.column(&batch, name)?;
             col.as_list_opt::<i32>().cloned().ok_or_else(|| {
-                anyhow!("shard {} column `{name}` is not a list", self.path.display())
+                anyhow!(
+                    "shard {} column `{name}` is not a list",
+                    self.path.display()
+                )
             })
         };
         let labels = self.column(&batch, "next_sentence_label")?;

@@ -58,73 +58,145 @@ pub fn synth_corpus_with(options: SynthOptions) -> impl Iterator<Item = String> 
 const TOPIC_CORE: &[(&str, &[&str], &[&str], &[&str])] = &[
     (
         "farming",
-        &["farm", "field", "barn", "harvest", "plough", "orchard", "goat", "wheat"],
-        &["planted", "harvested", "watered", "ploughed", "fenced", "fed"],
+        &[
+            "farm", "field", "barn", "harvest", "plough", "orchard", "goat", "wheat",
+        ],
+        &[
+            "planted",
+            "harvested",
+            "watered",
+            "ploughed",
+            "fenced",
+            "fed",
+        ],
         &["fertile", "dry", "muddy", "green", "rich"],
     ),
     (
         "sailing",
-        &["ship", "harbour", "sail", "anchor", "crew", "island", "storm", "mast"],
-        &["sailed", "steered", "anchored", "rowed", "repaired", "charted"],
+        &[
+            "ship", "harbour", "sail", "anchor", "crew", "island", "storm", "mast",
+        ],
+        &[
+            "sailed", "steered", "anchored", "rowed", "repaired", "charted",
+        ],
         &["stormy", "calm", "salty", "swift", "distant"],
     ),
     (
         "astronomy",
-        &["star", "comet", "telescope", "planet", "orbit", "moon", "eclipse", "sky"],
-        &["observed", "measured", "charted", "predicted", "named", "tracked"],
+        &[
+            "star",
+            "comet",
+            "telescope",
+            "planet",
+            "orbit",
+            "moon",
+            "eclipse",
+            "sky",
+        ],
+        &[
+            "observed",
+            "measured",
+            "charted",
+            "predicted",
+            "named",
+            "tracked",
+        ],
         &["bright", "faint", "distant", "red", "ancient"],
     ),
     (
         "cooking",
-        &["kitchen", "bread", "soup", "oven", "spice", "knife", "feast", "recipe"],
-        &["baked", "stirred", "tasted", "roasted", "seasoned", "served"],
+        &[
+            "kitchen", "bread", "soup", "oven", "spice", "knife", "feast", "recipe",
+        ],
+        &[
+            "baked", "stirred", "tasted", "roasted", "seasoned", "served",
+        ],
         &["sweet", "bitter", "warm", "fresh", "spicy"],
     ),
     (
         "music",
-        &["song", "drum", "choir", "flute", "melody", "concert", "harp", "rhythm"],
-        &["played", "composed", "sang", "tuned", "performed", "rehearsed"],
+        &[
+            "song", "drum", "choir", "flute", "melody", "concert", "harp", "rhythm",
+        ],
+        &[
+            "played",
+            "composed",
+            "sang",
+            "tuned",
+            "performed",
+            "rehearsed",
+        ],
         &["loud", "gentle", "joyful", "slow", "haunting"],
     ),
     (
         "trade",
-        &["market", "coin", "merchant", "cart", "silk", "ledger", "price", "caravan"],
+        &[
+            "market", "coin", "merchant", "cart", "silk", "ledger", "price", "caravan",
+        ],
         &["sold", "bought", "traded", "counted", "shipped", "priced"],
         &["costly", "cheap", "rare", "busy", "foreign"],
     ),
     (
         "medicine",
-        &["fever", "herb", "clinic", "wound", "remedy", "patient", "doctor", "tonic"],
-        &["healed", "treated", "examined", "bandaged", "cured", "prescribed"],
+        &[
+            "fever", "herb", "clinic", "wound", "remedy", "patient", "doctor", "tonic",
+        ],
+        &[
+            "healed",
+            "treated",
+            "examined",
+            "bandaged",
+            "cured",
+            "prescribed",
+        ],
         &["sick", "healthy", "pale", "bitter", "careful"],
     ),
     (
         "mining",
-        &["mine", "tunnel", "ore", "lamp", "shaft", "iron", "copper", "cavern"],
+        &[
+            "mine", "tunnel", "ore", "lamp", "shaft", "iron", "copper", "cavern",
+        ],
         &["dug", "hauled", "drilled", "smelted", "explored", "sealed"],
         &["dark", "deep", "heavy", "narrow", "dusty"],
     ),
     (
         "law",
-        &["court", "judge", "verdict", "witness", "contract", "council", "law", "appeal"],
-        &["argued", "signed", "judged", "witnessed", "appealed", "ruled"],
+        &[
+            "court", "judge", "verdict", "witness", "contract", "council", "law", "appeal",
+        ],
+        &[
+            "argued",
+            "signed",
+            "judged",
+            "witnessed",
+            "appealed",
+            "ruled",
+        ],
         &["fair", "strict", "guilty", "formal", "honest"],
     ),
     (
         "sport",
-        &["race", "team", "ball", "match", "trophy", "runner", "coach", "stadium"],
+        &[
+            "race", "team", "ball", "match", "trophy", "runner", "coach", "stadium",
+        ],
         &["won", "lost", "trained", "raced", "kicked", "scored"],
         &["fast", "tired", "strong", "eager", "proud"],
     ),
     (
         "forestry",
-        &["forest", "oak", "pine", "axe", "trail", "cabin", "river", "deer"],
-        &["chopped", "planted", "hiked", "tracked", "climbed", "cleared"],
+        &[
+            "forest", "oak", "pine", "axe", "trail", "cabin", "river", "deer",
+        ],
+        &[
+            "chopped", "planted", "hiked", "tracked", "climbed", "cleared",
+        ],
         &["tall", "quiet", "wild", "shady", "old"],
     ),
     (
         "weaving",
-        &["loom", "thread", "cloth", "wool", "pattern", "dye", "blanket", "needle"],
+        &[
+            "loom", "thread", "cloth", "wool", "pattern", "dye", "blanket", "needle",
+        ],
         &["wove", "dyed", "spun", "stitched", "knotted", "sold"],
         &["soft", "colourful", "fine", "woollen", "thick"],
     ),
@@ -136,8 +208,8 @@ const NAME_SYLLABLES: &[&str] = &[
 ];
 const PLACE_ENDINGS: &[&str] = &["ford", "wick", "mere", "dale", "holm", "port", "vale", "by"];
 const ONSETS: &[&str] = &[
-    "b", "br", "c", "cr", "d", "dr", "f", "fl", "g", "gl", "h", "k", "l", "m", "n", "p", "pl",
-    "r", "s", "st", "sk", "t", "tr", "v", "w", "z", "th", "sh",
+    "b", "br", "c", "cr", "d", "dr", "f", "fl", "g", "gl", "h", "k", "l", "m", "n", "p", "pl", "r",
+    "s", "st", "sk", "t", "tr", "v", "w", "z", "th", "sh",
 ];
 const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ea", "ou", "oo"];
 const CODAS: &[&str] = &["", "n", "r", "l", "m", "st", "nd", "ck", "t", "x", "sh"];
@@ -188,7 +260,9 @@ impl Lexicon {
             .map(|(_, nouns, verbs, adjs)| {
                 // Each topic sounds different: it draws from its own third of the onsets.
                 let start = rng.below(ONSETS.len());
-                let onsets: Vec<&str> = (0..10).map(|k| ONSETS[(start + k * 3) % ONSETS.len()]).collect();
+                let onsets: Vec<&str> = (0..10)
+                    .map(|k| ONSETS[(start + k * 3) % ONSETS.len()])
+                    .collect();
                 let mut extend = |core: &[&str], extra: usize, suffix: &str| {
                     let mut words: Vec<String> = core.iter().map(|s| s.to_string()).collect();
                     for _ in 0..extra {
@@ -282,11 +356,7 @@ impl Lexicon {
         let s = match template {
             0 => {
                 let a = adj(rng);
-                format!(
-                    "{name} was {} {a} {} from {place}.",
-                    article(&a),
-                    noun(rng)
-                )
+                format!("{name} was {} {a} {} from {place}.", article(&a), noun(rng))
             }
             1 => format!(
                 "{} {} the {} {} near {place}.",
@@ -365,7 +435,10 @@ mod tests {
         for doc in &a {
             let n = doc.lines().count();
             assert!((4..=16).contains(&n), "{n} sentences");
-            assert!(doc.lines().all(|l| l.ends_with('.') && !l.trim().is_empty()));
+            assert!(
+                doc.lines()
+                    .all(|l| l.ends_with('.') && !l.trim().is_empty())
+            );
         }
     }
 

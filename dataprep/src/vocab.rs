@@ -57,18 +57,16 @@ impl Vocab {
                 path.display()
             )
         })?;
-        let tokens: Vec<String> = text
-            .lines()
-            .map(|l| l.trim_end().to_string())
-            .collect();
-        let find = |name: &str| -> Result<u32> {
-            tokens.iter().position(|t| t == name).map(|i| i as u32).ok_or_else(|| {
+        let tokens: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
+        let find =
+            |name: &str| -> Result<u32> {
+                tokens.iter().position(|t| t == name).map(|i| i as u32).ok_or_else(|| {
                 anyhow!(
                     "vocabulary {} has no {name} token; it is not a BERT WordPiece vocab.txt",
                     path.display()
                 )
             })
-        };
+            };
         let (pad, unk, cls, sep, mask) = (
             find("[PAD]")?,
             find("[UNK]")?,
@@ -145,10 +143,10 @@ pub fn bert_tokenizer(vocab_txt: &Path, lowercase: Option<bool>) -> Result<Token
 fn resolve_lowercase(path: &Path, tokens: &[String], flag: Option<bool>) -> Result<bool> {
     let config = path.with_file_name(TOKENIZER_CONFIG);
     if config.is_file() {
-        let text = fs::read_to_string(&config)
-            .with_context(|| format!("reading {}", config.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", config.display()))?;
+        let text =
+            fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
         if let Some(v) = value.get("do_lower_case") {
             let lower = v.as_bool().ok_or_else(|| {
                 anyhow!(
@@ -193,7 +191,12 @@ where
         .limit_alphabet(1000)
         .show_progress(false)
         .continuing_subword_prefix("##".into())
-        .special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .special_tokens(
+            SPECIALS
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
         .build();
     let mut tk = Tokenizer::new(WordPiece::default());
     tk.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));

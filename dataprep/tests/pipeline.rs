@@ -83,7 +83,11 @@ fn vocab_has_hf_special_ids_and_lowercase_config() {
     let ids = enc.get_ids();
     assert_eq!(ids[0], 101);
     assert_eq!(*ids.last().unwrap(), 102);
-    assert!(ids.contains(&103), "[MASK] must stay one token: {:?}", enc.get_tokens());
+    assert!(
+        ids.contains(&103),
+        "[MASK] must stay one token: {:?}",
+        enc.get_tokens()
+    );
     assert!(enc.get_tokens().contains(&"farm".to_string()));
 }
 
@@ -179,11 +183,9 @@ fn compressed_jsonl_and_parquet_inputs_give_the_same_dataset_as_text() {
         w.write(&batch).unwrap();
         w.close().unwrap();
     }
-    let reference = bertrain_dataprep::pipeline::run(&config(
-        vec![f.corpus.clone()],
-        &f.root.join("fmt-text"),
-    ))
-    .unwrap();
+    let reference =
+        bertrain_dataprep::pipeline::run(&config(vec![f.corpus.clone()], &f.root.join("fmt-text")))
+            .unwrap();
     for (name, input) in [("jsonl", jsonl), ("zst", zst), ("parquet", parquet)] {
         let r = bertrain_dataprep::pipeline::run(&config(
             vec![input],
@@ -210,9 +212,16 @@ fn validation_split_holds_out_whole_documents() {
     assert_eq!(v.split, "validation");
     let t = &r.train.totals;
     assert_eq!(t.documents + v.totals.documents, 400);
-    assert!((15..=70).contains(&v.totals.documents), "{} held out", v.totals.documents);
+    assert!(
+        (15..=70).contains(&v.totals.documents),
+        "{} held out",
+        v.totals.documents
+    );
     assert!(v.total_rows() > 0);
-    assert_eq!(r.train.validation_manifest.as_deref(), Some("validation/manifest.json"));
+    assert_eq!(
+        r.train.validation_manifest.as_deref(),
+        Some("validation/manifest.json")
+    );
     // No validation sentence appears in the training rows: compare decoded A segments.
     let train_rows: std::collections::HashSet<Vec<u32>> = r
         .train
@@ -245,12 +254,20 @@ fn existing_dataset_needs_overwrite_and_foreign_files_are_never_removed() {
     // The old run's extra shards are gone.
     let parquet_files = fs::read_dir(&out)
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "parquet"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "parquet")
+        })
         .count();
     assert_eq!(parquet_files, 1);
 
     fs::write(out.join("notes.txt"), "mine").unwrap();
-    let err = bertrain_dataprep::pipeline::run(&c).unwrap_err().to_string();
+    let err = bertrain_dataprep::pipeline::run(&c)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("notes.txt"), "{err}");
     assert_eq!(fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
     assert!(out.join(MANIFEST_FILE).exists());
@@ -278,11 +295,22 @@ fn a_failed_run_leaves_no_manifest_and_a_damaged_shard_is_named() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     fs::write(&shard, bytes).unwrap();
-    let err = Manifest::load(&good).unwrap().verify_files().unwrap_err().to_string();
+    let err = Manifest::load(&good)
+        .unwrap()
+        .verify_files()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("shard-00001.parquet"), "{err}");
     fs::remove_file(&shard).unwrap();
-    let err = Manifest::load(&good).unwrap().verify_files().unwrap_err().to_string();
-    assert!(err.contains("shard-00001.parquet") && err.contains("missing"), "{err}");
+    let err = Manifest::load(&good)
+        .unwrap()
+        .verify_files()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("shard-00001.parquet") && err.contains("missing"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -292,7 +320,10 @@ fn bad_input_gets_clear_errors_and_odd_lines_are_counted() {
     let err = bertrain_dataprep::pipeline::run(&config(vec![missing], &f.root.join("e1")))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("nope.txt") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("nope.txt") && err.contains("does not exist"),
+        "{err}"
+    );
 
     let mut c = config(vec![f.corpus.clone()], &f.root.join("e2"));
     c.vocab = f.root.join("no-vocab.txt");
@@ -302,7 +333,10 @@ fn bad_input_gets_clear_errors_and_odd_lines_are_counted() {
     fs::write(&garbage, "a\nb\n").unwrap();
     c.vocab = garbage;
     let err = format!("{:#}", bertrain_dataprep::pipeline::run(&c).unwrap_err());
-    assert!(err.contains("[PAD]") && err.contains("garbage-vocab.txt"), "{err}");
+    assert!(
+        err.contains("[PAD]") && err.contains("garbage-vocab.txt"),
+        "{err}"
+    );
 
     let pattern = f.root.join("*.nothing");
     let err = bertrain_dataprep::pipeline::run(&config(vec![pattern], &f.root.join("e3")))
@@ -316,12 +350,17 @@ fn bad_input_gets_clear_errors_and_odd_lines_are_counted() {
         "{:#}",
         bertrain_dataprep::pipeline::run(&config(vec![jsonl], &f.root.join("e4"))).unwrap_err()
     );
-    assert!(err.contains("wrong.jsonl") && err.contains("`text`"), "{err}");
+    assert!(
+        err.contains("wrong.jsonl") && err.contains("`text`"),
+        "{err}"
+    );
 
     // Invalid UTF-8, a very long line, empty documents and a one-sentence document.
     let odd = f.root.join("odd.txt");
     let mut data = Vec::new();
-    data.extend_from_slice(b"\n\n\nThe farm was green.\nBad \xff\xfe line.\nThe barn was old.\n\n\n");
+    data.extend_from_slice(
+        b"\n\n\nThe farm was green.\nBad \xff\xfe line.\nThe barn was old.\n\n\n",
+    );
     data.extend_from_slice(b"Only one sentence here.\n\n");
     data.extend(std::iter::repeat_n(b'a', 3 << 20));
     data.extend_from_slice(b"\nThe goat ate.\n\n");
@@ -350,11 +389,9 @@ fn directories_and_globs_expand_in_sorted_order() {
     fs::write(dir.join("a.txt"), docs[..200].join("\n\n") + "\n").unwrap();
     fs::write(dir.join("b.txt"), docs[200..].join("\n\n") + "\n").unwrap();
     fs::write(dir.join(".hidden"), "ignored\n").unwrap();
-    let whole = bertrain_dataprep::pipeline::run(&config(
-        vec![f.corpus.clone()],
-        &f.root.join("glob-ref"),
-    ))
-    .unwrap();
+    let whole =
+        bertrain_dataprep::pipeline::run(&config(vec![f.corpus.clone()], &f.root.join("glob-ref")))
+            .unwrap();
     let from_dir =
         bertrain_dataprep::pipeline::run(&config(vec![dir.clone()], &f.root.join("glob-dir")))
             .unwrap();

@@ -84,7 +84,11 @@ fn contiguous(segment: &[u32]) -> (u32, u32, u32) {
     assert!(!segment.is_empty(), "empty segment");
     let (doc, first) = origin(segment[0]);
     for (k, &t) in segment.iter().enumerate() {
-        assert_eq!(origin(t), (doc, first + k as u32), "segment is not contiguous");
+        assert_eq!(
+            origin(t),
+            (doc, first + k as u32),
+            "segment is not contiguous"
+        );
     }
     (doc, first, first + segment.len() as u32 - 1)
 }
@@ -127,7 +131,10 @@ fn structure_nsp_and_masking_follow_the_original_generator() {
         assert!(inst.masked_lm_positions.windows(2).all(|w| w[0] < w[1]));
         for (&p, &orig) in inst.masked_lm_positions.iter().zip(&inst.masked_lm_ids) {
             let p = p as usize;
-            assert!(p != 0 && p != a_len - 1 && p != n - 1, "special token masked");
+            assert!(
+                p != 0 && p != a_len - 1 && p != n - 1,
+                "special token masked"
+            );
             masked += 1;
             match inst.input_ids[p] {
                 MASK => as_mask += 1,
@@ -141,9 +148,18 @@ fn structure_nsp_and_masking_follow_the_original_generator() {
     // Slightly above 1/2: one-sentence chunks are always NotNext, as in the original.
     assert!((0.47..0.60).contains(&nsp), "NotNext fraction {nsp}");
     let m = masked as f64;
-    assert!((0.77..0.83).contains(&(as_mask as f64 / m)), "[MASK] {as_mask}/{masked}");
-    assert!((0.08..0.12).contains(&(kept as f64 / m)), "kept {kept}/{masked}");
-    assert!((0.08..0.12).contains(&(random as f64 / m)), "random {random}/{masked}");
+    assert!(
+        (0.77..0.83).contains(&(as_mask as f64 / m)),
+        "[MASK] {as_mask}/{masked}"
+    );
+    assert!(
+        (0.08..0.12).contains(&(kept as f64 / m)),
+        "kept {kept}/{masked}"
+    );
+    assert!(
+        (0.08..0.12).contains(&(random as f64 / m)),
+        "random {random}/{masked}"
+    );
 }
 
 #[test]
@@ -170,7 +186,10 @@ fn whole_word_masking_masks_all_pieces_of_a_word() {
             // A masked continuation piece has its word's previous piece masked too
             // (unless that is a special token: the word was cut by truncation or [SEP]).
             if cont(ids[p]) && p >= 1 && ids[p - 1] != CLS && ids[p - 1] != SEP && p != a_len {
-                assert!(is_masked(p - 1), "row {r}: piece {p} masked without the one before");
+                assert!(
+                    is_masked(p - 1),
+                    "row {r}: piece {p} masked without the one before"
+                );
             }
             // And every continuation right after a masked piece is masked.
             if p + 1 < ids.len() && cont(ids[p + 1]) && p + 1 != a_len {

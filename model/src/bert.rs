@@ -226,13 +226,16 @@ impl<B: Backend> BertForPreTraining<B> {
             batch.token_type_ids.clone(),
             batch.attention_mask.clone(),
         );
-        let pooled = self.bert.pooler.forward(hidden.clone(), batch_size, seq_len);
+        let pooled = self
+            .bert
+            .pooler
+            .forward(hidden.clone(), batch_size, seq_len);
         // Gather before the head: [masked, hidden] instead of [tokens, vocab] logits.
         let at_masks = hidden.select(0, batch.masked_positions.clone());
-        let mlm_logits = self.cls.predictions.forward(
-            at_masks,
-            self.bert.embeddings.word_embeddings.weight.val(),
-        );
+        let mlm_logits = self
+            .cls
+            .predictions
+            .forward(at_masks, self.bert.embeddings.word_embeddings.weight.val());
         let nsp_logits = self.cls.seq_relationship.forward(pooled);
         PretrainingOutput {
             mlm_logits,
@@ -247,10 +250,8 @@ impl<B: Backend> BertForPreTraining<B> {
         batch: &PretrainingBatch<B>,
     ) -> PretrainingLoss<B> {
         let batch_size = batch.next_sentence_labels.dims()[0] as f64;
-        let mlm_nll = negative_log_likelihood(
-            output.mlm_logits.clone(),
-            batch.masked_lm_ids.clone(),
-        );
+        let mlm_nll =
+            negative_log_likelihood(output.mlm_logits.clone(), batch.masked_lm_ids.clone());
         let mlm_loss = (mlm_nll * batch.masked_lm_weights.clone()).sum() / batch_size;
         let nsp_nll = negative_log_likelihood(
             output.nsp_logits.clone(),
@@ -271,7 +272,10 @@ fn negative_log_likelihood<B: Backend>(
     labels: Tensor<B, 1, Int>,
 ) -> Tensor<B, 1> {
     let log_probs = log_softmax(logits, 1);
-    log_probs.gather(1, labels.unsqueeze_dim(1)).squeeze_dim::<1>(1).neg()
+    log_probs
+        .gather(1, labels.unsqueeze_dim(1))
+        .squeeze_dim::<1>(1)
+        .neg()
 }
 
 impl<B: Backend> BertModel<B> {
@@ -296,11 +300,15 @@ impl<B: Backend> BertModel<B> {
 }
 
 impl<B: Backend> Embeddings<B> {
-    fn forward(&self, input_ids: Tensor<B, 2, Int>, token_type_ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        token_type_ids: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 2> {
         let [batch_size, seq_len] = input_ids.dims();
         let device = input_ids.device();
-        let positions = Tensor::<B, 1, Int>::arange(0..seq_len as i64, &device)
-            .reshape([1, seq_len]);
+        let positions =
+            Tensor::<B, 1, Int>::arange(0..seq_len as i64, &device).reshape([1, seq_len]);
         let words = self.word_embeddings.forward(input_ids);
         let types = self.token_type_embeddings.forward(token_type_ids);
         let positions = self.position_embeddings.forward(positions);
@@ -321,10 +329,10 @@ impl<B: Backend> EncoderLayer<B> {
         batch_size: usize,
         seq_len: usize,
     ) -> Tensor<B, 2> {
-        let context = self
-            .attention
-            .self_attention
-            .forward(hidden.clone(), score_bias, batch_size, seq_len);
+        let context =
+            self.attention
+                .self_attention
+                .forward(hidden.clone(), score_bias, batch_size, seq_len);
         let attended = self.attention.output.forward(context, hidden);
         let expanded = gelu(self.intermediate.dense.forward(attended.clone()));
         self.output.forward(expanded, attended)
@@ -383,9 +391,10 @@ impl<B: Backend> Pooler<B> {
 impl<B: Backend> LmPredictionHead<B> {
     /// `[masked, hidden]` -> `[masked, vocab]` through the tied decoder.
     fn forward(&self, at_masks: Tensor<B, 2>, word_embeddings: Tensor<B, 2>) -> Tensor<B, 2> {
-        let transformed = self.transform.layer_norm.forward(gelu(
-            self.transform.dense.forward(at_masks),
-        ));
+        let transformed = self
+            .transform
+            .layer_norm
+            .forward(gelu(self.transform.dense.forward(at_masks)));
         transformed.matmul(word_embeddings.transpose()) + self.bias.val().unsqueeze_dim(0)
     }
 }

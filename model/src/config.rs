@@ -92,7 +92,10 @@ impl BertConfig {
     pub fn preset(name: &str) -> Result<BertConfig> {
         let Some(&(_, layers, hidden, heads)) = PRESETS.iter().find(|p| p.0 == name) else {
             let names: Vec<_> = PRESETS.iter().map(|p| p.0).collect();
-            bail!("unknown model preset {name:?}: choose one of {}", names.join(", "));
+            bail!(
+                "unknown model preset {name:?}: choose one of {}",
+                names.join(", ")
+            );
         };
         Ok(BertConfig {
             vocab_size: 30522,
@@ -136,8 +139,7 @@ impl BertConfig {
 
     /// Parses JSON text (see [`BertConfig::load`]).
     pub fn parse(text: &str) -> Result<BertConfig> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).context("not valid JSON")?;
+        let value: serde_json::Value = serde_json::from_str(text).context("not valid JSON")?;
         let Some(object) = value.as_object() else {
             bail!("expected a JSON object");
         };
@@ -151,7 +153,10 @@ impl BertConfig {
                     bail!("key position_embedding_type = {v}: only \"absolute\" is supported");
                 }
             } else if !HF_BOOKKEEPING_KEYS.contains(&key.as_str()) {
-                bail!("unknown key {key:?} (a BERT config has: {})", known.join(", "));
+                bail!(
+                    "unknown key {key:?} (a BERT config has: {})",
+                    known.join(", ")
+                );
             }
         }
         for key in known {
@@ -196,7 +201,10 @@ impl BertConfig {
         }
         for (key, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
         ] {
             if !(0.0..1.0).contains(&p) {
                 bail!("key {key} = {p} must be in [0, 1)");
@@ -214,7 +222,10 @@ impl BertConfig {
         let mut value = serde_json::to_value(self).expect("config serialises");
         let object = value.as_object_mut().expect("config is an object");
         object.insert("model_type".into(), "bert".into());
-        object.insert("architectures".into(), serde_json::json!(["BertForPreTraining"]));
+        object.insert(
+            "architectures".into(),
+            serde_json::json!(["BertForPreTraining"]),
+        );
         object.insert("position_embedding_type".into(), "absolute".into());
         object.insert("pad_token_id".into(), 0.into());
         serde_json::to_string_pretty(&value).expect("config serialises")
@@ -250,8 +261,7 @@ impl BertConfig {
         let per_layer = 4.0 * h * h + 2.0 * h * i + 2.0 * l * h;
         let encoder = self.num_hidden_layers as f64 * per_layer;
         let pooler_nsp = (h * h + 2.0 * h) / l;
-        let mlm =
-            (predictions_per_seq as f64 / l) * (h * h + h * self.vocab_size as f64);
+        let mlm = (predictions_per_seq as f64 / l) * (h * h + h * self.vocab_size as f64);
         3.0 * 2.0 * (encoder + pooler_nsp + mlm)
     }
 }
@@ -277,7 +287,10 @@ mod tests {
         let mut v = serde_json::to_value(BertConfig::preset("tiny").unwrap()).unwrap();
         v["hiden_size"] = 3.into();
         let err = BertConfig::parse(&v.to_string()).unwrap_err();
-        assert!(format!("{err:#}").contains("unknown key \"hiden_size\""), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("unknown key \"hiden_size\""),
+            "{err:#}"
+        );
     }
 
     #[test]
@@ -285,7 +298,10 @@ mod tests {
         let mut v = serde_json::to_value(BertConfig::preset("tiny").unwrap()).unwrap();
         v["num_attention_heads"] = 3.into();
         let err = BertConfig::parse(&v.to_string()).unwrap_err();
-        assert!(format!("{err:#}").contains("num_attention_heads"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("num_attention_heads"),
+            "{err:#}"
+        );
     }
 
     /// `configs/models/NAME.json` is the preset NAME, so the files cannot drift.

@@ -69,8 +69,8 @@ pub fn load_dir(dir: &Path, layout: &ParamLayout, seed: u64) -> Result<LoadedWei
                 expected
             );
         }
-        let values = to_f32(&view)
-            .with_context(|| format!("{}: tensor {}", path.display(), stored))?;
+        let values =
+            to_f32(&view).with_context(|| format!("{}: tensor {}", path.display(), stored))?;
         hf_to_flat(slot, &values, &mut flat);
     }
     Ok(LoadedWeights {

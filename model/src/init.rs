@@ -10,7 +10,11 @@ use crate::config::BertConfig;
 use crate::params::{ParamLayout, ParamSlot, load_flat_params};
 
 /// A new model with BERT's initial weights, a pure function of `(config, seed)`.
-pub fn init_bert<B: Backend>(config: &BertConfig, seed: u64, device: &B::Device) -> BertForPreTraining<B> {
+pub fn init_bert<B: Backend>(
+    config: &BertConfig,
+    seed: u64,
+    device: &B::Device,
+) -> BertForPreTraining<B> {
     let model = BertForPreTraining::new(config, device);
     let layout = ParamLayout::of(&model);
     let mut flat = vec![0.0f32; layout.total];

@@ -5,8 +5,8 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
+use burn::tensor::backend::AutodiffBackend;
 
 use crate::bert::BertForPreTraining;
 
@@ -170,7 +170,11 @@ pub fn load_flat_params<B: Backend>(
     flat: &[f32],
     layout: &ParamLayout,
 ) -> BertForPreTraining<B> {
-    assert_eq!(flat.len(), layout.total, "flat parameter buffer has the wrong length");
+    assert_eq!(
+        flat.len(),
+        layout.total,
+        "flat parameter buffer has the wrong length"
+    );
     struct Load<'a> {
         flat: &'a [f32],
         layout: &'a ParamLayout,

@@ -111,8 +111,14 @@ fn outputs_match_transformers_within_1e_4() {
     let batch = batch(&e);
 
     let output = model.forward(&batch);
-    let mlm = max_abs_diff(&values(output.mlm_logits.clone()), e.mlm_logits.iter().flatten().copied());
-    let nsp = max_abs_diff(&values(output.nsp_logits.clone()), e.nsp_logits.iter().flatten().copied());
+    let mlm = max_abs_diff(
+        &values(output.mlm_logits.clone()),
+        e.mlm_logits.iter().flatten().copied(),
+    );
+    let nsp = max_abs_diff(
+        &values(output.nsp_logits.clone()),
+        e.nsp_logits.iter().flatten().copied(),
+    );
     assert!(mlm < 1e-4, "MLM logits differ from transformers by {mlm}");
     assert!(nsp < 1e-4, "NSP logits differ from transformers by {nsp}");
 
@@ -121,14 +127,25 @@ fn outputs_match_transformers_within_1e_4() {
         batch.token_type_ids.clone(),
         batch.attention_mask.clone(),
     );
-    let hidden_diff = max_abs_diff(&values(hidden), e.last_hidden_state.iter().flatten().flatten().copied());
+    let hidden_diff = max_abs_diff(
+        &values(hidden),
+        e.last_hidden_state.iter().flatten().flatten().copied(),
+    );
     assert!(hidden_diff < 1e-4, "hidden states differ by {hidden_diff}");
 
     let loss = model.loss(&output, &batch);
     let mlm_loss = values(loss.mlm_loss)[0];
     let nsp_loss = values(loss.nsp_loss)[0];
-    assert!((mlm_loss - e.mlm_loss).abs() < 1e-4, "{mlm_loss} vs {}", e.mlm_loss);
-    assert!((nsp_loss - e.nsp_loss).abs() < 1e-4, "{nsp_loss} vs {}", e.nsp_loss);
+    assert!(
+        (mlm_loss - e.mlm_loss).abs() < 1e-4,
+        "{mlm_loss} vs {}",
+        e.mlm_loss
+    );
+    assert!(
+        (nsp_loss - e.nsp_loss).abs() < 1e-4,
+        "{nsp_loss} vs {}",
+        e.nsp_loss
+    );
     // The pooled output is checked through the NSP logits; keep the field read.
     assert_eq!(e.pooled_output.len(), e.nsp_logits.len());
 }
@@ -172,8 +189,13 @@ fn bare_bert_model_gets_fresh_heads_and_says_so() {
     assert!(initialised.contains(&"cls.seq_relationship.weight".to_string()));
     // The encoder is the same as the full model's.
     let batch = batch(&e);
-    let hidden = bare.bert.encode(batch.input_ids, batch.token_type_ids, batch.attention_mask);
-    let diff = max_abs_diff(&values(hidden), e.last_hidden_state.iter().flatten().flatten().copied());
+    let hidden = bare
+        .bert
+        .encode(batch.input_ids, batch.token_type_ids, batch.attention_mask);
+    let diff = max_abs_diff(
+        &values(hidden),
+        e.last_hidden_state.iter().flatten().flatten().copied(),
+    );
     assert!(diff < 1e-4, "{diff}");
 }
 
@@ -223,7 +245,10 @@ fn rewrite_weights(dir: &Path, name: &str, reshape: bool) {
 fn missing_or_misshaped_tensor_is_named() {
     let name = "bert.encoder.layer.1.attention.self.key.weight";
     let err = load_error("missing", |d| rewrite_weights(d, name, false));
-    assert!(err.contains("model.safetensors") && err.contains(name), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains(name),
+        "{err}"
+    );
     assert!(err.contains("missing"), "{err}");
     let err = load_error("shape", |d| rewrite_weights(d, name, true));
     assert!(err.contains(name) && err.contains("shape"), "{err}");
@@ -236,5 +261,8 @@ fn vocab_size_mismatch_is_refused() {
     config.vocab_size += 1;
     let err = hf::check_vocab(&dir.join("vocab.txt"), &config).unwrap_err();
     let err = format!("{err:#}");
-    assert!(err.contains("vocab.txt") && err.contains("vocab_size"), "{err}");
+    assert!(
+        err.contains("vocab.txt") && err.contains("vocab_size"),
+        "{err}"
+    );
 }

@@ -60,7 +60,10 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Ve
 /// Runs `command` to completion within `limit`; past it, the child is killed and the test
 /// fails with the child's output.
 pub fn run_bounded(mut command: Command, limit: Duration) -> Output {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
     let mut child = command.spawn().expect("spawning bertrain");
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());
@@ -77,8 +80,16 @@ pub fn run_bounded(mut command: Command, limit: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(50));
     };
     let status = status.unwrap_or_else(|| child.0.wait().unwrap());
-    let out = Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() };
-    assert!(Instant::now() < deadline, "{command:?} did not finish within {limit:?}\n{}", describe(&out));
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert!(
+        Instant::now() < deadline,
+        "{command:?} did not finish within {limit:?}\n{}",
+        describe(&out)
+    );
     out
 }
 
@@ -106,16 +117,39 @@ pub fn dataset() -> &'static Path {
         std::fs::create_dir_all(&dir).unwrap();
         let corpus = dir.join("corpus.txt");
         let steps: [Vec<String>; 3] = [
-            vec!["synth-corpus".into(), "--output".into(), path(&corpus), "--docs".into(), "300".into()],
             vec![
-                "vocab".into(), "--input".into(), path(&corpus), "--vocab-size".into(), "2000".into(),
-                "--output".into(), path(&dir.join("vocab.txt")),
+                "synth-corpus".into(),
+                "--output".into(),
+                path(&corpus),
+                "--docs".into(),
+                "300".into(),
             ],
             vec![
-                "dataprep".into(), "--input".into(), path(&corpus), "--vocab".into(), path(&dir.join("vocab.txt")),
-                "--output".into(), path(&dir.join("data")), "--dupe-factor".into(), "2".into(),
-                "--validation-fraction".into(), "0.1".into(), "--max-seq-len".into(), "64".into(),
-                "--max-predictions".into(), "10".into(), "--quiet".into(),
+                "vocab".into(),
+                "--input".into(),
+                path(&corpus),
+                "--vocab-size".into(),
+                "2000".into(),
+                "--output".into(),
+                path(&dir.join("vocab.txt")),
+            ],
+            vec![
+                "dataprep".into(),
+                "--input".into(),
+                path(&corpus),
+                "--vocab".into(),
+                path(&dir.join("vocab.txt")),
+                "--output".into(),
+                path(&dir.join("data")),
+                "--dupe-factor".into(),
+                "2".into(),
+                "--validation-fraction".into(),
+                "0.1".into(),
+                "--max-seq-len".into(),
+                "64".into(),
+                "--max-predictions".into(),
+                "10".into(),
+                "--quiet".into(),
             ],
         ];
         for args in steps {
@@ -140,7 +174,11 @@ pub fn read_weights(path: &Path) -> Vec<(String, Vec<f32>)> {
         .tensors()
         .into_iter()
         .map(|(name, view)| {
-            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             (name, values)
         })
         .collect();
@@ -151,5 +189,18 @@ pub fn read_weights(path: &Path) -> Vec<(String, Vec<f32>)> {
 /// Reads `metrics.jsonl` lines as JSON values.
 pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The parameters of a run's newest checkpoint (what `checkpoints/latest` names).
+pub fn final_weights(run_dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
+    read_weights(
+        &run_dir
+            .join("checkpoints")
+            .join(latest.trim())
+            .join("model.safetensors"),
+    )
 }

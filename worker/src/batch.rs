@@ -30,7 +30,11 @@ impl HostBatch {
     /// (dataprep guarantees it).
     pub fn collate(instances: &[Instance]) -> HostBatch {
         let rows = instances.len();
-        let seq_len = instances.iter().map(|i| i.input_ids.len()).max().unwrap_or(0);
+        let seq_len = instances
+            .iter()
+            .map(|i| i.input_ids.len())
+            .max()
+            .unwrap_or(0);
         let mut batch = HostBatch {
             rows,
             seq_len,
@@ -45,19 +49,30 @@ impl HostBatch {
         };
         for (row, instance) in instances.iter().enumerate() {
             let base = row * seq_len;
-            for (j, (&id, &tt)) in instance.input_ids.iter().zip(&instance.token_type_ids).enumerate() {
+            for (j, (&id, &tt)) in instance
+                .input_ids
+                .iter()
+                .zip(&instance.token_type_ids)
+                .enumerate()
+            {
                 batch.input_ids[base + j] = id as i64;
                 batch.token_type_ids[base + j] = tt as i64;
                 batch.attention_mask[base + j] = 1;
             }
             batch.tokens += instance.input_ids.len();
             let weight = 1.0 / instance.masked_lm_positions.len().max(1) as f32;
-            for (&pos, &id) in instance.masked_lm_positions.iter().zip(&instance.masked_lm_ids) {
+            for (&pos, &id) in instance
+                .masked_lm_positions
+                .iter()
+                .zip(&instance.masked_lm_ids)
+            {
                 batch.masked_positions.push((base + pos as usize) as i64);
                 batch.masked_lm_ids.push(id as i64);
                 batch.masked_lm_weights.push(weight);
             }
-            batch.next_sentence_labels.push(instance.next_sentence_label as i64);
+            batch
+                .next_sentence_labels
+                .push(instance.next_sentence_label as i64);
         }
         batch
     }
@@ -65,13 +80,21 @@ impl HostBatch {
     /// Fraction of the batch's positions that are padding.
     pub fn padding_fraction(&self) -> f64 {
         let total = self.rows * self.seq_len;
-        if total == 0 { 0.0 } else { 1.0 - self.tokens as f64 / total as f64 }
+        if total == 0 {
+            0.0
+        } else {
+            1.0 - self.tokens as f64 / total as f64
+        }
     }
 
     pub fn to_device<B: Backend>(&self, device: &B::Device) -> PretrainingBatch<B> {
         let shape = [self.rows, self.seq_len];
-        let int2 = |v: &Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), shape), device);
-        let int1 = |v: &Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device);
+        let int2 = |v: &Vec<i64>| {
+            Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), shape), device)
+        };
+        let int1 = |v: &Vec<i64>| {
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device)
+        };
         PretrainingBatch {
             input_ids: int2(&self.input_ids),
             token_type_ids: int2(&self.token_type_ids),
@@ -79,7 +102,10 @@ impl HostBatch {
             masked_positions: int1(&self.masked_positions),
             masked_lm_ids: int1(&self.masked_lm_ids),
             masked_lm_weights: Tensor::from_data(
-                TensorData::new(self.masked_lm_weights.clone(), [self.masked_lm_weights.len()]),
+                TensorData::new(
+                    self.masked_lm_weights.clone(),
+                    [self.masked_lm_weights.len()],
+                ),
                 device,
             ),
             next_sentence_labels: int1(&self.next_sentence_labels),

@@ -8,7 +8,7 @@ use anyhow::Result;
 use bertrain_coordinator::job::Backend;
 
 use crate::CpuBackend;
-use crate::node::TrainRun;
+use crate::node::{Outcome, TrainRun};
 
 /// A backend and, for CUDA, the GPU index.
 #[derive(Debug, Clone, Copy)]
@@ -26,7 +26,7 @@ pub fn check(backend: Backend, index: usize) -> Result<()> {
 }
 
 /// Runs `run` on the chosen backend.
-pub fn with_backend(choice: DeviceChoice, run: TrainRun<'_>) -> Result<()> {
+pub fn with_backend(choice: DeviceChoice, run: TrainRun<'_>) -> Result<Outcome> {
     match choice.backend {
         Backend::Cpu => run.run::<CpuBackend>(Default::default()),
         Backend::Cuda => {
@@ -41,7 +41,7 @@ mod cuda {
     use anyhow::{Result, bail};
     use cudarc::driver::result as driver;
 
-    use crate::node::TrainRun;
+    use crate::node::{Outcome, TrainRun};
 
     type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
 
@@ -53,19 +53,23 @@ mod cuda {
                  or add its directory to LD_LIBRARY_PATH"
             );
         }
-        driver::init().map_err(|e| anyhow::anyhow!("--backend cuda: the CUDA driver failed to start: {e:?}"))?;
+        driver::init().map_err(|e| {
+            anyhow::anyhow!("--backend cuda: the CUDA driver failed to start: {e:?}")
+        })?;
         let count = driver::device::get_count()
             .map_err(|e| anyhow::anyhow!("--backend cuda: cannot count GPUs: {e:?}"))?;
         if count <= 0 {
             bail!("--backend cuda: the CUDA driver sees no GPU on this machine");
         }
         if index >= count as usize {
-            bail!("--backend cuda: GPU {index} requested (--device / LOCAL_RANK) but this machine has {count}");
+            bail!(
+                "--backend cuda: GPU {index} requested (--device / LOCAL_RANK) but this machine has {count}"
+            );
         }
         Ok(())
     }
 
-    pub fn run(run: TrainRun<'_>, index: usize) -> Result<()> {
+    pub fn run(run: TrainRun<'_>, index: usize) -> Result<Outcome> {
         run.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(index))
     }
 }
@@ -74,16 +78,16 @@ mod cuda {
 mod cuda {
     use anyhow::{Result, bail};
 
-    use crate::node::TrainRun;
+    use crate::node::{Outcome, TrainRun};
+
+    const NOT_BUILT: &str = "--backend cuda: this bertrain was built without GPU support; rebuild with \
+                             `cargo build --release --features cuda`";
 
     pub fn check(_index: usize) -> Result<()> {
-        bail!(
-            "--backend cuda: this bertrain was built without GPU support; rebuild with \
-             `cargo build --release --features cuda`"
-        )
+        bail!(NOT_BUILT)
     }
 
-    pub fn run(_run: TrainRun<'_>, index: usize) -> Result<()> {
-        check(index)
+    pub fn run(_run: TrainRun<'_>, _index: usize) -> Result<Outcome> {
+        bail!(NOT_BUILT)
     }
 }

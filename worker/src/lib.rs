@@ -7,6 +7,7 @@
 //! them, on the backend `device` picks.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod collective;
 mod device;
 pub mod loader;

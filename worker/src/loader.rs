@@ -34,7 +34,12 @@ impl SampleSource {
     pub fn new(manifest: Manifest, seed: u64) -> Result<Self> {
         let rows: Vec<u64> = manifest.shards.iter().map(|s| s.rows).collect();
         let plan = DataPlan::new(&rows, seed)?;
-        Ok(SampleSource { manifest, plan, cache: HashMap::new(), recent: VecDeque::new() })
+        Ok(SampleSource {
+            manifest,
+            plan,
+            cache: HashMap::new(),
+            recent: VecDeque::new(),
+        })
     }
 
     pub fn plan(&self) -> &DataPlan {
@@ -98,13 +103,21 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    pub fn start(mut source: SampleSource, shape: BatchShape, first_step: u64, prefetch: usize) -> Self {
+    pub fn start(
+        mut source: SampleSource,
+        shape: BatchShape,
+        first_step: u64,
+        prefetch: usize,
+    ) -> Self {
         let (sender, receiver) = sync_channel(prefetch.max(1));
         let thread = std::thread::Builder::new()
             .name("loader".into())
             .spawn(move || produce(&mut source, shape, first_step, sender))
             .expect("spawning the loader thread");
-        Prefetcher { receiver, thread: Some(thread) }
+        Prefetcher {
+            receiver,
+            thread: Some(thread),
+        }
     }
 
     /// The next step's data, waiting for it if the loader is behind.
@@ -126,7 +139,12 @@ impl Drop for Prefetcher {
     }
 }
 
-fn produce(source: &mut SampleSource, shape: BatchShape, first_step: u64, sender: SyncSender<Result<StepData>>) {
+fn produce(
+    source: &mut SampleSource,
+    shape: BatchShape,
+    first_step: u64,
+    sender: SyncSender<Result<StepData>>,
+) {
     for step in first_step.. {
         let data = step_data(source, shape, step);
         let failed = data.is_err();
@@ -138,8 +156,16 @@ fn produce(source: &mut SampleSource, shape: BatchShape, first_step: u64, sender
 
 /// This rank's micro-batches of `step`.
 pub fn step_data(source: &mut SampleSource, shape: BatchShape, step: u64) -> Result<StepData> {
-    let range = source.plan().rank_slice(step, shape.rank, shape.world, shape.global_batch);
+    let range = source
+        .plan()
+        .rank_slice(step, shape.rank, shape.world, shape.global_batch);
     let instances = source.read(range)?;
-    let micro_batches = instances.chunks(shape.micro_batch).map(HostBatch::collate).collect();
-    Ok(StepData { step, micro_batches })
+    let micro_batches = instances
+        .chunks(shape.micro_batch)
+        .map(HostBatch::collate)
+        .collect();
+    Ok(StepData {
+        step,
+        micro_batches,
+    })
 }

@@ -7,24 +7,33 @@
 //! 4. Train: every step takes this rank's micro-batches from the prefetching loader, runs
 //!    forward/backward, all-reduces the gradients and updates; reports go to the coordinator.
 //! 5. Evaluate on the validation split every `eval.every_steps` and at the end; rank 0
-//!    writes the trained model as an HF directory (`run_dir/model`).
+//!    checkpoints every `checkpoint.every_steps`, at the end, and where the ranks agree to
+//!    stop (the job was interrupted).
+//! 6. A generation that ends because a peer or the coordinator was lost is joined again:
+//!    the coordinator restarts it from the newest committed checkpoint.
 
 use std::net::{ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bertrain_coordinator::checkpoints::{self, TrainerState};
 use bertrain_coordinator::job::{self, JobConfig};
-use bertrain_coordinator::{EvalMetrics, Fingerprint, JoinInfo, StepMetrics, Welcome, WorkerClient};
+use bertrain_coordinator::{
+    EvalMetrics, Fingerprint, JoinInfo, StepMetrics, Welcome, WorkerClient,
+};
 use bertrain_dataprep::Manifest;
-use bertrain_model::{BertConfig, BertForPreTraining, ParamLayout, hf, init_bert, load_flat_params};
+use bertrain_model::{
+    BertConfig, BertForPreTraining, ParamLayout, hf, init_bert, load_flat_params,
+};
 use burn::tensor::backend::AutodiffBackend;
 use sha2::{Digest, Sha256};
 
+use crate::checkpoint::{self, PendingWrite, Snapshot};
 use crate::collective::{Collective, RingListener, RingOptions};
 use crate::device::{self, DeviceChoice};
 use crate::loader::{BatchShape, Prefetcher, SampleSource};
-use crate::optim::{OptimizerConfig, OptimizerKind};
+use crate::optim::{OptimizerConfig, OptimizerKind, OptimizerState};
 use crate::schedule::{Decay, LrSchedule};
 use crate::trainer::{StepStats, Trainer};
 
@@ -63,40 +72,94 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         device::check(backend, args.device.unwrap_or(0))?;
     }
     let Some(token_file) = &args.token_file else {
-        bail!("no job token: pass --token-file FILE (the coordinator's run_dir/token, or the job's cluster.token_file)");
+        bail!(
+            "no job token: pass --token-file FILE (the coordinator's run_dir/token, or the job's cluster.token_file)"
+        );
     };
     let token = bertrain_coordinator::read_token(token_file)?;
     let advertise = match &args.advertise {
         Some(host) => host.clone(),
         None => route_address(&args.coordinator)?,
     };
-    let listener = RingListener::bind(&format!("{advertise}:0"))?;
+    let listener_addr = format!("{advertise}:0");
     let info = JoinInfo {
         host: bertrain_coordinator::hostname(),
-        collective_addr: listener.local_addr()?.to_string(),
+        collective_addr: String::new(),
     };
 
-    let mut prepared = None;
-    let (client, welcome) = WorkerClient::join(
-        &args.coordinator,
-        &token,
-        info,
-        Duration::from_secs_f64(args.join_timeout_s),
-        |job| {
-            let backend = args.backend.unwrap_or(job.cluster.backend);
-            if backend != job.cluster.backend {
-                bail!(
-                    "this worker was started with --backend {backend:?} but the job's cluster.backend is {:?}",
-                    job.cluster.backend
-                );
+    let join_timeout = Duration::from_secs_f64(args.join_timeout_s);
+    // One generation per pass: a generation that ends because a peer or the coordinator
+    // was lost is joined again (from the latest checkpoint), until the job is over.
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match generation(&args, &token, &info, &listener_addr, join_timeout) {
+            Ok(Outcome::Finished) => return Ok(()),
+            Ok(Outcome::Stopped(reason)) => {
+                tracing::warn!("stopped: {reason}");
+                return Ok(());
             }
-            let p = Prepared::new(job)?;
-            let fingerprint = p.fingerprint();
-            prepared = Some(p);
-            Ok(fingerprint)
-        },
-    )?;
-    let prepared = prepared.context("the coordinator welcomed this worker without offering a job")?;
+            Err(failure) if failure.rejoin => {
+                tracing::warn!(
+                    "generation ended: {:#}; joining again in {backoff:?}",
+                    failure.error
+                );
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(failure) => return Err(failure.error),
+        }
+    }
+}
+
+/// How a generation ended well: the job finished, or it was interrupted and this rank
+/// stopped after the agreed checkpoint.
+pub enum Outcome {
+    Finished,
+    Stopped(String),
+}
+
+/// How a generation ended badly, and whether the job goes on without this process ending.
+struct Failure {
+    error: anyhow::Error,
+    rejoin: bool,
+}
+
+/// Joins the job once and trains until the generation ends.
+fn generation(
+    args: &WorkerArgs,
+    token: &str,
+    info: &JoinInfo,
+    listener_addr: &str,
+    join_timeout: Duration,
+) -> std::result::Result<Outcome, Failure> {
+    let fatal = |error: anyhow::Error| Failure {
+        error,
+        rejoin: false,
+    };
+    // A fresh listener per generation: the previous ring's sockets are gone with it.
+    let listener = RingListener::bind(listener_addr).map_err(fatal)?;
+    let info = JoinInfo {
+        host: info.host.clone(),
+        collective_addr: listener.local_addr().map_err(fatal)?.to_string(),
+    };
+    let mut prepared = None;
+    let joined = WorkerClient::join(&args.coordinator, token, info, join_timeout, |job| {
+        let backend = args.backend.unwrap_or(job.cluster.backend);
+        if backend != job.cluster.backend {
+            bail!(
+                "this worker was started with --backend {backend:?} but the job's cluster.backend is {:?}",
+                job.cluster.backend
+            );
+        }
+        let p = Prepared::new(job)?;
+        let fingerprint = p.fingerprint();
+        prepared = Some(p);
+        Ok(fingerprint)
+    });
+    let (client, welcome) = joined.map_err(fatal)?;
+    let prepared = prepared
+        .context("the coordinator welcomed this worker without offering a job")
+        .map_err(fatal)?;
     tracing::info!(
         rank = welcome.rank,
         world_size = welcome.world_size,
@@ -104,16 +167,31 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         start_step = welcome.start_step,
         "joined"
     );
-
-    let choice = DeviceChoice { backend: welcome.job.cluster.backend, index: args.device.unwrap_or(0) };
-    let outcome = device::with_backend(choice, TrainRun { client: &client, welcome: &welcome, listener, prepared });
+    let choice = DeviceChoice {
+        backend: welcome.job.cluster.backend,
+        index: args.device.unwrap_or(0),
+    };
+    let outcome = device::with_backend(
+        choice,
+        TrainRun {
+            client: &client,
+            welcome: &welcome,
+            listener,
+            prepared,
+        },
+    );
     match outcome {
-        Ok(()) => client.done(),
-        Err(e) => {
-            // A stop the coordinator asked for is the coordinator's story to tell.
-            let reason = format!("{e:#}");
-            let _ = client.failed(&reason);
-            Err(e)
+        Ok(outcome) => {
+            client.done().map_err(fatal)?;
+            Ok(outcome)
+        }
+        Err(error) => {
+            // Tell the coordinator (it restarts the generation), then wait briefly for its
+            // verdict: rejoin, or the job is over.
+            let _ = client.report_failure(&format!("{error:#}"));
+            let stop = client.wait_for_stop(Duration::from_secs(10));
+            let rejoin = stop.as_ref().is_none_or(|s| s.rejoin);
+            Err(Failure { error, rejoin })
         }
     }
 }
@@ -126,11 +204,15 @@ fn route_address(coordinator: &str) -> Result<String> {
         .with_context(|| format!("resolving the coordinator address {coordinator}"))?
         .next()
         .with_context(|| format!("the coordinator address {coordinator} resolves to nothing"))?;
-    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     let socket = UdpSocket::bind(bind).context("finding this machine's address")?;
-    socket
-        .connect(target)
-        .with_context(|| format!("no route to the coordinator {coordinator}; pass --advertise HOST"))?;
+    socket.connect(target).with_context(|| {
+        format!("no route to the coordinator {coordinator}; pass --advertise HOST")
+    })?;
     Ok(socket.local_addr()?.ip().to_string())
 }
 
@@ -148,23 +230,52 @@ pub struct Prepared {
 impl Prepared {
     pub fn new(job: &JobConfig) -> Result<Prepared> {
         let train = open_dataset(&job.data.manifest)?;
-        let validation = job.data.validation_manifest.as_deref().map(open_dataset).transpose()?;
+        let validation = job
+            .data
+            .validation_manifest
+            .as_deref()
+            .map(open_dataset)
+            .transpose()?;
         let (config, initial) = initial_model(job, &train)?;
-        Ok(Prepared { job: job.clone(), config, initial, train, validation })
+        Ok(Prepared {
+            job: job.clone(),
+            config,
+            initial,
+            train,
+            validation,
+        })
+    }
+
+    /// Hash of the settings a resumed run must share with the run it continues.
+    fn job_hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.config.to_hf_json().as_bytes());
+        h.update(format!(
+            "seed={};batch={}",
+            self.job.train.seed, self.job.train.global_batch_size
+        ));
+        hex(&h.finalize())
     }
 
     fn fingerprint(&self) -> Fingerprint {
         let mut h = Sha256::new();
         h.update(self.config.to_hf_json().as_bytes());
         h.update(bytemuck::cast_slice::<f32, u8>(&self.initial));
-        Fingerprint { model_hash: hex(&h.finalize()), dataset_hash: self.train.content_hash() }
+        Fingerprint {
+            model_hash: hex(&h.finalize()),
+            dataset_hash: self.train.content_hash(),
+        }
     }
 }
 
 fn open_dataset(manifest: &Path) -> Result<Manifest> {
     let m = Manifest::load(manifest)?;
-    m.verify_files()
-        .with_context(|| format!("refusing to train: dataset {} does not match its manifest", manifest.display()))?;
+    m.verify_files().with_context(|| {
+        format!(
+            "refusing to train: dataset {} does not match its manifest",
+            manifest.display()
+        )
+    })?;
     Ok(m)
 }
 
@@ -174,7 +285,8 @@ fn initial_model(job: &JobConfig, data: &Manifest) -> Result<(BertConfig, Vec<f3
     let m = &job.model;
     let config = if let Some(preset) = &m.preset {
         let name = preset.strip_prefix("bert-").unwrap_or(preset);
-        let mut config = BertConfig::preset(name).with_context(|| format!("model.preset = {preset:?}"))?;
+        let mut config =
+            BertConfig::preset(name).with_context(|| format!("model.preset = {preset:?}"))?;
         config.vocab_size = data.vocab_size;
         config
     } else if let Some(path) = &m.config {
@@ -217,7 +329,11 @@ fn initial_model(job: &JobConfig, data: &Manifest) -> Result<(BertConfig, Vec<f3
             }
             loaded.flat
         }
-        None => bertrain_model::flatten_params(&init_bert::<burn::backend::Flex>(&config, job.train.seed, &Default::default())),
+        None => bertrain_model::flatten_params(&init_bert::<burn::backend::Flex>(
+            &config,
+            job.train.seed,
+            &Default::default(),
+        )),
     };
     Ok((config, flat))
 }
@@ -232,8 +348,13 @@ pub struct TrainRun<'a> {
 
 impl TrainRun<'_> {
     /// The training loop on backend `B`.
-    pub fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
-        let TrainRun { client, welcome, listener, prepared } = self;
+    pub fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Outcome> {
+        let TrainRun {
+            client,
+            welcome,
+            listener,
+            prepared,
+        } = self;
         let job = &welcome.job;
         let (rank, world) = (welcome.rank, welcome.world_size);
         let options = RingOptions {
@@ -243,11 +364,9 @@ impl TrainRun<'_> {
         };
         let mut ring = listener.connect(rank, &welcome.peers, &options)?;
 
-        // Every rank starts from rank 0's parameters, whatever it loaded itself.
-        let mut params = prepared.initial;
-        ring.broadcast(&mut params, 0)?;
         let model = BertForPreTraining::<B>::new(&prepared.config, &device);
         let layout = ParamLayout::of(&model);
+        let (params, optimizer_state) = starting_state(&prepared, welcome, &layout, &mut ring)?;
         let model = load_flat_params(model, &params, &layout);
         let t = &job.train;
         let kind = match t.optimizer {
@@ -256,6 +375,7 @@ impl TrainRun<'_> {
         };
         let optimizer = OptimizerConfig::bert(kind, t.weight_decay as f32);
         let mut trainer = Trainer::new(model, optimizer, t.max_grad_norm as f32, t.seed, device);
+        trainer.state = optimizer_state;
         let schedule = LrSchedule {
             peak: t.lr,
             warmup_steps: t.warmup_steps,
@@ -278,40 +398,205 @@ impl TrainRun<'_> {
             .as_ref()
             .map(|m| Evaluator::new(m.clone(), job, rank, world))
             .transpose()?;
+        let mut saver = (rank == 0)
+            .then(|| Saver::new(job, &prepared, world))
+            .transpose()?;
 
         for step in welcome.start_step..t.max_steps {
-            if let Some(reason) = client.stop_requested() {
-                bail!("stopping at step {step}: {reason}");
+            if let Some(stop) = client.stop_requested() {
+                bail!("stopping at step {step}: {}", stop.reason);
             }
+            let stop_vote = client.checkpoint_requested().is_some();
             let started = Instant::now();
             let data = loader.next()?;
             let data_wait_s = started.elapsed().as_secs_f64();
             let lr = schedule.at(step);
-            let stats = trainer.step(step, rank, &data.micro_batches, lr as f32, &mut ring)?;
+            let stats = trainer.step(
+                step,
+                rank,
+                &data.micro_batches,
+                lr as f32,
+                stop_vote,
+                &mut ring,
+            )?;
             let step_time_s = started.elapsed().as_secs_f64();
-            client.report_step(&step_metrics(step + 1, lr, &stats, step_time_s, data_wait_s))?;
+            client.report_step(&step_metrics(
+                step + 1,
+                lr,
+                &stats,
+                step_time_s,
+                data_wait_s,
+            ))?;
 
             let done = step + 1;
+            let last = done == t.max_steps;
             let eval_due = job.eval.every_steps > 0 && done % job.eval.every_steps == 0;
             if let Some(evaluator) = evaluator.as_mut()
-                && (eval_due || done == t.max_steps)
+                && (eval_due || last)
             {
                 client.report_eval(&evaluator.run(&trainer, done)?)?;
             }
+            if let Some(saver) = saver.as_mut() {
+                saver.report_finished(client)?;
+                let periodic =
+                    job.checkpoint.every_steps > 0 && done % job.checkpoint.every_steps == 0;
+                if periodic || last || stats.stop_agreed {
+                    saver.start(client, &trainer, done, lr)?;
+                }
+            }
+            if stats.stop_agreed {
+                if let Some(saver) = saver.as_mut() {
+                    saver.wait(client)?;
+                }
+                let reason = client
+                    .checkpoint_requested()
+                    .unwrap_or_else(|| "another rank asked to stop".into());
+                return Ok(Outcome::Stopped(format!(
+                    "{reason}; checkpointed step {done}"
+                )));
+            }
         }
-        drop(loader);
-        ring.barrier()?;
-        if rank == 0 {
-            let dir = job.job.run_dir.join("model");
-            let vocab = prepared.train.dir().join(&prepared.train.vocab_file);
-            hf::save_dir(&dir, &prepared.config, &trainer.layout, &trainer.params, Some(&vocab))?;
-            tracing::info!(dir = %dir.display(), "wrote the trained model (HF format)");
+        if let Some(saver) = saver.as_mut() {
+            saver.wait(client)?;
+        }
+        Ok(Outcome::Finished)
+    }
+}
+
+/// Parameters and optimizer state the generation starts from: rank 0's, broadcast to all
+/// ranks, read from the welcome's checkpoint when resuming, else the job's initial model.
+fn starting_state(
+    prepared: &Prepared,
+    welcome: &Welcome,
+    layout: &ParamLayout,
+    ring: &mut dyn Collective,
+) -> Result<(Vec<f32>, OptimizerState)> {
+    let mut optimizer = OptimizerState::new(layout.total);
+    let params = match &welcome.checkpoint {
+        Some(dir) => {
+            let mut params = vec![0.0; layout.total];
+            if welcome.rank == 0 {
+                let loaded = checkpoint::load(dir, layout)?;
+                if loaded.trainer.step != welcome.start_step
+                    || loaded.optimizer.step != welcome.start_step
+                {
+                    bail!(
+                        "checkpoint {} is not at step {}",
+                        dir.display(),
+                        welcome.start_step
+                    );
+                }
+                tracing::info!(checkpoint = %dir.display(), step = welcome.start_step, "loaded");
+                params = loaded.params;
+                optimizer = loaded.optimizer;
+            }
+            ring.broadcast(&mut optimizer.exp_avg, 0)?;
+            ring.broadcast(&mut optimizer.exp_avg_sq, 0)?;
+            optimizer.step = welcome.start_step;
+            params
+        }
+        None => prepared.initial.clone(),
+    };
+    // Every rank starts from rank 0's parameters, whatever it loaded itself.
+    let mut params = params;
+    ring.broadcast(&mut params, 0)?;
+    Ok((params, optimizer))
+}
+
+/// Rank 0's checkpointing: snapshots taken between steps, written in the background, one
+/// at a time, each reported to the coordinator when done.
+struct Saver {
+    checkpoints: PathBuf,
+    config: BertConfig,
+    vocab: PathBuf,
+    base: TrainerState,
+    total_rows: u64,
+    pending: Option<PendingWrite>,
+}
+
+impl Saver {
+    fn new(job: &JobConfig, prepared: &Prepared, world: usize) -> Result<Saver> {
+        let checkpoints = checkpoints::checkpoints_dir(&job.job.run_dir);
+        std::fs::create_dir_all(&checkpoints)
+            .with_context(|| format!("cannot create {}", checkpoints.display()))?;
+        Ok(Saver {
+            checkpoints,
+            config: prepared.config.clone(),
+            vocab: prepared.train.dir().join(&prepared.train.vocab_file),
+            base: TrainerState {
+                format_version: checkpoints::TRAINER_FORMAT_VERSION,
+                step: 0,
+                epoch: 0,
+                samples_consumed: 0,
+                global_batch_size: job.train.global_batch_size,
+                lr: 0.0,
+                seed: job.train.seed,
+                world_size: world,
+                job_hash: prepared.job_hash(),
+                dataset_hash: prepared.train.content_hash(),
+            },
+            total_rows: prepared.train.total_rows(),
+            pending: None,
+        })
+    }
+
+    /// Copies the state after `step` steps and starts writing it (after the previous write
+    /// has finished: at most one write at a time).
+    fn start<B: AutodiffBackend>(
+        &mut self,
+        client: &WorkerClient,
+        trainer: &Trainer<B>,
+        step: u64,
+        lr: f64,
+    ) -> Result<()> {
+        self.wait(client)?;
+        let samples = step * self.base.global_batch_size;
+        let snapshot = Snapshot {
+            config: self.config.clone(),
+            layout: trainer.layout.clone(),
+            params: trainer.params.clone(),
+            optimizer: trainer.state.clone(),
+            trainer: TrainerState {
+                step,
+                epoch: samples / self.total_rows,
+                samples_consumed: samples,
+                lr,
+                ..self.base.clone()
+            },
+            vocab: self.vocab.clone(),
+        };
+        self.pending = Some(PendingWrite::start(self.checkpoints.clone(), snapshot));
+        Ok(())
+    }
+
+    /// Reports a write that has finished, without waiting for one that has not.
+    fn report_finished(&mut self, client: &WorkerClient) -> Result<()> {
+        if self.pending.as_ref().is_some_and(PendingWrite::is_finished) {
+            self.wait(client)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the write in progress, if any, and reports it.
+    fn wait(&mut self, client: &WorkerClient) -> Result<()> {
+        if let Some(pending) = self.pending.take() {
+            let written = pending.finish();
+            if let Err(e) = &written.result {
+                tracing::error!("checkpoint of step {} failed: {e:#}", written.step);
+            }
+            client.report_checkpoint(written.step, &written.result, written.seconds)?;
         }
         Ok(())
     }
 }
 
-fn step_metrics(step: u64, lr: f64, s: &StepStats, step_time_s: f64, data_wait_s: f64) -> StepMetrics {
+fn step_metrics(
+    step: u64,
+    lr: f64,
+    s: &StepStats,
+    step_time_s: f64,
+    data_wait_s: f64,
+) -> StepMetrics {
     StepMetrics {
         step,
         loss: s.loss,
@@ -351,7 +636,12 @@ impl Evaluator {
             );
         }
         let source = SampleSource::new(manifest, job.train.seed)?;
-        let shape = BatchShape { global_batch: per_rank * world as u64, micro_batch: micro as usize, rank, world };
+        let shape = BatchShape {
+            global_batch: per_rank * world as u64,
+            micro_batch: micro as usize,
+            rank,
+            world,
+        };
         Ok(Evaluator { source, shape })
     }
 

@@ -70,7 +70,11 @@ pub fn update(
     let bias2 = 1.0 - config.beta2.powi(t);
     for slot in &layout.slots {
         let range = slot.offset..slot.offset + slot.len;
-        let decay = if slot.decays() { config.weight_decay } else { 0.0 };
+        let decay = if slot.decays() {
+            config.weight_decay
+        } else {
+            0.0
+        };
         let p = &mut params[range.clone()];
         let g = &grads[range.clone()];
         let m = &mut state.exp_avg[range.clone()];
@@ -100,7 +104,11 @@ pub fn update(
                 let ratio = if slot.decays() {
                     let w_norm = l2_norm(p);
                     let u_norm = l2_norm(&update);
-                    if w_norm > 0.0 && u_norm > 0.0 { w_norm / u_norm } else { 1.0 }
+                    if w_norm > 0.0 && u_norm > 0.0 {
+                        w_norm / u_norm
+                    } else {
+                        1.0
+                    }
                 } else {
                     1.0
                 };
@@ -113,7 +121,10 @@ pub fn update(
 }
 
 fn l2_norm(x: &[f32]) -> f32 {
-    x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32
+    x.iter()
+        .map(|v| (*v as f64) * (*v as f64))
+        .sum::<f64>()
+        .sqrt() as f32
 }
 
 /// Scales `grads` so that their global L2 norm is at most `max_norm` (no-op for
@@ -165,7 +176,14 @@ mod tests {
         };
         let mut params = vec![3.0, 4.0, 1.0];
         let mut state = OptimizerState::new(3);
-        update(&config, &layout(), &mut state, &mut params, &[1.0, 2.0, 0.5], 0.01);
+        update(
+            &config,
+            &layout(),
+            &mut state,
+            &mut params,
+            &[1.0, 2.0, 0.5],
+            0.01,
+        );
         let want = [2.9659774, 3.9633603, 0.99];
         for (got, want) in params.iter().zip(want) {
             assert!((got - want).abs() < 1e-6, "{params:?}");
@@ -182,7 +200,14 @@ mod tests {
         };
         let mut params = vec![3.0, 4.0, 1.0];
         let mut state = OptimizerState::new(3);
-        update(&config, &layout(), &mut state, &mut params, &[1.0, -2.0, 0.5], 0.01);
+        update(
+            &config,
+            &layout(),
+            &mut state,
+            &mut params,
+            &[1.0, -2.0, 0.5],
+            0.01,
+        );
         let want = [3.0 - 0.01 * 1.3, 4.0 - 0.01 * (-1.0 + 0.4), 1.0 - 0.01];
         for (got, want) in params.iter().zip(want) {
             assert!((got - want).abs() < 1e-6, "{params:?}");

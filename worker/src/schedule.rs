@@ -39,12 +39,20 @@ mod tests {
 
     #[test]
     fn warms_up_then_decays_to_zero() {
-        let s = LrSchedule { peak: 1e-4, warmup_steps: 10, max_steps: 110, decay: Decay::Linear };
+        let s = LrSchedule {
+            peak: 1e-4,
+            warmup_steps: 10,
+            max_steps: 110,
+            decay: Decay::Linear,
+        };
         assert!((s.at(0) - 1e-5).abs() < 1e-12);
         assert!((s.at(9) - 1e-4).abs() < 1e-12);
         assert!((s.at(59) - 0.5e-4).abs() < 1e-12);
         assert_eq!(s.at(109), 0.0);
-        let p = LrSchedule { decay: Decay::Poly, ..s };
+        let p = LrSchedule {
+            decay: Decay::Poly,
+            ..s
+        };
         assert!((p.at(59) - 1e-4 * 0.5f64.sqrt()).abs() < 1e-12);
     }
 }

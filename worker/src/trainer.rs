@@ -42,6 +42,8 @@ pub struct StepStats {
     pub grad_norm: f64,
     pub tokens: usize,
     pub padding_fraction: f64,
+    /// Some rank asked to stop after this step (see [`Trainer::step`]'s `stop_vote`).
+    pub stop_agreed: bool,
     /// Seconds in forward/backward, in the all-reduce, and in the optimizer.
     pub compute_s: f64,
     pub comm_s: f64,
@@ -62,14 +64,27 @@ struct Tally {
 }
 
 impl Tally {
-    fn add<B: Backend>(&mut self, batch: &HostBatch, output: &PretrainingOutput<B>, device_batch: &PretrainingBatch<B>, mlm_loss: f64, nsp_loss: f64) {
+    fn add<B: Backend>(
+        &mut self,
+        batch: &HostBatch,
+        output: &PretrainingOutput<B>,
+        device_batch: &PretrainingBatch<B>,
+        mlm_loss: f64,
+        nsp_loss: f64,
+    ) {
         let rows = batch.rows;
         self.rows += rows;
         self.mlm_loss += mlm_loss * rows as f64;
         self.nsp_loss += nsp_loss * rows as f64;
-        self.mlm_correct += count_equal(output.mlm_logits.clone().argmax(1).flatten(0, 1), device_batch.masked_lm_ids.clone());
+        self.mlm_correct += count_equal(
+            output.mlm_logits.clone().argmax(1).flatten(0, 1),
+            device_batch.masked_lm_ids.clone(),
+        );
         self.mlm_total += batch.masked_lm_ids.len();
-        self.nsp_correct += count_equal(output.nsp_logits.clone().argmax(1).flatten(0, 1), device_batch.next_sentence_labels.clone());
+        self.nsp_correct += count_equal(
+            output.nsp_logits.clone().argmax(1).flatten(0, 1),
+            device_batch.next_sentence_labels.clone(),
+        );
         self.tokens += batch.tokens;
         self.padded_positions += batch.rows * batch.seq_len;
     }
@@ -108,7 +123,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         let layout = ParamLayout::of(&model);
         let params = bertrain_model::flatten_params(&model);
         let state = OptimizerState::new(layout.total);
-        Trainer { model, layout, params, optimizer, state, max_grad_norm, seed, device }
+        Trainer {
+            model,
+            layout,
+            params,
+            optimizer,
+            state,
+            max_grad_norm,
+            seed,
+            device,
+        }
     }
 
     /// Replaces the parameters (after a broadcast or a checkpoint load).
@@ -123,17 +147,22 @@ impl<B: AutodiffBackend> Trainer<B> {
     ///
     /// Dropout draws from a generator seeded by (seed, step, rank, micro-batch), so the
     /// step is a pure function of its inputs: a resumed run repeats it bit for bit.
+    ///
+    /// `stop_vote` rides along with the gradients as one extra element of the all-reduce:
+    /// if any rank votes, every rank learns it at the same step ([`StepStats::stop_agreed`])
+    /// without another round trip, so all ranks can checkpoint the same step and stop.
     pub fn step(
         &mut self,
         step: u64,
         rank: usize,
         micro_batches: &[HostBatch],
         lr: f32,
+        stop_vote: bool,
         collective: &mut dyn Collective,
     ) -> Result<StepStats> {
         let local_rows: usize = micro_batches.iter().map(|b| b.rows).sum();
         let started = Instant::now();
-        let mut grads = vec![0.0f32; self.layout.total];
+        let mut grads = vec![0.0f32; self.layout.total + 1];
         let mut tally = Tally::default();
         for (micro, batch) in micro_batches.iter().enumerate() {
             B::seed(&self.device, dropout_seed(self.seed, step, rank, micro));
@@ -145,20 +174,39 @@ impl<B: AutodiffBackend> Trainer<B> {
             let share = batch.rows as f32 / local_rows as f32;
             let gradients = (losses.loss.clone() * share).backward();
             let micro_grads = flatten_grads(&self.model, &gradients, &self.layout);
-            grads.iter_mut().zip(&micro_grads).for_each(|(g, m)| *g += m);
-            tally.add(batch, &output, &device_batch, scalar(losses.mlm_loss), scalar(losses.nsp_loss));
+            grads
+                .iter_mut()
+                .zip(&micro_grads)
+                .for_each(|(g, m)| *g += m);
+            tally.add(
+                batch,
+                &output,
+                &device_batch,
+                scalar(losses.mlm_loss),
+                scalar(losses.nsp_loss),
+            );
         }
         let computed = Instant::now();
 
+        grads[self.layout.total] = if stop_vote { 1.0 } else { 0.0 };
         collective.all_reduce_mean(&mut grads)?;
+        let stop_agreed = grads.pop().is_some_and(|vote| vote > 0.0);
         let communicated = Instant::now();
 
         let grad_norm = optim::clip_grad_norm(&mut grads, self.max_grad_norm);
-        optim::update(&self.optimizer, &self.layout, &mut self.state, &mut self.params, &grads, lr);
+        optim::update(
+            &self.optimizer,
+            &self.layout,
+            &mut self.state,
+            &mut self.params,
+            &grads,
+            lr,
+        );
         let model = self.model.clone();
         self.model = load_flat_params(model, &self.params, &self.layout);
 
         let mut stats = tally.stats();
+        stats.stop_agreed = stop_agreed;
         stats.grad_norm = grad_norm as f64;
         stats.compute_s = (computed - started).as_secs_f64();
         stats.comm_s = (communicated - computed).as_secs_f64();
@@ -174,7 +222,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             let device_batch = batch.to_device::<B::InnerBackend>(&self.device);
             let output = model.forward(&device_batch);
             let losses = model.loss(&output, &device_batch);
-            tally.add(batch, &output, &device_batch, scalar(losses.mlm_loss), scalar(losses.nsp_loss));
+            tally.add(
+                batch,
+                &output,
+                &device_batch,
+                scalar(losses.mlm_loss),
+                scalar(losses.nsp_loss),
+            );
         }
         tally.stats()
     }

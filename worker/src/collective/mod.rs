@@ -40,7 +40,10 @@ impl Collective for LocalCollective {
         Ok(())
     }
     fn broadcast(&mut self, _buf: &mut [f32], root: usize) -> Result<()> {
-        anyhow::ensure!(root == 0, "broadcast from rank {root} in a job of one worker");
+        anyhow::ensure!(
+            root == 0,
+            "broadcast from rank {root} in a job of one worker"
+        );
         Ok(())
     }
     fn barrier(&mut self) -> Result<()> {

@@ -62,8 +62,8 @@ impl RingListener {
     /// Binds `addr` (`127.0.0.1:0` for any free loopback port; a routable address for
     /// multi-machine jobs).
     pub fn bind(addr: &str) -> Result<RingListener> {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("binding the collective listener on {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .with_context(|| format!("binding the collective listener on {addr}"))?;
         Ok(RingListener { listener })
     }
 
@@ -79,7 +79,13 @@ impl RingListener {
             bail!("rank {rank} is outside a ring of {world}");
         }
         if world == 1 {
-            return Ok(TcpRing { rank, world, links: None, broken: None, scratch: Vec::new() });
+            return Ok(TcpRing {
+                rank,
+                world,
+                links: None,
+                broken: None,
+                scratch: Vec::new(),
+            });
         }
         let deadline = Instant::now() + options.connect_timeout;
         let next_rank = (rank + 1) % world;
@@ -88,7 +94,9 @@ impl RingListener {
         let (next, prev) = thread::scope(|s| {
             let dial = s.spawn(|| dial(next_addr, rank, world, options.session, deadline));
             let prev = accept(&self.listener, prev_rank, world, options.session, deadline);
-            let next = dial.join().map_err(|_| anyhow!("the ring connect thread panicked"))?;
+            let next = dial
+                .join()
+                .map_err(|_| anyhow!("the ring connect thread panicked"))?;
             Ok::<_, anyhow::Error>((
                 next.with_context(|| format!("connecting to rank {next_rank} at {next_addr}"))?,
                 prev.with_context(|| format!("waiting for rank {prev_rank} to connect"))?,
@@ -107,7 +115,13 @@ impl RingListener {
             next_rank,
             prev_rank,
         };
-        Ok(TcpRing { rank, world, links: Some(links), broken: None, scratch: Vec::new() })
+        Ok(TcpRing {
+            rank,
+            world,
+            links: Some(links),
+            broken: None,
+            scratch: Vec::new(),
+        })
     }
 }
 
@@ -131,7 +145,13 @@ fn hello(rank: usize, world: usize, session: u64) -> [u8; 20] {
     h
 }
 
-fn dial(addr: &str, rank: usize, world: usize, session: u64, deadline: Instant) -> Result<TcpStream> {
+fn dial(
+    addr: &str,
+    rank: usize,
+    world: usize,
+    session: u64,
+    deadline: Instant,
+) -> Result<TcpStream> {
     let mut backoff = Duration::from_millis(20);
     loop {
         let attempt = addr
@@ -145,7 +165,9 @@ fn dial(addr: &str, rank: usize, world: usize, session: u64, deadline: Instant) 
             });
         match attempt {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() + backoff >= deadline => return Err(e.context("gave up retrying")),
+            Err(e) if Instant::now() + backoff >= deadline => {
+                return Err(e.context("gave up retrying"));
+            }
             Err(_) => {
                 thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -156,21 +178,33 @@ fn dial(addr: &str, rank: usize, world: usize, session: u64, deadline: Instant) 
 
 /// Accepts connections until the expected predecessor arrives; strangers (wrong magic,
 /// session, world or rank) are dropped and waiting continues.
-fn accept(listener: &TcpListener, prev_rank: usize, world: usize, session: u64, deadline: Instant) -> Result<TcpStream> {
+fn accept(
+    listener: &TcpListener,
+    prev_rank: usize,
+    world: usize,
+    session: u64,
+    deadline: Instant,
+) -> Result<TcpStream> {
     listener.set_nonblocking(true)?;
     let expected = hello(prev_rank, world, session);
     loop {
         match listener.accept() {
             Ok((mut stream, peer)) => {
                 stream.set_nonblocking(false)?;
-                stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100))))?;
+                stream.set_read_timeout(Some(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(100)),
+                ))?;
                 let mut got = [0u8; 20];
                 match stream.read_exact(&mut got) {
                     Ok(()) if got == expected => {
                         listener.set_nonblocking(false)?;
                         return Ok(stream);
                     }
-                    _ => tracing::warn!(%peer, "ignoring a connection that is not this ring's rank {prev_rank}"),
+                    _ => {
+                        tracing::warn!(%peer, "ignoring a connection that is not this ring's rank {prev_rank}")
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -233,7 +267,8 @@ impl TcpRing {
     /// waiting for a timeout) and marks the ring broken.
     fn guarded(&mut self, what: &str, op: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
         self.ensure_usable()?;
-        let result = op(self).with_context(|| format!("{what} on rank {} of {}", self.rank, self.world));
+        let result =
+            op(self).with_context(|| format!("{what} on rank {} of {}", self.rank, self.world));
         if let Err(e) = &result {
             self.broken = Some(format!("{e:#}"));
             if let Some(links) = &self.links {
@@ -245,11 +280,28 @@ impl TcpRing {
 
     /// One ring step: sends `buf[send]` to the next rank while receiving the previous
     /// rank's chunk into `buf[recv]` (adding or copying).
-    fn step(&mut self, buf: &mut [f32], send: Range<usize>, recv: Range<usize>, apply: Apply) -> Result<()> {
-        let Some(links) = self.links.as_mut() else { return Ok(()) };
+    fn step(
+        &mut self,
+        buf: &mut [f32],
+        send: Range<usize>,
+        recv: Range<usize>,
+        apply: Apply,
+    ) -> Result<()> {
+        let Some(links) = self.links.as_mut() else {
+            return Ok(());
+        };
         let (send_part, recv_part) = split_disjoint(buf, send, recv);
         let scratch = &mut self.scratch;
-        let Links { next, prev, next_ctl, prev_ctl, send_seq, recv_seq, next_rank, prev_rank } = links;
+        let Links {
+            next,
+            prev,
+            next_ctl,
+            prev_ctl,
+            send_seq,
+            recv_seq,
+            next_rank,
+            prev_rank,
+        } = links;
         thread::scope(|s| {
             let sender = s.spawn(|| {
                 let r = send_segments(next, send_seq, send_part);
@@ -262,7 +314,9 @@ impl TcpRing {
             if received.is_err() {
                 let _ = next_ctl.shutdown(Shutdown::Both);
             }
-            let sent = sender.join().map_err(|_| anyhow!("the ring send thread panicked"))?;
+            let sent = sender
+                .join()
+                .map_err(|_| anyhow!("the ring send thread panicked"))?;
             sent.with_context(|| format!("sending to rank {next_rank}"))?;
             received.with_context(|| format!("receiving from rank {prev_rank}"))
         })
@@ -281,7 +335,13 @@ fn send_segments(stream: &mut TcpStream, seq: &mut u32, data: &[f32]) -> Result<
     Ok(())
 }
 
-fn recv_segments(stream: &mut TcpStream, seq: &mut u32, into: &mut [f32], apply: Apply, scratch: &mut Vec<f32>) -> Result<()> {
+fn recv_segments(
+    stream: &mut TcpStream,
+    seq: &mut u32,
+    into: &mut [f32],
+    apply: Apply,
+    scratch: &mut Vec<f32>,
+) -> Result<()> {
     if into.is_empty() {
         return read_frame(stream, seq, &mut []);
     }
@@ -290,7 +350,11 @@ fn recv_segments(stream: &mut TcpStream, seq: &mut u32, into: &mut [f32], apply:
             Apply::Copy => read_frame(stream, seq, bytemuck::cast_slice_mut(segment))?,
             Apply::Add => {
                 scratch.resize(segment.len(), 0.0);
-                read_frame(stream, seq, bytemuck::cast_slice_mut(scratch.as_mut_slice()))?;
+                read_frame(
+                    stream,
+                    seq,
+                    bytemuck::cast_slice_mut(scratch.as_mut_slice()),
+                )?;
                 for (acc, x) in segment.iter_mut().zip(scratch.iter()) {
                     *acc += *x;
                 }
@@ -366,17 +430,30 @@ impl Collective for TcpRing {
         // further down the chain work on segment i while earlier ones forward i+1.
         let distance = (r + w - root) % w;
         self.guarded("ring broadcast", |ring| {
-            let Some(links) = ring.links.as_mut() else { return Ok(()) };
-            let pieces: Vec<&mut [f32]> =
-                if buf.is_empty() { vec![&mut buf[..]] } else { buf.chunks_mut(SEGMENT_FLOATS).collect() };
+            let Some(links) = ring.links.as_mut() else {
+                return Ok(());
+            };
+            let pieces: Vec<&mut [f32]> = if buf.is_empty() {
+                vec![&mut buf[..]]
+            } else {
+                buf.chunks_mut(SEGMENT_FLOATS).collect()
+            };
             for piece in pieces {
                 if distance > 0 {
-                    read_frame(&mut links.prev, &mut links.recv_seq, bytemuck::cast_slice_mut(piece))
-                        .with_context(|| format!("receiving from rank {}", links.prev_rank))?;
+                    read_frame(
+                        &mut links.prev,
+                        &mut links.recv_seq,
+                        bytemuck::cast_slice_mut(piece),
+                    )
+                    .with_context(|| format!("receiving from rank {}", links.prev_rank))?;
                 }
                 if distance < w - 1 {
-                    write_frame(&mut links.next, &mut links.send_seq, bytemuck::cast_slice(piece))
-                        .with_context(|| format!("sending to rank {}", links.next_rank))?;
+                    write_frame(
+                        &mut links.next,
+                        &mut links.send_seq,
+                        bytemuck::cast_slice(piece),
+                    )
+                    .with_context(|| format!("sending to rank {}", links.next_rank))?;
                 }
             }
             Ok(())
@@ -402,8 +479,13 @@ mod tests {
 
     /// Starts `world` ranks as threads with real loopback sockets and runs `f` on each.
     fn with_ring<T: Send>(world: usize, f: impl Fn(&mut TcpRing) -> T + Sync) -> Vec<T> {
-        let listeners: Vec<RingListener> = (0..world).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
-        let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+        let listeners: Vec<RingListener> = (0..world)
+            .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
         let options = RingOptions {
             connect_timeout: Duration::from_secs(20),
             io_timeout: Duration::from_secs(20),
@@ -427,13 +509,25 @@ mod tests {
 
     /// Rank r's input: small integers, so every partial sum is exact in f32.
     fn input(rank: usize, n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7 + rank * 13) % 101) as f32 - 50.0).collect()
+        (0..n)
+            .map(|i| ((i * 7 + rank * 13) % 101) as f32 - 50.0)
+            .collect()
     }
 
     #[test]
     fn all_reduce_is_the_exact_mean_on_every_rank() {
         for world in 1..=4 {
-            for n in [0, 1, 2, 3, 5, 17, 1000, SEGMENT_FLOATS + 3, 3 * SEGMENT_FLOATS + 1] {
+            for n in [
+                0,
+                1,
+                2,
+                3,
+                5,
+                17,
+                1000,
+                SEGMENT_FLOATS + 3,
+                3 * SEGMENT_FLOATS + 1,
+            ] {
                 let results = with_ring(world, |ring| {
                     let mut buf = input(ring.rank(), n);
                     ring.all_reduce_mean(&mut buf).unwrap();
@@ -445,7 +539,10 @@ mod tests {
                     .collect();
                 for (rank, got) in results.iter().enumerate() {
                     assert_eq!(got.len(), n);
-                    let same = got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                    let same = got
+                        .iter()
+                        .zip(&expected)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "world {world}, n {n}, rank {rank}");
                 }
             }
@@ -465,7 +562,9 @@ mod tests {
             sums
         });
         for sums in &results {
-            let expected: Vec<f32> = (0..20).map(|round| (round as f32 * 3.0 + 3.0) / 3.0).collect();
+            let expected: Vec<f32> = (0..20)
+                .map(|round| (round as f32 * 3.0 + 3.0) / 3.0)
+                .collect();
             assert_eq!(sums, &expected);
         }
     }
@@ -495,7 +594,13 @@ mod tests {
                 // Rank 2 leaves: its sockets close as the ring is dropped.
                 let dead = std::mem::replace(
                     ring,
-                    TcpRing { rank: 2, world: 3, links: None, broken: None, scratch: Vec::new() },
+                    TcpRing {
+                        rank: 2,
+                        world: 3,
+                        links: None,
+                        broken: None,
+                        scratch: Vec::new(),
+                    },
                 );
                 drop(dead);
                 return None;
@@ -521,9 +626,15 @@ mod tests {
             let mut s = TcpStream::connect(addr).unwrap();
             let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n....");
         });
-        let options = RingOptions { connect_timeout: Duration::from_millis(500), ..Default::default() };
+        let options = RingOptions {
+            connect_timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
         let peers = vec![addr.to_string(), "127.0.0.1:9".to_string()];
-        let err = listener.connect(0, &peers, &options).err().expect("must time out");
+        let err = listener
+            .connect(0, &peers, &options)
+            .err()
+            .expect("must time out");
         assert!(format!("{err:#}").contains("rank 1"), "{err:#}");
         stranger.join().unwrap();
     }

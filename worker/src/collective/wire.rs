@@ -26,15 +26,22 @@ pub(crate) fn write_frame(w: &mut impl Write, seq: &mut u32, payload: &[u8]) -> 
 /// Reads one frame of exactly `into.len()` bytes into `into` and verifies it.
 pub(crate) fn read_frame(r: &mut impl Read, seq: &mut u32, into: &mut [u8]) -> Result<()> {
     let mut header = [0u8; HEADER_BYTES];
-    r.read_exact(&mut header).context("reading a frame header")?;
+    r.read_exact(&mut header)
+        .context("reading a frame header")?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let got_seq = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     let crc = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     if got_seq != *seq {
-        bail!("frame {got_seq} arrived where frame {} was expected (ranks out of step)", *seq);
+        bail!(
+            "frame {got_seq} arrived where frame {} was expected (ranks out of step)",
+            *seq
+        );
     }
     if len != into.len() {
-        bail!("frame of {len} bytes where {} were expected (ranks disagree on buffer sizes)", into.len());
+        bail!(
+            "frame of {len} bytes where {} were expected (ranks disagree on buffer sizes)",
+            into.len()
+        );
     }
     r.read_exact(into).context("reading a frame payload")?;
     if crc32fast::hash(into) != crc {
@@ -48,7 +55,9 @@ pub(crate) fn read_frame(r: &mut impl Read, seq: &mut u32, into: &mut [u8]) -> R
 fn write_all_vectored(w: &mut impl Write, header: &[u8], payload: &[u8]) -> Result<()> {
     let (mut h, mut p) = (header, payload);
     while !h.is_empty() {
-        let n = w.write_vectored(&[IoSlice::new(h), IoSlice::new(p)]).context("writing a frame")?;
+        let n = w
+            .write_vectored(&[IoSlice::new(h), IoSlice::new(p)])
+            .context("writing a frame")?;
         if n == 0 {
             bail!("connection closed while writing a frame");
         }

@@ -1,0 +1,97 @@
+//! `run_dir/journal.jsonl`: the coordinator's append-only record of what happened to the
+//! job (generations started and failed, checkpoints committed, the end), one JSON object
+//! per line, each fsynced. A restarted coordinator reads it back to learn how far the job
+//! got and how many restarts it has used.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const JOURNAL_FILE: &str = "journal.jsonl";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Entry {
+    /// A coordinator process took charge of the job.
+    CoordinatorStarted {
+        start_step: u64,
+        resumed_from: Option<PathBuf>,
+    },
+    GenerationStarted {
+        generation: u64,
+        start_step: u64,
+        world_size: usize,
+    },
+    GenerationFailed {
+        generation: u64,
+        reason: String,
+        restart: u32,
+    },
+    CheckpointCommitted {
+        step: u64,
+        dir: PathBuf,
+        seconds: f64,
+    },
+    CheckpointFailed {
+        step: u64,
+        reason: String,
+    },
+    JobFinished {
+        step: u64,
+    },
+    JobStopped {
+        reason: String,
+    },
+}
+
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+}
+
+impl Journal {
+    pub fn open(run_dir: &Path) -> Result<Journal> {
+        let path = run_dir.join(JOURNAL_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the job journal {}", path.display()))?;
+        Ok(Journal { file, path })
+    }
+
+    pub fn append(&mut self, entry: &Entry) -> Result<()> {
+        let mut line = serde_json::to_string(entry)?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.sync_data())
+            .with_context(|| format!("cannot write the job journal {}", self.path.display()))
+    }
+}
+
+/// The entries of `run_dir`'s journal (none if it has none). A torn last line (the
+/// coordinator died mid-write) is ignored.
+pub fn read(run_dir: &Path) -> Result<Vec<Entry>> {
+    let path = run_dir.join(JOURNAL_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Restarts used so far by the job whose journal this is.
+pub fn restarts_used(entries: &[Entry]) -> u32 {
+    entries
+        .iter()
+        .filter(|e| matches!(e, Entry::GenerationFailed { .. }))
+        .count() as u32
+}

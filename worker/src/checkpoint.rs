@@ -1,0 +1,241 @@
+//! Writing and loading checkpoints (the layout and commit protocol are in
+//! `bertrain_coordinator::checkpoints`).
+//!
+//! Rank 0 copies the master parameters and optimizer state into a [`Snapshot`] (a memcpy)
+//! and a background thread writes it while training goes on; the next checkpoint waits
+//! for the previous one to finish. The directory is built under a temporary name and
+//! renamed into place after its commit marker is written, so a crash at any moment leaves
+//! either no `step-N` directory or a complete one.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use bertrain_coordinator::checkpoints::{
+    self as layout, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, TrainerState, VOCAB_FILE,
+};
+use bertrain_model::params::{flat_to_hf, hf_to_flat};
+use bertrain_model::{BertConfig, ParamLayout, hf};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::optim::OptimizerState;
+
+/// HF's tokenizer settings file (dataprep writes it beside the vocabulary).
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// Everything a checkpoint holds, copied off the trainer.
+pub struct Snapshot {
+    pub config: BertConfig,
+    pub layout: ParamLayout,
+    pub params: Vec<f32>,
+    pub optimizer: OptimizerState,
+    pub trainer: TrainerState,
+    /// The vocabulary file to copy in (the dataset's).
+    pub vocab: PathBuf,
+}
+
+/// Writes `snapshot` as `checkpoints/step-N` (see the module docs). Returns the directory.
+pub fn write(checkpoints: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
+    let step = snapshot.trainer.step;
+    let name = layout::step_dir_name(step);
+    let target = checkpoints.join(&name);
+    if target.exists() {
+        // A resume starts from the newest valid checkpoint, so a step-N ahead of it is the
+        // debris of an interrupted write. A valid one is never overwritten.
+        if layout::verify(&target).is_ok() {
+            bail!(
+                "{} is already a committed checkpoint; refusing to overwrite it",
+                target.display()
+            );
+        }
+        fs::remove_dir_all(&target)
+            .with_context(|| format!("removing the incomplete {}", target.display()))?;
+    }
+    let tmp = checkpoints.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| {
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        hf::write_safetensors(
+            &tmp.join(MODEL_FILE),
+            &snapshot.layout,
+            &snapshot.params,
+            Some(meta),
+        )?;
+        write_optimizer(
+            &tmp.join(OPTIMIZER_FILE),
+            &snapshot.layout,
+            &snapshot.optimizer,
+        )?;
+        layout::write_synced(
+            &tmp.join(TRAINER_FILE),
+            &serde_json::to_vec_pretty(&snapshot.trainer)?,
+        )?;
+        layout::write_synced(
+            &tmp.join(CONFIG_FILE),
+            snapshot.config.to_hf_json().as_bytes(),
+        )?;
+        let vocab = fs::read(&snapshot.vocab)
+            .with_context(|| format!("cannot read {}", snapshot.vocab.display()))?;
+        layout::write_synced(&tmp.join(VOCAB_FILE), &vocab)?;
+        // The tokenizer's casing travels with the vocabulary when dataprep recorded it.
+        let tokenizer_config = snapshot.vocab.with_file_name(TOKENIZER_CONFIG_FILE);
+        if tokenizer_config.is_file() {
+            layout::write_synced(
+                &tmp.join(TOKENIZER_CONFIG_FILE),
+                &fs::read(&tokenizer_config)?,
+            )?;
+        }
+        layout::seal(&tmp, step)?;
+        fs::rename(&tmp, &target)
+            .with_context(|| format!("cannot move {} into place", target.display()))?;
+        layout::sync_dir(checkpoints)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing checkpoint {}", target.display())));
+    }
+    Ok(target)
+}
+
+/// The optimizer's moments as safetensors, `exp_avg.<param>` and `exp_avg_sq.<param>` in
+/// HF shapes, with the update count in the metadata.
+fn write_optimizer(path: &Path, layout: &ParamLayout, state: &OptimizerState) -> Result<()> {
+    let mut buffers = Vec::new();
+    for slot in &layout.slots {
+        for (prefix, values) in [
+            ("exp_avg", &state.exp_avg),
+            ("exp_avg_sq", &state.exp_avg_sq),
+        ] {
+            let bytes: Vec<u8> = flat_to_hf(slot, values)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            buffers.push((format!("{prefix}.{}", slot.name), slot.hf_shape(), bytes));
+        }
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, shape, bytes)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("step".to_string(), state.step.to_string())]);
+    let bytes = safetensors::serialize(views, Some(meta))?;
+    layout::write_synced(path, &bytes)
+}
+
+/// A checkpoint read back: parameters and optimizer state in `layout`'s order.
+pub struct Loaded {
+    pub params: Vec<f32>,
+    pub optimizer: OptimizerState,
+    pub trainer: TrainerState,
+}
+
+/// Loads a verified checkpoint directory into `layout` (built from the job's model config).
+pub fn load(dir: &Path, layout: &ParamLayout) -> Result<Loaded> {
+    let trainer = layout::verify(dir)?;
+    let model = hf::load_dir(dir, layout, 0)?;
+    if !model.initialised.is_empty() {
+        bail!(
+            "{}: checkpoint lacks {}",
+            dir.display(),
+            model.initialised.join(", ")
+        );
+    }
+    let path = dir.join(OPTIMIZER_FILE);
+    let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not safetensors", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)?;
+    let step = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{}: no optimizer step in the metadata", path.display()))?;
+    let mut optimizer = OptimizerState::new(layout.total);
+    optimizer.step = step;
+    for slot in &layout.slots {
+        for (prefix, out) in [
+            ("exp_avg", &mut optimizer.exp_avg),
+            ("exp_avg_sq", &mut optimizer.exp_avg_sq),
+        ] {
+            let name = format!("{prefix}.{}", slot.name);
+            let view = tensors
+                .tensor(&name)
+                .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
+            if view.shape() != slot.hf_shape().as_slice() || view.dtype() != Dtype::F32 {
+                bail!(
+                    "{}: tensor {name} has the wrong shape or type",
+                    path.display()
+                );
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            hf_to_flat(slot, &values, out);
+        }
+    }
+    Ok(Loaded {
+        params: model.flat,
+        optimizer,
+        trainer,
+    })
+}
+
+/// A checkpoint write running in the background.
+pub struct PendingWrite {
+    pub step: u64,
+    started: Instant,
+    thread: JoinHandle<Result<PathBuf>>,
+}
+
+/// The outcome of a background write.
+pub struct Written {
+    pub step: u64,
+    pub result: Result<PathBuf>,
+    pub seconds: f64,
+}
+
+impl PendingWrite {
+    pub fn start(checkpoints: PathBuf, snapshot: Snapshot) -> PendingWrite {
+        let step = snapshot.trainer.step;
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || write(&checkpoints, &snapshot))
+            .expect("spawning the checkpoint writer");
+        PendingWrite {
+            step,
+            started: Instant::now(),
+            thread,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the write to end.
+    pub fn finish(self) -> Written {
+        let result = self
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer panicked")));
+        Written {
+            step: self.step,
+            result,
+            seconds: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
