@@ -3,54 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-
-/// A job file for a small model without dropout (so that runs that cut the same global
-/// batch differently must agree), on the shared test dataset.
-fn write_job(dir: &Path, data: &Path) -> PathBuf {
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap())
-            .unwrap();
-    let model = serde_json::json!({
-        "vocab_size": manifest["vocab_size"], "hidden_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-        "max_position_embeddings": 64, "type_vocab_size": 2, "initializer_range": 0.02,
-        "layer_norm_eps": 1e-12
-    });
-    std::fs::write(dir.join("model.json"), model.to_string()).unwrap();
-    let job = format!(
-        r#"
-[job]
-name = "equivalence"
-[model]
-config = "model.json"
-[data]
-manifest = "{data}/data/manifest.json"
-validation_manifest = "{data}/data/validation/manifest.json"
-[train]
-global_batch_size = 16
-micro_batch_size = 8
-max_steps = 6
-lr = 1e-3
-warmup_steps = 2
-seed = 7
-[eval]
-every_steps = 3
-max_batches = 2
-[cluster]
-world_size = 2
-heartbeat_timeout_s = 30
-"#,
-        data = data.display()
-    );
-    let path = dir.join("job.toml");
-    std::fs::write(&path, job).unwrap();
-    path
-}
 
 fn launch(job: &Path, run_dir: &Path, sets: &[&str]) {
     let mut c = bertrain();
@@ -85,7 +41,7 @@ fn max_abs_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
 fn data_parallel_equals_one_worker_and_gradient_accumulation() {
     let data = dataset();
     let tmp = TempDir::new("equivalence");
-    let job = write_job(tmp.path(), data);
+    let job = write_job(tmp.path(), data, 0.0);
     let runs = [
         ("two-workers", vec![]),
         (
@@ -129,7 +85,7 @@ fn data_parallel_equals_one_worker_and_gradient_accumulation() {
 fn a_run_repeats_bit_for_bit() {
     let data = dataset();
     let tmp = TempDir::new("repeat");
-    let job = write_job(tmp.path(), data);
+    let job = write_job(tmp.path(), data, 0.0);
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
     launch(&job, &a, &["train.max_steps=3"]);

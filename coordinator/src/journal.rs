@@ -1,7 +1,7 @@
 //! `run_dir/journal.jsonl`: the coordinator's append-only record of what happened to the
 //! job (generations started and failed, checkpoints committed, the end), one JSON object
-//! per line, each fsynced. A restarted coordinator reads it back to learn how far the job
-//! got and how many restarts it has used.
+//! per line, each fsynced. A restarted coordinator reads it back to check that the newest
+//! checkpoint it committed is still there.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -88,10 +88,13 @@ pub fn read(run_dir: &Path) -> Result<Vec<Entry>> {
         .collect())
 }
 
-/// Restarts used so far by the job whose journal this is.
-pub fn restarts_used(entries: &[Entry]) -> u32 {
+/// The newest checkpoint the journal records as committed.
+pub fn last_committed(entries: &[Entry]) -> Option<u64> {
     entries
         .iter()
-        .filter(|e| matches!(e, Entry::GenerationFailed { .. }))
-        .count() as u32
+        .filter_map(|e| match e {
+            Entry::CheckpointCommitted { step, .. } => Some(*step),
+            _ => None,
+        })
+        .max()
 }

@@ -2,9 +2,12 @@
 //!
 //! Starts `bertrain coordinator` and N `bertrain worker` processes from this same
 //! executable, prefixes their output (`[coord]`, `[w0]`, ...; a worker's rank is only
-//! known after it joins, so workers are named by start order), forwards Ctrl-C/SIGTERM,
-//! and makes sure no child outlives it: when the coordinator ends or any worker fails,
-//! the rest are stopped (SIGTERM, then SIGKILL after a grace period) and reaped.
+//! known after it joins, so workers are named by start order), forwards Ctrl-C/SIGTERM to
+//! the coordinator (which has the workers checkpoint and stop), restarts a worker that
+//! dies while the job goes on (it rejoins; the job continues from its latest checkpoint),
+//! and makes sure no child outlives it: when the coordinator ends, the rest are stopped
+//! (SIGTERM, then SIGKILL after a grace period) and reaped. Children run in their own
+//! process group, so a terminal's Ctrl-C reaches only launch, which forwards it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -44,6 +47,8 @@ pub struct LaunchArgs {
 
 struct Proc {
     name: String,
+    /// Arguments to `bertrain`, kept to start the process again.
+    args: Vec<String>,
     child: Child,
     status: Option<ExitStatus>,
 }
@@ -64,19 +69,18 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     let coordinator_addr = format!("127.0.0.1:{port}");
     overrides.push(format!("cluster.http=\"127.0.0.1:{http_port}\"").parse()?);
 
-    let exe = std::env::current_exe().context("finding the bertrain executable")?;
-    let mut coordinator = Command::new(&exe);
-    coordinator
-        .arg("coordinator")
-        .arg("--config")
-        .arg(&args.config)
-        .arg("--listen")
-        .arg(&coordinator_addr);
+    let mut coordinator: Vec<String> = vec![
+        "coordinator".into(),
+        "--config".into(),
+        args.config.display().to_string(),
+        "--listen".into(),
+        coordinator_addr.clone(),
+    ];
     for o in &overrides {
-        coordinator.arg("--set").arg(&o.source);
+        coordinator.extend(["--set".into(), o.source.clone()]);
     }
     if args.resume {
-        coordinator.arg("--resume");
+        coordinator.push("--resume".into());
     }
     tracing::info!(
         workers, coordinator = %coordinator_addr, status = %format!("http://127.0.0.1:{http_port}/"),
@@ -84,13 +88,13 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     );
     let mut procs = vec![start("coord", coordinator)?];
     for i in 0..workers {
-        let mut worker = Command::new(&exe);
-        worker
-            .arg("worker")
-            .arg("--coordinator")
-            .arg(&coordinator_addr)
-            .arg("--token-file")
-            .arg(&token_file);
+        let worker = vec![
+            "worker".into(),
+            "--coordinator".into(),
+            coordinator_addr.clone(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+        ];
         match start(&format!("w{i}"), worker) {
             Ok(p) => procs.push(p),
             Err(e) => {
@@ -99,7 +103,7 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             }
         }
     }
-    supervise(&mut procs)
+    supervise(&mut procs, job.cluster.max_restarts)
 }
 
 /// Two distinct free loopback ports (coordinator, HTTP). Both listeners are held until
@@ -111,7 +115,10 @@ fn free_ports() -> Result<(u16, u16)> {
     Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
-fn start(name: &str, mut command: Command) -> Result<Proc> {
+fn start(name: &str, args: Vec<String>) -> Result<Proc> {
+    let exe = std::env::current_exe().context("finding the bertrain executable")?;
+    let mut command = Command::new(exe);
+    command.args(&args);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -121,6 +128,7 @@ fn start(name: &str, mut command: Command) -> Result<Proc> {
     unsafe {
         command.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            libc::setpgid(0, 0);
             Ok(())
         });
     }
@@ -135,6 +143,7 @@ fn start(name: &str, mut command: Command) -> Result<Proc> {
     }
     Ok(Proc {
         name: name.to_string(),
+        args,
         child,
         status: None,
     })
@@ -167,14 +176,22 @@ fn relay(prefix: String, pipe: impl Read + Send + 'static, to_stderr: bool) {
     });
 }
 
-/// Waits for the job to end, stopping everything when the coordinator exits, a worker
-/// fails, or launch itself is told to stop.
-fn supervise(procs: &mut [Proc]) -> Result<()> {
+/// Waits for the job to end: signals go to the coordinator, a dead worker is started
+/// again (at most `max_restarts` times per worker), and when the coordinator exits the
+/// remaining workers are stopped.
+fn supervise(procs: &mut [Proc], max_restarts: u32) -> Result<()> {
+    let mut forwarded = 0;
+    let mut restarts = vec![0u32; procs.len()];
     loop {
-        if let Some(signal) = signals::received() {
-            tracing::warn!("received signal {signal}; stopping the job");
-            stop_all(procs, signal);
-            bail!("interrupted by signal {signal}");
+        let received = signals::count();
+        if received > forwarded {
+            forwarded = received;
+            let signal = signals::received().unwrap_or(libc::SIGTERM);
+            tracing::warn!("received signal {signal}; asking the coordinator to checkpoint and stop the job");
+            if procs[0].status.is_none() {
+                // SAFETY: kill(2) on our own unreaped child.
+                unsafe { libc::kill(procs[0].child.id() as libc::pid_t, signal) };
+            }
         }
         for i in 0..procs.len() {
             if procs[i].status.is_some() {
@@ -196,18 +213,16 @@ fn supervise(procs: &mut [Proc]) -> Result<()> {
                 }
                 bail!("the job failed (coordinator {})", describe(status));
             }
-            if !status.success() {
+            if !status.success() && forwarded == 0 {
                 let name = procs[i].name.clone();
-                tracing::error!("worker {name} {}; stopping the job", describe(status));
-                stop_all(procs, libc::SIGTERM);
-                let coordinator = procs[0]
-                    .status
-                    .map(describe)
-                    .unwrap_or_else(|| "killed".into());
-                bail!(
-                    "the job failed: worker {name} {} (coordinator {coordinator})",
-                    describe(status)
-                );
+                if restarts[i] >= max_restarts {
+                    tracing::error!("worker {name} {}; it was restarted {max_restarts} time(s) already", describe(status));
+                    continue;
+                }
+                restarts[i] += 1;
+                tracing::warn!("worker {name} {}; starting it again (restart {} of {max_restarts})", describe(status), restarts[i]);
+                let args = procs[i].args.clone();
+                procs[i] = start(&name, args)?;
             }
         }
         thread::sleep(POLL);

@@ -481,7 +481,7 @@ struct Machine {
     journal: Journal,
     /// The checkpoint the next generation loads (`None`: fresh initialisation).
     resume_from: Option<PathBuf>,
-    /// Generations restarted so far (counted over coordinator restarts, from the journal).
+    /// Generations restarted by this coordinator process.
     restarts: u32,
     /// Set once the job was interrupted: the workers are checkpointing before they stop.
     stopping: Option<String>,
@@ -495,7 +495,18 @@ impl Machine {
         board: Arc<StatusBoard>,
     ) -> Result<Machine> {
         let world = c.job.cluster.world_size as usize;
-        let restarts = journal::restarts_used(&journal::read(&c.job.job.run_dir)?);
+        let history = journal::read(&c.job.job.run_dir)?;
+        if let Some(committed) = journal::last_committed(&history)
+            && committed > c.start_step
+            && c.job.job.resume == Resume::Auto
+        {
+            tracing::warn!(
+                "the journal records a committed checkpoint at step {committed}, but the newest usable one is at step {}; \
+                 the newer ones were damaged or removed",
+                c.start_step
+            );
+        }
+        let restarts = 0;
         let mut journal = Journal::open(&c.job.job.run_dir)?;
         journal.append(&Entry::CoordinatorStarted {
             start_step: c.start_step,
@@ -985,6 +996,7 @@ impl Machine {
         self.evals = Gather::new(world);
         self.model_hash = None;
         self.phase = Phase::Rendezvous;
+        self.last_progress = Instant::now();
         self.progress = ProgressLine::new(self.start_step, self.job.train.max_steps);
         let restarts = self.restarts;
         self.board.update(|s| s.restarts = restarts);
@@ -1043,6 +1055,18 @@ impl Machine {
                     "no step completed for {limit} s (cluster.step_timeout_s; a hung collective or a stuck worker?): {}",
                     behind.join(", ")
                 ));
+            }
+        } else if self.generation > 0 {
+            // After a failed generation the job waits for its workers to come back, but
+            // not forever: nobody may be left to restart them.
+            let limit = self.job.cluster.step_timeout_s;
+            if self.last_progress.elapsed().as_secs_f64() > limit {
+                return Flow::End(Err(anyhow::anyhow!(
+                    "only {} of {} workers rejoined within {limit} s (cluster.step_timeout_s) after the last restart; \
+                     restart the missing workers and run the coordinator again with --resume",
+                    self.waiting.len(),
+                    self.world_size()
+                )));
             }
         }
         Flow::Continue

@@ -204,3 +204,178 @@ pub fn final_weights(run_dir: &Path) -> Vec<(String, Vec<f32>)> {
             .join("model.safetensors"),
     )
 }
+
+/// A job file for a small model (hidden 32, 2 layers) on the shared test dataset: 16
+/// sequences per step over 2 workers, 6 steps, evaluation every 3. Tests change it with
+/// `--set`. With `dropout` 0, runs that cut the same global batch differently must agree.
+pub fn write_job(dir: &Path, data: &Path, dropout: f64) -> PathBuf {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap()).unwrap();
+    let model = serde_json::json!({
+        "vocab_size": manifest["vocab_size"], "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
+        "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
+        "max_position_embeddings": 64, "type_vocab_size": 2, "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12
+    });
+    std::fs::write(dir.join("model.json"), model.to_string()).unwrap();
+    let job = format!(
+        r#"
+[job]
+name = "e2e"
+[model]
+config = "model.json"
+[data]
+manifest = "{data}/data/manifest.json"
+validation_manifest = "{data}/data/validation/manifest.json"
+[train]
+global_batch_size = 16
+micro_batch_size = 8
+max_steps = 6
+lr = 1e-3
+warmup_steps = 2
+seed = 7
+[checkpoint]
+every_steps = 1000
+keep_last = 3
+[eval]
+every_steps = 3
+max_batches = 2
+[cluster]
+world_size = 2
+heartbeat_timeout_s = 30
+"#,
+        data = data.display()
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, job).unwrap();
+    path
+}
+
+/// Total training rows of the shared dataset.
+pub fn dataset_rows(data: &Path) -> u64 {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap()).unwrap();
+    manifest["shards"].as_array().unwrap().iter().map(|s| s["rows"].as_u64().unwrap()).sum()
+}
+
+/// A child started in the background whose output is collected; killed and reaped when
+/// dropped.
+pub struct Running {
+    pub child: Reaped,
+    output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn start(mut command: Command) -> Running {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = command.spawn().expect("spawning bertrain");
+        let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        let pipes: [Option<Box<dyn Read + Send>>; 2] = [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ];
+        for pipe in pipes.into_iter().flatten() {
+            let output = output.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut pipe = pipe;
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            }));
+        }
+        Running { child: Reaped(child), output, readers }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child, not yet reaped (Reaped waits only on drop).
+        unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+    }
+
+    /// Waits for the child to exit within `limit` (else fails the test with its output).
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit within {limit:?}; output:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.0.try_wait().unwrap()
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, failing the test after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Optimizer steps recorded in a run's `metrics.jsonl` so far.
+pub fn steps_logged(run_dir: &Path) -> usize {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .map(|t| t.lines().filter(|l| l.ends_with('}') && !l.contains("\"split\"")).count())
+        .unwrap_or(0)
+}
+
+/// The step `checkpoints/latest` names, if any.
+pub fn latest_checkpoint(run_dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(run_dir.join("checkpoints/latest")).ok()?;
+    text.trim().strip_prefix("step-")?.parse().ok()
+}
+
+/// `(step, loss)` of every training step in `metrics.jsonl`.
+pub fn step_losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    metrics(run_dir)
+        .iter()
+        .filter(|v| v.get("split").is_none())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Processes whose parent is `parent` and whose command line contains `word`.
+pub fn children_with(parent: u32, word: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the command name (which may contain spaces) start after ") ".
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let ppid: u32 = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if ppid == parent && String::from_utf8_lossy(&cmdline).contains(word) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A free loopback port (the listener is closed again, so it could be taken meanwhile;
+/// fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

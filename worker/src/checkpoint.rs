@@ -67,6 +67,7 @@ pub fn write(checkpoints: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
             &snapshot.params,
             Some(meta),
         )?;
+        crash_if_injected(step);
         write_optimizer(
             &tmp.join(OPTIMIZER_FILE),
             &snapshot.layout,
@@ -101,6 +102,32 @@ pub fn write(checkpoints: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
         return Err(e.context(format!("writing checkpoint {}", target.display())));
     }
     Ok(target)
+}
+
+/// Fault injection for the crash tests: with `BERTRAIN_CRASH_WRITING_STEP=N:MARKER` the
+/// process dies (abort: no cleanup, like a SIGKILL) halfway through writing the checkpoint
+/// of step N, once: only if the file MARKER does not exist yet (it is created first).
+fn crash_if_injected(step: u64) {
+    let Ok(spec) = std::env::var("BERTRAIN_CRASH_WRITING_STEP") else { return };
+    let Some((at, marker)) = spec.split_once(':') else { return };
+    if at.trim() == step.to_string() && fs::File::create_new(marker).is_ok() {
+        eprintln!("BERTRAIN_CRASH_WRITING_STEP={step}: dying in the middle of the checkpoint write");
+        std::process::abort();
+    }
+}
+
+/// Removes `.step-N.partial-PID` directories: writes that a dead process left behind. Only
+/// called by the one writer of a generation, before it writes anything.
+pub fn remove_partial_writes(checkpoints: &Path) -> Result<()> {
+    for entry in fs::read_dir(checkpoints).with_context(|| format!("cannot list {}", checkpoints.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && name.contains(".partial-") {
+            tracing::info!("removing {name}, an interrupted checkpoint write");
+            fs::remove_dir_all(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// The optimizer's moments as safetensors, `exp_avg.<param>` and `exp_avg_sq.<param>` in

@@ -8,12 +8,11 @@
 //! small cache of decoded blocks serves every read.
 
 use std::collections::{HashMap, VecDeque};
-use std::ops::Range;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
-use bertrain_coordinator::plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW};
+use bertrain_coordinator::plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW, SampleRef};
 use bertrain_dataprep::{Instance, Manifest, read_rows};
 
 use crate::batch::HostBatch;
@@ -46,11 +45,10 @@ impl SampleSource {
         &self.plan
     }
 
-    /// The instances at global samples `range`, in order.
-    pub fn read(&mut self, range: Range<u64>) -> Result<Vec<Instance>> {
-        let refs = self.plan.samples(range);
-        let mut out = Vec::with_capacity(refs.len());
-        for sample in refs {
+    /// The instances at `samples`, in order.
+    pub fn read(&mut self, samples: &[SampleRef]) -> Result<Vec<Instance>> {
+        let mut out = Vec::with_capacity(samples.len());
+        for sample in samples {
             let block = sample.row / BLOCK_ROWS;
             let rows = self.block(sample.shard, block)?;
             out.push(rows[(sample.row - block * BLOCK_ROWS) as usize].clone());
@@ -92,6 +90,8 @@ pub struct BatchShape {
 /// One step's micro-batches for this rank, with the time spent producing them.
 pub struct StepData {
     pub step: u64,
+    /// Where this rank's samples of the step live, in order.
+    pub samples: Vec<SampleRef>,
     pub micro_batches: Vec<HostBatch>,
 }
 
@@ -159,13 +159,15 @@ pub fn step_data(source: &mut SampleSource, shape: BatchShape, step: u64) -> Res
     let range = source
         .plan()
         .rank_slice(step, shape.rank, shape.world, shape.global_batch);
-    let instances = source.read(range)?;
+    let samples = source.plan().samples(range);
+    let instances = source.read(&samples)?;
     let micro_batches = instances
         .chunks(shape.micro_batch)
         .map(HostBatch::collate)
         .collect();
     Ok(StepData {
         step,
+        samples,
         micro_batches,
     })
 }

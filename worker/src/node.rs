@@ -401,6 +401,7 @@ impl TrainRun<'_> {
         let mut saver = (rank == 0)
             .then(|| Saver::new(job, &prepared, world))
             .transpose()?;
+        let sample_trace = SampleTrace::from_env(rank)?;
 
         for step in welcome.start_step..t.max_steps {
             if let Some(stop) = client.stop_requested() {
@@ -411,6 +412,9 @@ impl TrainRun<'_> {
             let data = loader.next()?;
             let data_wait_s = started.elapsed().as_secs_f64();
             let lr = schedule.at(step);
+            if let Some(trace) = &sample_trace {
+                trace.record(step, &data.samples)?;
+            }
             let stats = trainer.step(
                 step,
                 rank,
@@ -519,6 +523,7 @@ impl Saver {
         let checkpoints = checkpoints::checkpoints_dir(&job.job.run_dir);
         std::fs::create_dir_all(&checkpoints)
             .with_context(|| format!("cannot create {}", checkpoints.display()))?;
+        checkpoint::remove_partial_writes(&checkpoints)?;
         Ok(Saver {
             checkpoints,
             config: prepared.config.clone(),
@@ -658,6 +663,40 @@ impl Evaluator {
             perplexity: s.mlm_loss.exp(),
             samples: self.shape.global_batch / self.shape.world as u64,
         })
+    }
+}
+
+/// With `BERTRAIN_TRACE_SAMPLES=DIR`, every rank appends `step shard row` for each sample
+/// it trains on to `DIR/samples-<pid>.txt`: how the tests check that a resumed epoch uses
+/// every sample exactly once. Off (and free) otherwise.
+struct SampleTrace {
+    file: std::fs::File,
+}
+
+impl SampleTrace {
+    fn from_env(rank: usize) -> Result<Option<SampleTrace>> {
+        let Some(dir) = std::env::var_os("BERTRAIN_TRACE_SAMPLES") else {
+            return Ok(None);
+        };
+        let path = Path::new(&dir).join(format!("samples-{}.txt", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("BERTRAIN_TRACE_SAMPLES: cannot open {}", path.display()))?;
+        tracing::debug!(rank, path = %path.display(), "tracing samples");
+        Ok(Some(SampleTrace { file }))
+    }
+
+    fn record(&self, step: u64, samples: &[bertrain_coordinator::SampleRef]) -> Result<()> {
+        use std::io::Write;
+        let mut text = String::new();
+        for s in samples {
+            text += &format!("{step} {} {}\n", s.shard, s.row);
+        }
+        (&self.file)
+            .write_all(text.as_bytes())
+            .context("BERTRAIN_TRACE_SAMPLES: write failed")
     }
 }
 

@@ -1,0 +1,281 @@
+//! Checkpoints, exact resume and fault tolerance, with real processes, real signals
+//! (SIGTERM, SIGKILL) and loopback TCP. Every faulty run is compared with one
+//! uninterrupted run of the same job: resuming from a committed checkpoint must reproduce
+//! it bit for bit (losses and parameters).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const STEPS: u64 = 120;
+const EVERY: u64 = 20;
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// The job of these tests: dropout on (its streams must resume exactly too), a checkpoint
+/// every 20 of 120 steps.
+fn job(dir: &Path) -> PathBuf {
+    write_job(dir, dataset(), 0.1)
+}
+
+fn sets() -> Vec<String> {
+    vec![
+        format!("train.max_steps={STEPS}"),
+        format!("checkpoint.every_steps={EVERY}"),
+        "eval.every_steps=40".into(),
+    ]
+}
+
+fn launch_command(job: &Path, run_dir: &Path, extra: &[String]) -> std::process::Command {
+    let mut c = bertrain();
+    c.arg("launch").arg("--config").arg(job);
+    c.arg("--set").arg(format!("job.run_dir={}", run_dir.display()));
+    for s in sets().iter().chain(extra) {
+        c.arg("--set").arg(s);
+    }
+    c
+}
+
+/// The uninterrupted run every test compares with (made once, shared read-only).
+fn reference() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("bertrain-e2e-reference-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let job = job(&dir);
+        let out = run_bounded(launch_command(&job, &dir.join("run"), &[]), LIMIT);
+        ok(&out);
+        dir.join("run")
+    })
+}
+
+fn assert_same_run(run: &Path, what: &str) {
+    let reference = reference();
+    assert_eq!(step_losses(run), step_losses(reference), "{what}: per-step losses differ from the uninterrupted run");
+    assert!(final_weights(run) == final_weights(reference), "{what}: final parameters differ from the uninterrupted run");
+}
+
+/// SIGTERM to `launch` (what Ctrl-C or a scheduler's preemption sends): the workers agree
+/// on a step, checkpoint it and stop; `launch --resume` continues to the same result.
+#[test]
+fn interrupted_run_resumes_bit_for_bit() {
+    reference();
+    let tmp = TempDir::new("interrupt");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    let mut first = Running::start(launch_command(&job, &run, &[]));
+    wait_until(LIMIT, "10 steps", || steps_logged(&run) >= 10);
+    first.signal(libc::SIGTERM);
+    let status = first.wait(LIMIT);
+    let log = first.output();
+    assert!(!status.success(), "an interrupted job does not report success\n{log}");
+    let stopped_at = latest_checkpoint(&run).expect("a checkpoint was committed on the way out");
+    assert!(stopped_at >= 10 && stopped_at < STEPS, "stopped at {stopped_at}\n{log}");
+    assert!(log.contains("continue with --resume"), "{log}");
+
+    let mut resume = launch_command(&job, &run, &[]);
+    resume.arg("--resume");
+    let out = run_bounded(resume, LIMIT);
+    ok(&out);
+    assert!(describe(&out).contains(&format!("step={stopped_at}")), "resumed from the checkpoint\n{}", describe(&out));
+    assert_same_run(&run, "interrupted and resumed");
+}
+
+/// Resuming with another world size (same global batch) continues the epoch: over the
+/// whole run, every sample is used exactly once.
+#[test]
+fn resume_at_another_world_size_uses_each_sample_once() {
+    let data = dataset();
+    let rows = dataset_rows(data);
+    let steps = rows / 16; // one epoch, less the remainder of a batch
+    assert!(steps >= 20, "the test dataset is too small ({rows} rows)");
+    let tmp = TempDir::new("elastic");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    let trace = tmp.path().join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let max = format!("train.max_steps={steps}");
+
+    let mut first = launch_command(&job, &run, std::slice::from_ref(&max));
+    first.env("BERTRAIN_TRACE_SAMPLES", &trace);
+    let mut first = Running::start(first);
+    wait_until(LIMIT, "5 steps", || steps_logged(&run) >= 5);
+    first.signal(libc::SIGTERM);
+    first.wait(LIMIT);
+    let stopped_at = latest_checkpoint(&run).expect("checkpoint on the way out");
+    assert!(stopped_at < steps, "the first run must stop before the end ({stopped_at} of {steps})");
+
+    let mut second = launch_command(&job, &run, &[max, "cluster.world_size=1".into()]);
+    second.arg("--resume").env("BERTRAIN_TRACE_SAMPLES", &trace);
+    ok(&run_bounded(second, LIMIT));
+
+    let mut seen = std::collections::HashMap::new();
+    let mut per_step = std::collections::BTreeMap::<u64, usize>::new();
+    for file in std::fs::read_dir(&trace).unwrap().flatten() {
+        for line in std::fs::read_to_string(file.path()).unwrap().lines() {
+            let f: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+            *per_step.entry(f[0]).or_default() += 1;
+            *seen.entry((f[1], f[2])).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(per_step.len() as u64, steps, "every step traced once");
+    assert!(per_step.values().all(|&n| n == 16), "16 samples per step over all ranks");
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "samples used twice: {repeated:?}");
+    assert_eq!(seen.len() as u64, steps * 16, "every sample of the epoch's first {steps} batches used once");
+}
+
+/// SIGKILL one worker of a `launch`ed job mid-run: the coordinator notices, restarts the
+/// generation from the latest checkpoint once launch has restarted the worker, and the
+/// job ends exactly as the uninterrupted run.
+#[test]
+fn killed_worker_is_replaced_and_the_result_is_exact() {
+    reference();
+    let tmp = TempDir::new("kill-worker");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    let mut launch = Running::start(launch_command(&job, &run, &[]));
+    wait_until(LIMIT, "a committed checkpoint", || latest_checkpoint(&run).is_some());
+    let workers = children_with(launch.pid(), "worker");
+    assert_eq!(workers.len(), 2, "{}", launch.output());
+    let killed_at = Instant::now();
+    // SAFETY: kill(2) on a process of this test's job.
+    unsafe { libc::kill(workers[1] as libc::pid_t, libc::SIGKILL) };
+    let status = launch.wait(LIMIT);
+    let log = launch.output();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("starting it again"), "launch restarted the worker\n{log}");
+    assert!(log.contains("restart 1 of"), "the coordinator restarted the generation\n{log}");
+    eprintln!("kill -> job end: {:.1} s", killed_at.elapsed().as_secs_f64());
+    assert_same_run(&run, "worker killed");
+}
+
+/// SIGKILL the coordinator mid-run and start it again with --resume: the workers (started
+/// by hand here, as a cluster's supervisor would) rejoin by themselves, and the job ends
+/// exactly as the uninterrupted run.
+#[test]
+fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
+    reference();
+    let tmp = TempDir::new("kill-coordinator");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let coordinator = |resume: bool| {
+        let mut c = bertrain();
+        c.arg("coordinator").arg("--config").arg(&job).arg("--listen").arg(&addr);
+        c.arg("--set").arg(format!("job.run_dir={}", run.display()));
+        c.arg("--set").arg(format!("cluster.http={http}"));
+        for s in sets() {
+            c.arg("--set").arg(s);
+        }
+        if resume {
+            c.arg("--resume");
+        }
+        Running::start(c)
+    };
+    let mut first = coordinator(false);
+    let token = run.join("token");
+    wait_until(LIMIT, "the job token", || token.exists());
+    let mut workers: Vec<Running> = (0..2)
+        .map(|_| {
+            let mut w = bertrain();
+            w.arg("worker").arg("--coordinator").arg(&addr).arg("--token-file").arg(&token);
+            Running::start(w)
+        })
+        .collect();
+    wait_until(LIMIT, "a committed checkpoint", || latest_checkpoint(&run).is_some());
+    first.signal(libc::SIGKILL);
+    first.wait(LIMIT);
+    let mut second = coordinator(true);
+    let status = second.wait(LIMIT);
+    assert!(status.success(), "{}", second.output());
+    for w in &mut workers {
+        let status = w.wait(LIMIT);
+        assert!(status.success(), "{}", w.output());
+    }
+    assert_same_run(&run, "coordinator killed");
+}
+
+/// A worker dies while writing a checkpoint: the partial one is never used (the job
+/// restarts from the previous committed one) and the job ends exactly as uninterrupted.
+#[test]
+fn crash_while_writing_a_checkpoint_keeps_the_previous_one() {
+    reference();
+    let tmp = TempDir::new("crash-writing");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    // Every worker carries the fault (only rank 0 writes checkpoints, so it is the one to
+    // die); it fires once, and launch restarts the dead worker.
+    let crash = 2 * EVERY;
+    let marker = tmp.path().join("crashed");
+    let mut launch = launch_command(&job, &run, &[]);
+    launch.env("BERTRAIN_CRASH_WRITING_STEP", format!("{crash}:{}", marker.display()));
+    let out = run_bounded(launch, LIMIT);
+    ok(&out);
+    let log = describe(&out);
+    assert!(log.contains("dying in the middle of the checkpoint write"), "{log}");
+    assert!(log.contains(&format!("continuing from step {EVERY}")), "restarted from the previous checkpoint\n{log}");
+    let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "the partial write was cleaned up: {leftovers:?}");
+    assert_same_run(&run, "crashed while checkpointing");
+}
+
+/// A damaged newest checkpoint (one flipped byte) and a truncated one before it: resume
+/// reports both and falls back to the one before; export refuses the damaged one.
+#[test]
+fn damaged_checkpoints_are_refused_and_resume_falls_back() {
+    let reference = reference();
+    let tmp = TempDir::new("damaged");
+    let run = tmp.path().join("run");
+    copy_dir(reference, &run);
+    let job = job(tmp.path());
+    let newest = run.join(format!("checkpoints/step-{STEPS:08}"));
+    let before = run.join(format!("checkpoints/step-{:08}", STEPS - EVERY));
+    let model = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&model, bytes).unwrap();
+    let optimizer = before.join("optimizer.safetensors");
+    let len = std::fs::metadata(&optimizer).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&optimizer).unwrap().set_len(len / 2).unwrap();
+
+    let mut export = bertrain();
+    export.arg("export").arg("--checkpoint").arg(&newest).arg("--output").arg(tmp.path().join("hf"));
+    let out = run_bounded(export, LIMIT);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.safetensors") && err.contains("checksum"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+
+    let mut resume = launch_command(&job, &run, &[]);
+    resume.arg("--resume");
+    let out = run_bounded(resume, LIMIT);
+    ok(&out);
+    let log = describe(&out);
+    assert!(log.contains(&format!("skipping checkpoint {}", newest.display())), "{log}");
+    assert!(log.contains(&format!("skipping checkpoint {}", before.display())), "{log}");
+    assert!(log.contains(&format!("step={}", STEPS - 2 * EVERY)), "resumed from the third newest\n{log}");
+    assert_same_run(&run, "resumed past damaged checkpoints");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
