@@ -32,7 +32,8 @@ fn sets() -> Vec<String> {
 fn launch_command(job: &Path, run_dir: &Path, extra: &[String]) -> std::process::Command {
     let mut c = bertrain();
     c.arg("launch").arg("--config").arg(job);
-    c.arg("--set").arg(format!("job.run_dir={}", run_dir.display()));
+    c.arg("--set")
+        .arg(format!("job.run_dir={}", run_dir.display()));
     for s in sets().iter().chain(extra) {
         c.arg("--set").arg(s);
     }
@@ -43,7 +44,8 @@ fn launch_command(job: &Path, run_dir: &Path, extra: &[String]) -> std::process:
 fn reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("bertrain-e2e-reference-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("bertrain-e2e-reference-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let job = job(&dir);
@@ -55,8 +57,15 @@ fn reference() -> &'static Path {
 
 fn assert_same_run(run: &Path, what: &str) {
     let reference = reference();
-    assert_eq!(step_losses(run), step_losses(reference), "{what}: per-step losses differ from the uninterrupted run");
-    assert!(final_weights(run) == final_weights(reference), "{what}: final parameters differ from the uninterrupted run");
+    assert_eq!(
+        step_losses(run),
+        step_losses(reference),
+        "{what}: per-step losses differ from the uninterrupted run"
+    );
+    assert!(
+        final_weights(run) == final_weights(reference),
+        "{what}: final parameters differ from the uninterrupted run"
+    );
 }
 
 /// SIGTERM to `launch` (what Ctrl-C or a scheduler's preemption sends): the workers agree
@@ -72,16 +81,26 @@ fn interrupted_run_resumes_bit_for_bit() {
     first.signal(libc::SIGTERM);
     let status = first.wait(LIMIT);
     let log = first.output();
-    assert!(!status.success(), "an interrupted job does not report success\n{log}");
+    assert!(
+        !status.success(),
+        "an interrupted job does not report success\n{log}"
+    );
     let stopped_at = latest_checkpoint(&run).expect("a checkpoint was committed on the way out");
-    assert!(stopped_at >= 10 && stopped_at < STEPS, "stopped at {stopped_at}\n{log}");
+    assert!(
+        stopped_at >= 10 && stopped_at < STEPS,
+        "stopped at {stopped_at}\n{log}"
+    );
     assert!(log.contains("continue with --resume"), "{log}");
 
     let mut resume = launch_command(&job, &run, &[]);
     resume.arg("--resume");
     let out = run_bounded(resume, LIMIT);
     ok(&out);
-    assert!(describe(&out).contains(&format!("step={stopped_at}")), "resumed from the checkpoint\n{}", describe(&out));
+    assert!(
+        describe(&out).contains(&format!("step={stopped_at}")),
+        "resumed from the checkpoint\n{}",
+        describe(&out)
+    );
     assert_same_run(&run, "interrupted and resumed");
 }
 
@@ -107,7 +126,10 @@ fn resume_at_another_world_size_uses_each_sample_once() {
     first.signal(libc::SIGTERM);
     first.wait(LIMIT);
     let stopped_at = latest_checkpoint(&run).expect("checkpoint on the way out");
-    assert!(stopped_at < steps, "the first run must stop before the end ({stopped_at} of {steps})");
+    assert!(
+        stopped_at < steps,
+        "the first run must stop before the end ({stopped_at} of {steps})"
+    );
 
     let mut second = launch_command(&job, &run, &[max, "cluster.world_size=1".into()]);
     second.arg("--resume").env("BERTRAIN_TRACE_SAMPLES", &trace);
@@ -123,10 +145,17 @@ fn resume_at_another_world_size_uses_each_sample_once() {
         }
     }
     assert_eq!(per_step.len() as u64, steps, "every step traced once");
-    assert!(per_step.values().all(|&n| n == 16), "16 samples per step over all ranks");
+    assert!(
+        per_step.values().all(|&n| n == 16),
+        "16 samples per step over all ranks"
+    );
     let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(repeated.is_empty(), "samples used twice: {repeated:?}");
-    assert_eq!(seen.len() as u64, steps * 16, "every sample of the epoch's first {steps} batches used once");
+    assert_eq!(
+        seen.len() as u64,
+        steps * 16,
+        "every sample of the epoch's first {steps} batches used once"
+    );
 }
 
 /// SIGKILL one worker of a `launch`ed job mid-run: the coordinator notices, restarts the
@@ -139,7 +168,9 @@ fn killed_worker_is_replaced_and_the_result_is_exact() {
     let job = job(tmp.path());
     let run = tmp.path().join("run");
     let mut launch = Running::start(launch_command(&job, &run, &[]));
-    wait_until(LIMIT, "a committed checkpoint", || latest_checkpoint(&run).is_some());
+    wait_until(LIMIT, "a committed checkpoint", || {
+        latest_checkpoint(&run).is_some()
+    });
     let workers = children_with(launch.pid(), "worker");
     assert_eq!(workers.len(), 2, "{}", launch.output());
     let killed_at = Instant::now();
@@ -148,9 +179,18 @@ fn killed_worker_is_replaced_and_the_result_is_exact() {
     let status = launch.wait(LIMIT);
     let log = launch.output();
     assert!(status.success(), "{log}");
-    assert!(log.contains("starting it again"), "launch restarted the worker\n{log}");
-    assert!(log.contains("restart 1 of"), "the coordinator restarted the generation\n{log}");
-    eprintln!("kill -> job end: {:.1} s", killed_at.elapsed().as_secs_f64());
+    assert!(
+        log.contains("starting it again"),
+        "launch restarted the worker\n{log}"
+    );
+    assert!(
+        log.contains("restart 1 of"),
+        "the coordinator restarted the generation\n{log}"
+    );
+    eprintln!(
+        "kill -> job end: {:.1} s",
+        killed_at.elapsed().as_secs_f64()
+    );
     assert_same_run(&run, "worker killed");
 }
 
@@ -167,7 +207,11 @@ fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
     let http = format!("127.0.0.1:{}", free_port());
     let coordinator = |resume: bool| {
         let mut c = bertrain();
-        c.arg("coordinator").arg("--config").arg(&job).arg("--listen").arg(&addr);
+        c.arg("coordinator")
+            .arg("--config")
+            .arg(&job)
+            .arg("--listen")
+            .arg(&addr);
         c.arg("--set").arg(format!("job.run_dir={}", run.display()));
         c.arg("--set").arg(format!("cluster.http={http}"));
         for s in sets() {
@@ -184,11 +228,17 @@ fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
     let mut workers: Vec<Running> = (0..2)
         .map(|_| {
             let mut w = bertrain();
-            w.arg("worker").arg("--coordinator").arg(&addr).arg("--token-file").arg(&token);
+            w.arg("worker")
+                .arg("--coordinator")
+                .arg(&addr)
+                .arg("--token-file")
+                .arg(&token);
             Running::start(w)
         })
         .collect();
-    wait_until(LIMIT, "a committed checkpoint", || latest_checkpoint(&run).is_some());
+    wait_until(LIMIT, "a committed checkpoint", || {
+        latest_checkpoint(&run).is_some()
+    });
     first.signal(libc::SIGKILL);
     first.wait(LIMIT);
     let mut second = coordinator(true);
@@ -214,18 +264,30 @@ fn crash_while_writing_a_checkpoint_keeps_the_previous_one() {
     let crash = 2 * EVERY;
     let marker = tmp.path().join("crashed");
     let mut launch = launch_command(&job, &run, &[]);
-    launch.env("BERTRAIN_CRASH_WRITING_STEP", format!("{crash}:{}", marker.display()));
+    launch.env(
+        "BERTRAIN_CRASH_WRITING_STEP",
+        format!("{crash}:{}", marker.display()),
+    );
     let out = run_bounded(launch, LIMIT);
     ok(&out);
     let log = describe(&out);
-    assert!(log.contains("dying in the middle of the checkpoint write"), "{log}");
-    assert!(log.contains(&format!("continuing from step {EVERY}")), "restarted from the previous checkpoint\n{log}");
+    assert!(
+        log.contains("dying in the middle of the checkpoint write"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("continuing from step {EVERY}")),
+        "restarted from the previous checkpoint\n{log}"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().contains("partial"))
         .collect();
-    assert!(leftovers.is_empty(), "the partial write was cleaned up: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "the partial write was cleaned up: {leftovers:?}"
+    );
     assert_same_run(&run, "crashed while checkpointing");
 }
 
@@ -247,14 +309,27 @@ fn damaged_checkpoints_are_refused_and_resume_falls_back() {
     std::fs::write(&model, bytes).unwrap();
     let optimizer = before.join("optimizer.safetensors");
     let len = std::fs::metadata(&optimizer).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&optimizer).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&optimizer)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
 
     let mut export = bertrain();
-    export.arg("export").arg("--checkpoint").arg(&newest).arg("--output").arg(tmp.path().join("hf"));
+    export
+        .arg("export")
+        .arg("--checkpoint")
+        .arg(&newest)
+        .arg("--output")
+        .arg(tmp.path().join("hf"));
     let out = run_bounded(export, LIMIT);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("model.safetensors") && err.contains("checksum"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("checksum"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
 
     let mut resume = launch_command(&job, &run, &[]);
@@ -262,9 +337,18 @@ fn damaged_checkpoints_are_refused_and_resume_falls_back() {
     let out = run_bounded(resume, LIMIT);
     ok(&out);
     let log = describe(&out);
-    assert!(log.contains(&format!("skipping checkpoint {}", newest.display())), "{log}");
-    assert!(log.contains(&format!("skipping checkpoint {}", before.display())), "{log}");
-    assert!(log.contains(&format!("step={}", STEPS - 2 * EVERY)), "resumed from the third newest\n{log}");
+    assert!(
+        log.contains(&format!("skipping checkpoint {}", newest.display())),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("skipping checkpoint {}", before.display())),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("step={}", STEPS - 2 * EVERY)),
+        "resumed from the third newest\n{log}"
+    );
     assert_same_run(&run, "resumed past damaged checkpoints");
 }
 

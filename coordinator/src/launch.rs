@@ -187,7 +187,9 @@ fn supervise(procs: &mut [Proc], max_restarts: u32) -> Result<()> {
         if received > forwarded {
             forwarded = received;
             let signal = signals::received().unwrap_or(libc::SIGTERM);
-            tracing::warn!("received signal {signal}; asking the coordinator to checkpoint and stop the job");
+            tracing::warn!(
+                "received signal {signal}; asking the coordinator to checkpoint and stop the job"
+            );
             if procs[0].status.is_none() {
                 // SAFETY: kill(2) on our own unreaped child.
                 unsafe { libc::kill(procs[0].child.id() as libc::pid_t, signal) };
@@ -216,11 +218,18 @@ fn supervise(procs: &mut [Proc], max_restarts: u32) -> Result<()> {
             if !status.success() && forwarded == 0 {
                 let name = procs[i].name.clone();
                 if restarts[i] >= max_restarts {
-                    tracing::error!("worker {name} {}; it was restarted {max_restarts} time(s) already", describe(status));
+                    tracing::error!(
+                        "worker {name} {}; it was restarted {max_restarts} time(s) already",
+                        describe(status)
+                    );
                     continue;
                 }
                 restarts[i] += 1;
-                tracing::warn!("worker {name} {}; starting it again (restart {} of {max_restarts})", describe(status), restarts[i]);
+                tracing::warn!(
+                    "worker {name} {}; starting it again (restart {} of {max_restarts})",
+                    describe(status),
+                    restarts[i]
+                );
                 let args = procs[i].args.clone();
                 procs[i] = start(&name, args)?;
             }

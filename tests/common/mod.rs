@@ -210,7 +210,8 @@ pub fn final_weights(run_dir: &Path) -> Vec<(String, Vec<f32>)> {
 /// `--set`. With `dropout` 0, runs that cut the same global batch differently must agree.
 pub fn write_job(dir: &Path, data: &Path, dropout: f64) -> PathBuf {
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap())
+            .unwrap();
     let model = serde_json::json!({
         "vocab_size": manifest["vocab_size"], "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
@@ -255,8 +256,14 @@ heartbeat_timeout_s = 30
 /// Total training rows of the shared dataset.
 pub fn dataset_rows(data: &Path) -> u64 {
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap()).unwrap();
-    manifest["shards"].as_array().unwrap().iter().map(|s| s["rows"].as_u64().unwrap()).sum()
+        serde_json::from_str(&std::fs::read_to_string(data.join("data/manifest.json")).unwrap())
+            .unwrap();
+    manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["rows"].as_u64().unwrap())
+        .sum()
 }
 
 /// A child started in the background whose output is collected; killed and reaped when
@@ -269,13 +276,22 @@ pub struct Running {
 
 impl Running {
     pub fn start(mut command: Command) -> Running {
-        command.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         let mut child = command.spawn().expect("spawning bertrain");
         let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut readers = Vec::new();
         let pipes: [Option<Box<dyn Read + Send>>; 2] = [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
         ];
         for pipe in pipes.into_iter().flatten() {
             let output = output.clone();
@@ -290,7 +306,11 @@ impl Running {
                 }
             }));
         }
-        Running { child: Reaped(child), output, readers }
+        Running {
+            child: Reaped(child),
+            output,
+            readers,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -316,7 +336,11 @@ impl Running {
                 }
                 return status;
             }
-            assert!(Instant::now() < deadline, "no exit within {limit:?}; output:\n{}", self.output());
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {limit:?}; output:\n{}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -330,7 +354,10 @@ impl Running {
 pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -338,7 +365,11 @@ pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bo
 /// Optimizer steps recorded in a run's `metrics.jsonl` so far.
 pub fn steps_logged(run_dir: &Path) -> usize {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .map(|t| t.lines().filter(|l| l.ends_with('}') && !l.contains("\"split\"")).count())
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.ends_with('}') && !l.contains("\"split\""))
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -357,17 +388,32 @@ pub fn step_losses(run_dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// Processes whose parent is `parent` and whose command line contains `word`.
+/// Processes whose parent is `parent` and whose first argument (the subcommand) is `word`.
 pub fn children_with(parent: u32, word: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // Fields after the command name (which may contain spaces) start after ") ".
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
-        let ppid: u32 = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid: u32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if ppid == parent && String::from_utf8_lossy(&cmdline).contains(word) {
+        let subcommand = cmdline.split(|&b| b == 0).nth(1).unwrap_or_default();
+        if ppid == parent && subcommand == word.as_bytes() {
             out.push(pid);
         }
     }
@@ -377,5 +423,9 @@ pub fn children_with(parent: u32, word: &str) -> Vec<u32> {
 /// A free loopback port (the listener is closed again, so it could be taken meanwhile;
 /// fine for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -108,10 +108,16 @@ pub fn write(checkpoints: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
 /// process dies (abort: no cleanup, like a SIGKILL) halfway through writing the checkpoint
 /// of step N, once: only if the file MARKER does not exist yet (it is created first).
 fn crash_if_injected(step: u64) {
-    let Ok(spec) = std::env::var("BERTRAIN_CRASH_WRITING_STEP") else { return };
-    let Some((at, marker)) = spec.split_once(':') else { return };
+    let Ok(spec) = std::env::var("BERTRAIN_CRASH_WRITING_STEP") else {
+        return;
+    };
+    let Some((at, marker)) = spec.split_once(':') else {
+        return;
+    };
     if at.trim() == step.to_string() && fs::File::create_new(marker).is_ok() {
-        eprintln!("BERTRAIN_CRASH_WRITING_STEP={step}: dying in the middle of the checkpoint write");
+        eprintln!(
+            "BERTRAIN_CRASH_WRITING_STEP={step}: dying in the middle of the checkpoint write"
+        );
         std::process::abort();
     }
 }
@@ -119,7 +125,9 @@ fn crash_if_injected(step: u64) {
 /// Removes `.step-N.partial-PID` directories: writes that a dead process left behind. Only
 /// called by the one writer of a generation, before it writes anything.
 pub fn remove_partial_writes(checkpoints: &Path) -> Result<()> {
-    for entry in fs::read_dir(checkpoints).with_context(|| format!("cannot list {}", checkpoints.display()))? {
+    for entry in fs::read_dir(checkpoints)
+        .with_context(|| format!("cannot list {}", checkpoints.display()))?
+    {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(".step-") && name.contains(".partial-") {
