@@ -4,6 +4,12 @@
 //! size of the reference measurement (3.5 MB, 472 documents) and reports wall time per
 //! thread count, and peak memory (the child's max RSS) at 1x and 10x the corpus.
 //!
+//! `bench allreduce` measures the TCP ring's bus bandwidth (NCCL's definition: algorithm
+//! bandwidth x 2(n-1)/n) beside raw loopback TCP throughput measured in the same run.
+//!
+//! `bench checkpoint` measures what a checkpoint costs training (the copy of parameters and
+//! optimizer state, taken between steps) and how long the background write takes.
+//!
 //! `bench train` measures one full training step (forward + backward + all-reduce +
 //! AdamW) in tokens/s at sequence length 128, beside the figures of HF transformers
 //! `BertForPreTraining` on torch 2.15 measured on the same 2-core machine (fp32, 2
@@ -40,6 +46,23 @@ enum BenchKind {
         #[arg(long, default_value = "1,2")]
         threads: String,
     },
+    /// Ring all-reduce bus bandwidth on loopback against raw TCP, 1 MB to 256 MB.
+    Allreduce {
+        /// Ranks (threads in this process, each with its own sockets).
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+        /// Largest buffer in MB (sizes double from 1 MB).
+        #[arg(long, default_value_t = 256)]
+        max_mb: usize,
+    },
+    /// Checkpoint cost: the training stall (copying the state off) and the background write.
+    Checkpoint {
+        #[arg(long, default_value = "tiny,base")]
+        presets: String,
+        /// Where checkpoints are written (removed at the end).
+        #[arg(long, default_value = "bench-checkpoint")]
+        dir: PathBuf,
+    },
     /// Training-step throughput of model presets on the CPU.
     Train {
         /// Comma-separated presets.
@@ -48,6 +71,16 @@ enum BenchKind {
         /// Measured steps per preset (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Data-parallel worker processes sharing the step's batch (over the TCP ring), each
+        /// with cores/N threads: what `bertrain launch` runs on this machine.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Internal: this process is rank R of a `--workers` run.
+        #[arg(long, hide = true)]
+        rank: Option<usize>,
+        /// Internal: the ring addresses of a `--workers` run.
+        #[arg(long, hide = true)]
+        peers: Option<String>,
     },
 }
 
@@ -63,22 +96,69 @@ const PREDICTIONS: usize = 20;
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
-        BenchKind::Train { presets, steps } => bench_train(&presets, steps),
+        BenchKind::Train { presets, steps, workers, rank: None, .. } => {
+            bench_train(&presets, steps, workers)
+        }
+        BenchKind::Train { presets, steps, workers, rank: Some(rank), peers } => {
+            train_rank(&presets, steps, workers, rank, peers.as_deref().unwrap_or_default())
+        }
         BenchKind::Dataprep { work_dir, threads } => bench_dataprep(&work_dir, &threads),
+        BenchKind::Allreduce { ranks, max_mb } => bench_allreduce(ranks, max_mb),
+        BenchKind::Checkpoint { presets, dir } => bench_checkpoint(&presets, &dir),
     }
 }
 
-fn bench_train(presets: &str, steps: usize) -> Result<()> {
-    if steps == 0 {
-        bail!("--steps must be at least 1");
+fn bench_train(presets: &str, steps: usize, workers: usize) -> Result<()> {
+    if steps == 0 || workers == 0 {
+        bail!("--steps and --workers must be at least 1");
     }
     println!(
-        "training step, seq {SEQ_LEN}, {PREDICTIONS} predictions/seq, AdamW, fp32, CPU (Flex)"
+        "training step, seq {SEQ_LEN}, {PREDICTIONS} predictions/seq, AdamW, fp32, CPU (Flex), {workers} worker process(es)"
     );
     println!(
         "{:<8} {:>6} {:>10} {:>12} {:>14} {:>10}",
         "model", "batch", "s/step", "tokens/s", "HF torch tok/s", "ratio"
     );
+    if workers == 1 {
+        return train_rank(presets, steps, 1, 0, "");
+    }
+    // N copies of this program, one rank each, sharing the cores.
+    let peers: Vec<String> = (0..workers)
+        .map(|_| Ok(format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())))
+        .collect::<Result<_>>()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for rank in 0..workers {
+        let child = Command::new(&exe)
+            .args(["bench", "train", "--presets", presets, "--steps", &steps.to_string()])
+            .args(["--workers", &workers.to_string(), "--rank", &rank.to_string(), "--peers", &peers.join(",")])
+            .env("RAYON_NUM_THREADS", (cores / workers).max(1).to_string())
+            .spawn()
+            .context("starting a benchmark rank")?;
+        children.push(child);
+    }
+    let mut failed = false;
+    for mut child in children {
+        failed |= !child.wait()?.success();
+    }
+    if failed {
+        bail!("a benchmark rank failed");
+    }
+    Ok(())
+}
+
+/// One rank's share of `bench train`: the step's batch split over `world` ranks whose
+/// gradients are averaged over the TCP ring. Rank 0 prints the rows.
+fn train_rank(presets: &str, steps: usize, world: usize, rank: usize, peers: &str) -> Result<()> {
+    use bertrain_worker::collective::{Collective, RingListener, RingOptions};
+    let mut collective: Box<dyn Collective> = if world == 1 {
+        Box::new(LocalCollective)
+    } else {
+        let peers: Vec<String> = peers.split(',').map(str::to_string).collect();
+        let listener = RingListener::bind(&peers[rank])?;
+        Box::new(listener.connect(rank, &peers, &RingOptions::default())?)
+    };
     for preset in presets.split(',').map(str::trim) {
         let config = BertConfig::preset(preset)?;
         let (batch_size, reference) = REFERENCE
@@ -90,29 +170,19 @@ fn bench_train(presets: &str, steps: usize) -> Result<()> {
         let model = init_bert::<CpuBackend>(&config, 0, &device);
         let optimizer = OptimizerConfig::bert(OptimizerKind::AdamW, 0.01);
         let mut trainer = Trainer::new(model, optimizer, 1.0, 0, device);
-        let batch = random_batch(&config, batch_size, 1);
-        let mut collective = LocalCollective;
-        trainer.step(
-            0,
-            0,
-            std::slice::from_ref(&batch),
-            1e-4,
-            false,
-            &mut collective,
-        )?;
+        let local = std::slice::from_ref(&random_batch(&config, batch_size / world, 1 + rank as u64)).to_vec();
+        trainer.step(0, rank, &local, 1e-4, false, collective.as_mut())?;
+        collective.barrier()?;
         let started = Instant::now();
         for step in 1..=steps as u64 {
-            trainer.step(
-                step,
-                0,
-                std::slice::from_ref(&batch),
-                1e-4,
-                false,
-                &mut collective,
-            )?;
+            trainer.step(step, rank, &local, 1e-4, false, collective.as_mut())?;
         }
+        collective.barrier()?;
         let per_step = started.elapsed().as_secs_f64() / steps as f64;
         let tokens_per_s = (batch_size * SEQ_LEN) as f64 / per_step;
+        if rank != 0 {
+            continue;
+        }
         let (reference, ratio) = match reference {
             Some(r) => (format!("{r:.0}"), format!("{:.2}x", tokens_per_s / r)),
             None => ("-".into(), "-".into()),
@@ -291,4 +361,145 @@ fn run_measured(command: &mut Command) -> Result<(bool, f64, f64)> {
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     // ru_maxrss is in KiB on Linux.
     Ok((ok, wall, usage.ru_maxrss as f64 * 1024.0 / 1e6))
+}
+
+fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
+    use bertrain_worker::collective::{Collective, RingListener, RingOptions};
+    if ranks < 2 {
+        bail!("--ranks must be at least 2");
+    }
+    let raw = raw_tcp_gbps(256 << 20)?;
+    println!("ring all-reduce over loopback TCP, {ranks} ranks; raw TCP (one stream, same socket settings): {raw:.2} GB/s");
+    println!("{:>10} {:>12} {:>14} {:>14} {:>10}", "MB", "time ms", "algbw GB/s", "busbw GB/s", "of raw");
+    let listeners: Vec<RingListener> =
+        (0..ranks).map(|_| RingListener::bind("127.0.0.1:0")).collect::<Result<_>>()?;
+    let peers: Vec<String> = listeners.iter().map(|l| Ok(l.local_addr()?.to_string())).collect::<Result<_>>()?;
+    let options = RingOptions::default();
+    let sizes: Vec<usize> = std::iter::successors(Some(1usize), |m| Some(m * 2)).take_while(|m| *m <= max_mb).collect();
+    let timings: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let (peers, options, sizes) = (&peers, &options, &sizes);
+                s.spawn(move || -> Result<Vec<f64>> {
+                    let mut ring = listener.connect(rank, peers, options)?;
+                    let mut out = Vec::new();
+                    for &mb in sizes {
+                        let mut buf = vec![1.0f32; (mb << 20) / 4];
+                        ring.all_reduce_mean(&mut buf)?; // warm-up
+                        let reps = (256 / mb).clamp(2, 16);
+                        ring.barrier()?;
+                        let started = Instant::now();
+                        for _ in 0..reps {
+                            ring.all_reduce_mean(&mut buf)?;
+                        }
+                        out.push(started.elapsed().as_secs_f64() / reps as f64);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?).collect::<Result<_>>()
+    })?;
+    for (i, mb) in sizes.iter().enumerate() {
+        let t = timings.iter().map(|r| r[i]).fold(0.0, f64::max);
+        let algbw = (*mb << 20) as f64 / t / 1e9;
+        let busbw = algbw * 2.0 * (ranks - 1) as f64 / ranks as f64;
+        println!("{mb:>10} {:>12.2} {algbw:>14.2} {busbw:>14.2} {:>9.0}%", t * 1e3, 100.0 * busbw / raw);
+    }
+    Ok(())
+}
+
+/// Loopback TCP throughput of one stream with the ring's socket settings, in GB/s.
+fn raw_tcp_gbps(bytes: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let timeout = std::time::Duration::from_secs(60);
+    let receiver = std::thread::spawn(move || -> Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        bertrain_worker::collective::tune(&stream, timeout)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = 2 * bytes;
+        while left > 0 {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                bail!("the sender closed early");
+            }
+            left -= n.min(left);
+        }
+        stream.write_all(b"k")?;
+        Ok(())
+    });
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    bertrain_worker::collective::tune(&stream, timeout)?;
+    let chunk = vec![7u8; 1 << 20];
+    let send = |stream: &mut std::net::TcpStream| -> Result<()> {
+        for _ in 0..bytes / chunk.len() {
+            stream.write_all(&chunk)?;
+        }
+        Ok(())
+    };
+    send(&mut stream)?; // warm-up
+    let started = Instant::now();
+    send(&mut stream)?;
+    let mut ack = [0u8; 1];
+    stream.read_exact(&mut ack)?;
+    let seconds = started.elapsed().as_secs_f64();
+    receiver.join().map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+    Ok(bytes as f64 / seconds / 1e9)
+}
+
+fn bench_checkpoint(presets: &str, dir: &Path) -> Result<()> {
+    use bertrain_coordinator::checkpoints::{TRAINER_FORMAT_VERSION, TrainerState};
+    use bertrain_model::{BertForPreTraining, ParamLayout};
+    use bertrain_worker::checkpoint::{PendingWrite, Snapshot};
+    use bertrain_worker::optim::OptimizerState;
+    if dir.exists() {
+        bail!("{} exists; choose another --dir (the benchmark removes it when done)", dir.display());
+    }
+    std::fs::create_dir_all(dir)?;
+    let vocab = dir.join("vocab.txt");
+    println!("{:<8} {:>12} {:>10} {:>16} {:>16}", "model", "parameters", "MB", "stall ms (copy)", "write s (bg)");
+    let result = (|| -> Result<()> {
+        for preset in presets.split(',').map(str::trim) {
+            let config = BertConfig::preset(preset)?;
+            std::fs::write(&vocab, (0..config.vocab_size).map(|i| format!("t{i}\n")).collect::<String>())?;
+            let layout = ParamLayout::of(&BertForPreTraining::<burn::backend::Flex>::new(&config, &Default::default()));
+            let params = vec![0.5f32; layout.total];
+            let optimizer = OptimizerState { step: 1, exp_avg: vec![0.1; layout.total], exp_avg_sq: vec![0.01; layout.total] };
+            let started = Instant::now();
+            // What the training thread does: copy the state off.
+            let snapshot = Snapshot {
+                config: config.clone(),
+                layout: layout.clone(),
+                params: params.clone(),
+                optimizer: optimizer.clone(),
+                trainer: TrainerState {
+                    format_version: TRAINER_FORMAT_VERSION,
+                    step: 1,
+                    epoch: 0,
+                    samples_consumed: 256,
+                    global_batch_size: 256,
+                    lr: 1e-4,
+                    seed: 0,
+                    world_size: 1,
+                    job_hash: String::new(),
+                    dataset_hash: String::new(),
+                },
+                vocab: vocab.clone(),
+            };
+            let stall = started.elapsed().as_secs_f64();
+            let checkpoints = dir.join(preset);
+            std::fs::create_dir_all(&checkpoints)?;
+            let written = PendingWrite::start(checkpoints, snapshot).finish();
+            written.result?;
+            let mb = (3 * layout.total * 4) as f64 / 1e6;
+            println!("{preset:<8} {:>12} {mb:>10.0} {:>16.1} {:>16.2}", layout.total, stall * 1e3, written.seconds);
+        }
+        Ok(())
+    })();
+    std::fs::remove_dir_all(dir).ok();
+    result
 }

@@ -47,8 +47,9 @@ pub struct LaunchArgs {
 
 struct Proc {
     name: String,
-    /// Arguments to `bertrain`, kept to start the process again.
+    /// Arguments to `bertrain` and extra environment, kept to start the process again.
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Child,
     status: Option<ExitStatus>,
 }
@@ -86,7 +87,15 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         workers, coordinator = %coordinator_addr, status = %format!("http://127.0.0.1:{http_port}/"),
         "launching a coordinator and {workers} worker(s)"
     );
-    let mut procs = vec![start("coord", coordinator)?];
+    // Workers share this machine's cores instead of each assuming it has them all (as
+    // torchrun sets OMP_NUM_THREADS); a value the user set is kept.
+    let mut worker_env = Vec::new();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        let per_worker = (cores / workers as usize).max(1);
+        worker_env.push(("RAYON_NUM_THREADS".to_string(), per_worker.to_string()));
+    }
+    let mut procs = vec![start("coord", coordinator, Vec::new())?];
     for i in 0..workers {
         let worker = vec![
             "worker".into(),
@@ -95,7 +104,7 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             "--token-file".into(),
             token_file.display().to_string(),
         ];
-        match start(&format!("w{i}"), worker) {
+        match start(&format!("w{i}"), worker, worker_env.clone()) {
             Ok(p) => procs.push(p),
             Err(e) => {
                 stop_all(&mut procs, libc::SIGTERM);
@@ -115,10 +124,10 @@ fn free_ports() -> Result<(u16, u16)> {
     Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
-fn start(name: &str, args: Vec<String>) -> Result<Proc> {
+fn start(name: &str, args: Vec<String>, env: Vec<(String, String)>) -> Result<Proc> {
     let exe = std::env::current_exe().context("finding the bertrain executable")?;
     let mut command = Command::new(exe);
-    command.args(&args);
+    command.args(&args).envs(env.iter().map(|(k, v)| (k, v)));
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -144,6 +153,7 @@ fn start(name: &str, args: Vec<String>) -> Result<Proc> {
     Ok(Proc {
         name: name.to_string(),
         args,
+        env,
         child,
         status: None,
     })
@@ -230,8 +240,8 @@ fn supervise(procs: &mut [Proc], max_restarts: u32) -> Result<()> {
                     describe(status),
                     restarts[i]
                 );
-                let args = procs[i].args.clone();
-                procs[i] = start(&name, args)?;
+                let (args, env) = (procs[i].args.clone(), procs[i].env.clone());
+                procs[i] = start(&name, args, env)?;
             }
         }
         thread::sleep(POLL);

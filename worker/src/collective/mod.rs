@@ -9,7 +9,7 @@
 mod ring;
 mod wire;
 
-pub use ring::{RingListener, RingOptions, TcpRing};
+pub use ring::{RingListener, RingOptions, TcpRing, tune};
 
 use anyhow::Result;
 

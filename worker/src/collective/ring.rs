@@ -126,7 +126,7 @@ impl RingListener {
 }
 
 /// Socket settings shared by the ring and the benchmark's raw-TCP baseline.
-pub(crate) fn tune(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
+pub fn tune(stream: &TcpStream, io_timeout: Duration) -> Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(io_timeout))?;
     stream.set_write_timeout(Some(io_timeout))?;
