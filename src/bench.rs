@@ -96,12 +96,26 @@ const PREDICTIONS: usize = 20;
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
-        BenchKind::Train { presets, steps, workers, rank: None, .. } => {
-            bench_train(&presets, steps, workers)
-        }
-        BenchKind::Train { presets, steps, workers, rank: Some(rank), peers } => {
-            train_rank(&presets, steps, workers, rank, peers.as_deref().unwrap_or_default())
-        }
+        BenchKind::Train {
+            presets,
+            steps,
+            workers,
+            rank: None,
+            ..
+        } => bench_train(&presets, steps, workers),
+        BenchKind::Train {
+            presets,
+            steps,
+            workers,
+            rank: Some(rank),
+            peers,
+        } => train_rank(
+            &presets,
+            steps,
+            workers,
+            rank,
+            peers.as_deref().unwrap_or_default(),
+        ),
         BenchKind::Dataprep { work_dir, threads } => bench_dataprep(&work_dir, &threads),
         BenchKind::Allreduce { ranks, max_mb } => bench_allreduce(ranks, max_mb),
         BenchKind::Checkpoint { presets, dir } => bench_checkpoint(&presets, &dir),
@@ -124,15 +138,36 @@ fn bench_train(presets: &str, steps: usize, workers: usize) -> Result<()> {
     }
     // N copies of this program, one rank each, sharing the cores.
     let peers: Vec<String> = (0..workers)
-        .map(|_| Ok(format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())))
+        .map(|_| {
+            Ok(format!(
+                "127.0.0.1:{}",
+                std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port()
+            ))
+        })
         .collect::<Result<_>>()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for rank in 0..workers {
         let child = Command::new(&exe)
-            .args(["bench", "train", "--presets", presets, "--steps", &steps.to_string()])
-            .args(["--workers", &workers.to_string(), "--rank", &rank.to_string(), "--peers", &peers.join(",")])
+            .args([
+                "bench",
+                "train",
+                "--presets",
+                presets,
+                "--steps",
+                &steps.to_string(),
+            ])
+            .args([
+                "--workers",
+                &workers.to_string(),
+                "--rank",
+                &rank.to_string(),
+                "--peers",
+                &peers.join(","),
+            ])
             .env("RAYON_NUM_THREADS", (cores / workers).max(1).to_string())
             .spawn()
             .context("starting a benchmark rank")?;
@@ -170,7 +205,9 @@ fn train_rank(presets: &str, steps: usize, world: usize, rank: usize, peers: &st
         let model = init_bert::<CpuBackend>(&config, 0, &device);
         let optimizer = OptimizerConfig::bert(OptimizerKind::AdamW, 0.01);
         let mut trainer = Trainer::new(model, optimizer, 1.0, 0, device);
-        let local = std::slice::from_ref(&random_batch(&config, batch_size / world, 1 + rank as u64)).to_vec();
+        let local =
+            std::slice::from_ref(&random_batch(&config, batch_size / world, 1 + rank as u64))
+                .to_vec();
         trainer.step(0, rank, &local, 1e-4, false, collective.as_mut())?;
         collective.barrier()?;
         let started = Instant::now();
@@ -369,13 +406,24 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
         bail!("--ranks must be at least 2");
     }
     let raw = raw_tcp_gbps(256 << 20)?;
-    println!("ring all-reduce over loopback TCP, {ranks} ranks; raw TCP (one stream, same socket settings): {raw:.2} GB/s");
-    println!("{:>10} {:>12} {:>14} {:>14} {:>10}", "MB", "time ms", "algbw GB/s", "busbw GB/s", "of raw");
-    let listeners: Vec<RingListener> =
-        (0..ranks).map(|_| RingListener::bind("127.0.0.1:0")).collect::<Result<_>>()?;
-    let peers: Vec<String> = listeners.iter().map(|l| Ok(l.local_addr()?.to_string())).collect::<Result<_>>()?;
+    println!(
+        "ring all-reduce over loopback TCP, {ranks} ranks; raw TCP (one stream, same socket settings): {raw:.2} GB/s"
+    );
+    println!(
+        "{:>10} {:>12} {:>14} {:>14} {:>10}",
+        "MB", "time ms", "algbw GB/s", "busbw GB/s", "of raw"
+    );
+    let listeners: Vec<RingListener> = (0..ranks)
+        .map(|_| RingListener::bind("127.0.0.1:0"))
+        .collect::<Result<_>>()?;
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.to_string()))
+        .collect::<Result<_>>()?;
     let options = RingOptions::default();
-    let sizes: Vec<usize> = std::iter::successors(Some(1usize), |m| Some(m * 2)).take_while(|m| *m <= max_mb).collect();
+    let sizes: Vec<usize> = std::iter::successors(Some(1usize), |m| Some(m * 2))
+        .take_while(|m| *m <= max_mb)
+        .collect();
     let timings: Vec<Vec<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
@@ -400,13 +448,20 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?).collect::<Result<_>>()
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
+            .collect::<Result<_>>()
     })?;
     for (i, mb) in sizes.iter().enumerate() {
         let t = timings.iter().map(|r| r[i]).fold(0.0, f64::max);
         let algbw = (*mb << 20) as f64 / t / 1e9;
         let busbw = algbw * 2.0 * (ranks - 1) as f64 / ranks as f64;
-        println!("{mb:>10} {:>12.2} {algbw:>14.2} {busbw:>14.2} {:>9.0}%", t * 1e3, 100.0 * busbw / raw);
+        println!(
+            "{mb:>10} {:>12.2} {algbw:>14.2} {busbw:>14.2} {:>9.0}%",
+            t * 1e3,
+            100.0 * busbw / raw
+        );
     }
     Ok(())
 }
@@ -447,7 +502,9 @@ fn raw_tcp_gbps(bytes: usize) -> Result<f64> {
     let mut ack = [0u8; 1];
     stream.read_exact(&mut ack)?;
     let seconds = started.elapsed().as_secs_f64();
-    receiver.join().map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+    receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
     Ok(bytes as f64 / seconds / 1e9)
 }
 
@@ -457,18 +514,36 @@ fn bench_checkpoint(presets: &str, dir: &Path) -> Result<()> {
     use bertrain_worker::checkpoint::{PendingWrite, Snapshot};
     use bertrain_worker::optim::OptimizerState;
     if dir.exists() {
-        bail!("{} exists; choose another --dir (the benchmark removes it when done)", dir.display());
+        bail!(
+            "{} exists; choose another --dir (the benchmark removes it when done)",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(dir)?;
     let vocab = dir.join("vocab.txt");
-    println!("{:<8} {:>12} {:>10} {:>16} {:>16}", "model", "parameters", "MB", "stall ms (copy)", "write s (bg)");
+    println!(
+        "{:<8} {:>12} {:>10} {:>16} {:>16}",
+        "model", "parameters", "MB", "stall ms (copy)", "write s (bg)"
+    );
     let result = (|| -> Result<()> {
         for preset in presets.split(',').map(str::trim) {
             let config = BertConfig::preset(preset)?;
-            std::fs::write(&vocab, (0..config.vocab_size).map(|i| format!("t{i}\n")).collect::<String>())?;
-            let layout = ParamLayout::of(&BertForPreTraining::<burn::backend::Flex>::new(&config, &Default::default()));
+            std::fs::write(
+                &vocab,
+                (0..config.vocab_size)
+                    .map(|i| format!("t{i}\n"))
+                    .collect::<String>(),
+            )?;
+            let layout = ParamLayout::of(&BertForPreTraining::<burn::backend::Flex>::new(
+                &config,
+                &Default::default(),
+            ));
             let params = vec![0.5f32; layout.total];
-            let optimizer = OptimizerState { step: 1, exp_avg: vec![0.1; layout.total], exp_avg_sq: vec![0.01; layout.total] };
+            let optimizer = OptimizerState {
+                step: 1,
+                exp_avg: vec![0.1; layout.total],
+                exp_avg_sq: vec![0.01; layout.total],
+            };
             let started = Instant::now();
             // What the training thread does: copy the state off.
             let snapshot = Snapshot {
@@ -496,7 +571,12 @@ fn bench_checkpoint(presets: &str, dir: &Path) -> Result<()> {
             let written = PendingWrite::start(checkpoints, snapshot).finish();
             written.result?;
             let mb = (3 * layout.total * 4) as f64 / 1e6;
-            println!("{preset:<8} {:>12} {mb:>10.0} {:>16.1} {:>16.2}", layout.total, stall * 1e3, written.seconds);
+            println!(
+                "{preset:<8} {:>12} {mb:>10.0} {:>16.1} {:>16.2}",
+                layout.total,
+                stall * 1e3,
+                written.seconds
+            );
         }
         Ok(())
     })();
