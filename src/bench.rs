@@ -5,7 +5,9 @@
 //! thread count, and peak memory (the child's max RSS) at 1x and 10x the corpus.
 //!
 //! `bench allreduce` measures the TCP ring's bus bandwidth (NCCL's definition: algorithm
-//! bandwidth x 2(n-1)/n) beside raw loopback TCP throughput measured in the same run.
+//! bandwidth x 2(n-1)/n) beside raw loopback TCP throughput measured in the same run, one
+//! stream in each direction at once: during an all-reduce every ring link carries the
+//! bus bandwidth both ways, so that is the ceiling.
 //!
 //! `bench checkpoint` measures what a checkpoint costs training (the copy of parameters and
 //! optimizer state, taken between steps) and how long the background write takes.
@@ -466,46 +468,62 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
     Ok(())
 }
 
-/// Loopback TCP throughput of one stream with the ring's socket settings, in GB/s.
+/// Loopback TCP throughput per direction with one stream each way at once (what each link
+/// of a ring carries during an all-reduce), with the ring's socket settings, in GB/s.
 fn raw_tcp_gbps(bytes: usize) -> Result<f64> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let timeout = std::time::Duration::from_secs(60);
-    let receiver = std::thread::spawn(move || -> Result<()> {
-        let (mut stream, _) = listener.accept()?;
-        bertrain_worker::collective::tune(&stream, timeout)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = 2 * bytes;
-        while left > 0 {
-            let n = stream.read(&mut buf)?;
-            if n == 0 {
-                bail!("the sender closed early");
+    let streams: Vec<_> = (0..2).map(|_| stream_pair()).collect::<Result<_>>()?;
+    let run = |streams: &[(std::net::TcpStream, std::net::TcpStream)]| -> Result<f64> {
+        let started = Instant::now();
+        std::thread::scope(|s| -> Result<()> {
+            let mut handles = Vec::new();
+            for (tx, rx) in streams {
+                handles.push(s.spawn(move || send_bytes(tx, bytes)));
+                handles.push(s.spawn(move || recv_bytes(rx, bytes)));
             }
-            left -= n.min(left);
-        }
-        stream.write_all(b"k")?;
-        Ok(())
-    });
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    bertrain_worker::collective::tune(&stream, timeout)?;
-    let chunk = vec![7u8; 1 << 20];
-    let send = |stream: &mut std::net::TcpStream| -> Result<()> {
-        for _ in 0..bytes / chunk.len() {
-            stream.write_all(&chunk)?;
-        }
-        Ok(())
+            for h in handles {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a raw TCP thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        Ok(started.elapsed().as_secs_f64())
     };
-    send(&mut stream)?; // warm-up
-    let started = Instant::now();
-    send(&mut stream)?;
-    let mut ack = [0u8; 1];
-    stream.read_exact(&mut ack)?;
-    let seconds = started.elapsed().as_secs_f64();
-    receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("the receiver panicked"))??;
+    run(&streams)?; // warm-up
+    let seconds = run(&streams)?;
     Ok(bytes as f64 / seconds / 1e9)
+}
+
+fn stream_pair() -> Result<(std::net::TcpStream, std::net::TcpStream)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let tx = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (rx, _) = listener.accept()?;
+    for s in [&tx, &rx] {
+        bertrain_worker::collective::tune(s, std::time::Duration::from_secs(60))?;
+    }
+    Ok((tx, rx))
+}
+
+fn send_bytes(mut stream: &std::net::TcpStream, bytes: usize) -> Result<()> {
+    use std::io::Write;
+    let chunk = vec![7u8; 1 << 20];
+    for _ in 0..bytes / chunk.len() {
+        stream.write_all(&chunk)?;
+    }
+    Ok(())
+}
+
+fn recv_bytes(mut stream: &std::net::TcpStream, bytes: usize) -> Result<()> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = stream.read(&mut buf[..left.min(1 << 20)])?;
+        if n == 0 {
+            bail!("the sender closed early");
+        }
+        left -= n;
+    }
+    Ok(())
 }
 
 fn bench_checkpoint(presets: &str, dir: &Path) -> Result<()> {

@@ -692,6 +692,21 @@ mod tests {
         assert!(keys["cluster"].contains(&"token_file".to_string()));
     }
 
+    /// Every job file shipped in `configs/` loads and validates.
+    #[test]
+    fn shipped_job_files_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                JobConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 5, "tiny, bert-base(-phase2), bert-large(-phase2)");
+    }
+
     #[test]
     fn round_trips_through_json() {
         let job = load(MINIMAL, &[]).unwrap();
