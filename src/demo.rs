@@ -134,6 +134,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         );
     }
 
+    crate::plot::run(crate::plot::PlotArgs {
+        run: run.clone(),
+        output: None,
+    })?;
     let summary = Summary::read(&run.join("metrics.jsonl"))?;
     let vocab_size = fs::read_to_string(&vocab)?.lines().count();
     println!();

@@ -12,6 +12,7 @@ mod demo;
 mod export;
 mod fill_mask;
 mod model_info;
+mod plot;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +48,8 @@ enum Command {
     Inspect(bertrain_dataprep::cli::InspectArgs),
     /// Predict the [MASK] tokens of a sentence with a trained model.
     FillMask(fill_mask::FillMaskArgs),
+    /// Draw a run's training curves (loss, accuracy, learning rate, throughput) as SVG.
+    Plot(plot::PlotArgs),
     /// Write a checkpoint as a Hugging Face model directory.
     Export(export::ExportArgs),
     /// Parameter count and training FLOPs per token of a model config.
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => bertrain_dataprep::cli::run_inspect(args),
         Command::FillMask(args) => fill_mask::run(args),
         Command::Export(args) => export::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::ModelInfo(args) => model_info::run(args),
         Command::Coordinator(args) => bertrain_coordinator::run(args),
         Command::Worker(args) => bertrain_worker::run(args),

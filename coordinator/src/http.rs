@@ -146,7 +146,8 @@ const PAGE: &str = r##"<!doctype html>
 <body>
 <h1 id="title">bertrain</h1>
 <div id="summary">connecting&hellip;</div>
-<canvas id="loss-chart" width="800" height="300"></canvas>
+<div><progress id="progress" max="1" value="0"></progress> <span id="percent"></span></div>
+<canvas id="loss-chart" width="800" height="300" data-points="0" data-inked="0"></canvas>
 <table><thead><tr><th>rank</th><th>host</th><th>health</th><th>last heartbeat</th><th>last step</th></tr></thead>
 <tbody id="workers"></tbody></table>
 <script>
@@ -168,6 +169,11 @@ function draw(points) {
   g.strokeStyle = "#1565c0"; g.lineWidth = 1.5; g.beginPath();
   points.forEach((p, i) => i ? g.lineTo(X(p[0]), Y(p[1])) : g.moveTo(X(p[0]), Y(p[1])));
   g.stroke();
+  // What was drawn, for tests and scripts: the points and how many pixels hold ink.
+  const px = g.getImageData(0, 0, c.width, c.height).data;
+  let inked = 0;
+  for (let i = 3; i < px.length; i += 4) if (px[i] > 0) inked++;
+  c.dataset.points = points.length; c.dataset.inked = inked;
 }
 async function poll() {
   try {
@@ -176,6 +182,11 @@ async function poll() {
     document.getElementById("summary").textContent =
       s.state + (s.error ? " (" + s.error + ")" : "") + " | step " + fmt(s.step, 0) + " / " + s.max_steps +
       " | loss " + fmt(s.loss, 4) + " | " + fmt(s.tokens_per_s, 0) + " tokens/s | generation " + s.generation;
+    const done = s.step === null ? 0 : s.step / s.max_steps;
+    document.getElementById("progress").value = done;
+    document.getElementById("percent").textContent = (100 * done).toFixed(1) + "%" +
+      (s.last_checkpoint === null ? "" : " | last checkpoint at step " + s.last_checkpoint) +
+      (s.restarts ? " | restarts " + s.restarts : "");
     const rows = document.getElementById("workers");
     rows.replaceChildren(...s.workers.map(w => {
       const tr = document.createElement("tr");
