@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -173,10 +173,31 @@ fn killed_worker_is_replaced_and_the_result_is_exact() {
     });
     let workers = children_with(launch.pid(), "worker");
     assert_eq!(workers.len(), 2, "{}", launch.output());
-    let killed_at = Instant::now();
+    let killed_at = unix_now();
     // SAFETY: kill(2) on a process of this test's job.
     unsafe { libc::kill(workers[1] as libc::pid_t, libc::SIGKILL) };
     let status = launch.wait(LIMIT);
+    // Figures (not assertions): from the kill to the coordinator noticing, and to the next
+    // generation training again, from the journal's timestamps.
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    let time_of = |event: &str| {
+        journal
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| {
+                v["event"] == event && (event != "generation_started" || v["generation"] == 2)
+            })
+            .and_then(|v| v["time"].as_f64())
+    };
+    if let (Some(noticed), Some(resumed)) =
+        (time_of("generation_failed"), time_of("generation_started"))
+    {
+        eprintln!(
+            "worker SIGKILL -> failure noticed {:.2} s -> new generation training {:.2} s after the kill",
+            noticed - killed_at,
+            resumed - killed_at
+        );
+    }
     let log = launch.output();
     assert!(status.success(), "{log}");
     assert!(
@@ -186,10 +207,6 @@ fn killed_worker_is_replaced_and_the_result_is_exact() {
     assert!(
         log.contains("restart 1 of"),
         "the coordinator restarted the generation\n{log}"
-    );
-    eprintln!(
-        "kill -> job end: {:.1} s",
-        killed_at.elapsed().as_secs_f64()
     );
     assert_same_run(&run, "worker killed");
 }
@@ -362,4 +379,11 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }

@@ -63,8 +63,16 @@ impl Journal {
         Ok(Journal { file, path })
     }
 
+    /// Appends `entry` with the wall-clock time (`"time"`, Unix seconds) and fsyncs.
     pub fn append(&mut self, entry: &Entry) -> Result<()> {
-        let mut line = serde_json::to_string(entry)?;
+        let mut value = serde_json::to_value(entry)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        if let Some(object) = value.as_object_mut() {
+            object.insert("time".into(), now.into());
+        }
+        let mut line = value.to_string();
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
