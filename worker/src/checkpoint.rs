@@ -233,14 +233,15 @@ pub fn load(dir: &Path, layout: &ParamLayout) -> Result<Loaded> {
 pub struct PendingWrite {
     pub step: u64,
     started: Instant,
-    thread: JoinHandle<Result<PathBuf>>,
+    thread: JoinHandle<(Result<PathBuf>, Snapshot)>,
 }
 
-/// The outcome of a background write.
+/// The outcome of a background write, and the snapshot's buffers for the next one.
 pub struct Written {
     pub step: u64,
     pub result: Result<PathBuf>,
     pub seconds: f64,
+    pub snapshot: Option<Snapshot>,
 }
 
 impl PendingWrite {
@@ -248,7 +249,7 @@ impl PendingWrite {
         let step = snapshot.trainer.step;
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || write(&checkpoints, &snapshot))
+            .spawn(move || (write(&checkpoints, &snapshot), snapshot))
             .expect("spawning the checkpoint writer");
         PendingWrite {
             step,
@@ -263,14 +264,36 @@ impl PendingWrite {
 
     /// Waits for the write to end.
     pub fn finish(self) -> Written {
-        let result = self
-            .thread
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint writer panicked")));
+        let (result, snapshot) = match self.thread.join() {
+            Ok((result, snapshot)) => (result, Some(snapshot)),
+            Err(_) => (Err(anyhow::anyhow!("the checkpoint writer panicked")), None),
+        };
         Written {
             step: self.step,
             result,
             seconds: self.started.elapsed().as_secs_f64(),
+            snapshot,
         }
+    }
+}
+
+impl Snapshot {
+    /// Copies `params` and `optimizer` into this snapshot's buffers. Reusing the buffers of
+    /// the previous checkpoint makes the copy a plain memcpy into memory that is already
+    /// mapped; fresh buffers would page-fault every page in (measured: 4 s instead of a
+    /// fraction of a second for BERT-base's 1.3 GB).
+    pub fn refill(&mut self, params: &[f32], optimizer: &OptimizerState) {
+        copy_into(&mut self.params, params);
+        copy_into(&mut self.optimizer.exp_avg, &optimizer.exp_avg);
+        copy_into(&mut self.optimizer.exp_avg_sq, &optimizer.exp_avg_sq);
+        self.optimizer.step = optimizer.step;
+    }
+}
+
+fn copy_into(to: &mut Vec<f32>, from: &[f32]) {
+    if to.len() == from.len() {
+        to.copy_from_slice(from);
+    } else {
+        *to = from.to_vec();
     }
 }

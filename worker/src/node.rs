@@ -516,6 +516,8 @@ struct Saver {
     base: TrainerState,
     total_rows: u64,
     pending: Option<PendingWrite>,
+    /// The last written snapshot, whose buffers the next checkpoint copies into.
+    spare: Option<Snapshot>,
 }
 
 impl Saver {
@@ -542,6 +544,7 @@ impl Saver {
             },
             total_rows: prepared.train.total_rows(),
             pending: None,
+            spare: None,
         })
     }
 
@@ -556,19 +559,27 @@ impl Saver {
     ) -> Result<()> {
         self.wait(client)?;
         let samples = step * self.base.global_batch_size;
-        let snapshot = Snapshot {
-            config: self.config.clone(),
-            layout: trainer.layout.clone(),
-            params: trainer.params.clone(),
-            optimizer: trainer.state.clone(),
-            trainer: TrainerState {
-                step,
-                epoch: samples / self.total_rows,
-                samples_consumed: samples,
-                lr,
-                ..self.base.clone()
+        let trainer_state = TrainerState {
+            step,
+            epoch: samples / self.total_rows,
+            samples_consumed: samples,
+            lr,
+            ..self.base.clone()
+        };
+        let snapshot = match self.spare.take() {
+            Some(mut spare) => {
+                spare.refill(&trainer.params, &trainer.state);
+                spare.trainer = trainer_state;
+                spare
+            }
+            None => Snapshot {
+                config: self.config.clone(),
+                layout: trainer.layout.clone(),
+                params: trainer.params.clone(),
+                optimizer: trainer.state.clone(),
+                trainer: trainer_state,
+                vocab: self.vocab.clone(),
             },
-            vocab: self.vocab.clone(),
         };
         self.pending = Some(PendingWrite::start(self.checkpoints.clone(), snapshot));
         Ok(())
@@ -585,7 +596,8 @@ impl Saver {
     /// Waits for the write in progress, if any, and reports it.
     fn wait(&mut self, client: &WorkerClient) -> Result<()> {
         if let Some(pending) = self.pending.take() {
-            let written = pending.finish();
+            let mut written = pending.finish();
+            self.spare = written.snapshot.take();
             if let Err(e) = &written.result {
                 tracing::error!("checkpoint of step {} failed: {e:#}", written.step);
             }
