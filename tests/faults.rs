@@ -242,17 +242,7 @@ fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
     let mut first = coordinator(false);
     let token = run.join("token");
     wait_until(LIMIT, "the job token", || token.exists());
-    let mut workers: Vec<Running> = (0..2)
-        .map(|_| {
-            let mut w = bertrain();
-            w.arg("worker")
-                .arg("--coordinator")
-                .arg(&addr)
-                .arg("--token-file")
-                .arg(&token);
-            Running::start(w)
-        })
-        .collect();
+    let mut workers = start_workers(2, &addr, &token);
     wait_until(LIMIT, "a committed checkpoint", || {
         latest_checkpoint(&run).is_some()
     });

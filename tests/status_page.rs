@@ -57,17 +57,7 @@ fn status_page_draws_the_loss_chart_in_a_browser() {
     let _coordinator = Running::start(c);
     let token = run.join("token");
     wait_until(Duration::from_secs(60), "the job token", || token.exists());
-    let _workers: Vec<Running> = (0..2)
-        .map(|_| {
-            let mut w = bertrain();
-            w.arg("worker")
-                .arg("--coordinator")
-                .arg(&addr)
-                .arg("--token-file")
-                .arg(&token);
-            Running::start(w)
-        })
-        .collect();
+    let _workers = start_workers(2, &addr, &token);
     wait_until(Duration::from_secs(120), "20 training steps", || {
         steps_logged(&run) >= 20
     });

@@ -20,12 +20,12 @@
 //! one is used.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+pub use bertrain_dataprep::sha256_file;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -284,29 +284,6 @@ pub fn prune(checkpoints: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
-}
-
-pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
-    let mut file =
-        fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((hex(&hasher.finalize()), total))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Creates `path` with `bytes` and fsyncs it.

@@ -264,7 +264,7 @@ pub(crate) fn sync_dir(dir: &Path) {
 }
 
 /// SHA-256 (hex) and length of a file, streamed.
-pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64)> {
+pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -282,6 +282,7 @@ pub(crate) fn sha256_file(path: &Path) -> Result<(String, u64)> {
     Ok((hex(&h.finalize()), len))
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// Lowercase hexadecimal of `bytes` (how digests are written everywhere in bertrain).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

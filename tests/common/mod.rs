@@ -429,3 +429,18 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// `n` worker processes joining the coordinator at `addr` with the job's token file.
+pub fn start_workers(n: usize, addr: &str, token: &Path) -> Vec<Running> {
+    (0..n)
+        .map(|_| {
+            let mut w = bertrain();
+            w.arg("worker")
+                .arg("--coordinator")
+                .arg(addr)
+                .arg("--token-file")
+                .arg(token);
+            Running::start(w)
+        })
+        .collect()
+}

@@ -23,6 +23,7 @@ use bertrain_coordinator::{
     EvalMetrics, Fingerprint, JoinInfo, StepMetrics, Welcome, WorkerClient,
 };
 use bertrain_dataprep::Manifest;
+use bertrain_dataprep::hex;
 use bertrain_model::{
     BertConfig, BertForPreTraining, ParamLayout, hf, init_bert, load_flat_params,
 };
@@ -710,8 +711,4 @@ impl SampleTrace {
             .write_all(text.as_bytes())
             .context("BERTRAIN_TRACE_SAMPLES: write failed")
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
