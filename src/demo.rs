@@ -168,7 +168,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("  written to           {}/", dir.display());
     println!("                       corpus.txt, vocab.txt, data/ (shards), job.toml,");
     println!(
-        "                       run/ (metrics.jsonl, checkpoints/, journal.jsonl), model/ (HF)"
+        "                       run/ (metrics.jsonl, training.svg, checkpoints/, journal.jsonl), model/ (HF)"
     );
     println!(
         "  total time           {:.0} s",
