@@ -223,17 +223,7 @@ fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
     let addr = format!("127.0.0.1:{}", free_port());
     let http = format!("127.0.0.1:{}", free_port());
     let coordinator = |resume: bool| {
-        let mut c = bertrain();
-        c.arg("coordinator")
-            .arg("--config")
-            .arg(&job)
-            .arg("--listen")
-            .arg(&addr);
-        c.arg("--set").arg(format!("job.run_dir={}", run.display()));
-        c.arg("--set").arg(format!("cluster.http={http}"));
-        for s in sets() {
-            c.arg("--set").arg(s);
-        }
+        let mut c = coordinator_command(&job, &addr, &http, &run, &sets());
         if resume {
             c.arg("--resume");
         }

@@ -41,19 +41,13 @@ fn status_page_draws_the_loss_chart_in_a_browser() {
     let run = tmp.path().join("run");
     let addr = format!("127.0.0.1:{}", free_port());
     let http = format!("127.0.0.1:{}", free_port());
-    let mut c = bertrain();
-    c.arg("coordinator")
-        .arg("--config")
-        .arg(&job)
-        .arg("--listen")
-        .arg(&addr);
-    for set in [
-        format!("job.run_dir={}", run.display()),
-        format!("cluster.http={http}"),
-        "train.max_steps=1000000".to_string(),
-    ] {
-        c.arg("--set").arg(set);
-    }
+    let c = coordinator_command(
+        &job,
+        &addr,
+        &http,
+        &run,
+        &["train.max_steps=1000000".to_string()],
+    );
     let _coordinator = Running::start(c);
     let token = run.join("token");
     wait_until(Duration::from_secs(60), "the job token", || token.exists());

@@ -216,13 +216,6 @@ impl WorkerClient {
         self.end(WorkerMsg::Done)
     }
 
-    /// Tells the coordinator this rank failed and why, and disconnects.
-    pub fn failed(mut self, reason: &str) -> Result<()> {
-        self.end(WorkerMsg::Failed {
-            reason: reason.to_string(),
-        })
-    }
-
     /// Tells the coordinator this rank's generation failed and why, staying connected to
     /// hear what happens next (see [`wait_for_stop`](Self::wait_for_stop)).
     pub fn report_failure(&self, reason: &str) -> Result<()> {

@@ -99,9 +99,9 @@ impl Coordinator {
     /// the token exists, and binds the worker and HTTP ports. Fails before any worker is
     /// accepted if anything is wrong.
     pub fn bind(job: JobConfig, listen: &str) -> Result<Coordinator> {
-        let manifest = load_verified(&job.data.manifest)?;
+        let manifest = Manifest::load_verified(&job.data.manifest)?;
         if let Some(validation) = &job.data.validation_manifest {
-            load_verified(validation)?;
+            Manifest::load_verified(validation)?;
         }
         if manifest.total_rows() == 0 {
             bail!(
@@ -206,17 +206,6 @@ impl Coordinator {
         }
         outcome
     }
-}
-
-fn load_verified(path: &Path) -> Result<Manifest> {
-    let manifest = Manifest::load(path)?;
-    manifest.verify_files().with_context(|| {
-        format!(
-            "refusing to start: dataset {} does not match its manifest",
-            path.display()
-        )
-    })?;
-    Ok(manifest)
 }
 
 /// Where the run starts: `None` for a fresh run, or the newest valid committed checkpoint.

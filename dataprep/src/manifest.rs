@@ -193,6 +193,18 @@ impl Manifest {
         Ok(())
     }
 
+    /// [`Manifest::load`] followed by [`Manifest::verify_files`]: what training opens.
+    pub fn load_verified(path: &Path) -> Result<Manifest> {
+        let manifest = Manifest::load(path)?;
+        manifest.verify_files().with_context(|| {
+            format!(
+                "refusing to train: dataset {} does not match its manifest",
+                path.display()
+            )
+        })?;
+        Ok(manifest)
+    }
+
     pub fn total_rows(&self) -> u64 {
         self.shards.iter().map(|s| s.rows).sum()
     }

@@ -444,3 +444,27 @@ pub fn start_workers(n: usize, addr: &str, token: &Path) -> Vec<Running> {
         })
         .collect()
 }
+
+/// `bertrain coordinator` for `job` listening on `addr` (HTTP on `http`), writing to
+/// `run_dir`, with further `--set` overrides.
+pub fn coordinator_command(
+    job: &Path,
+    addr: &str,
+    http: &str,
+    run_dir: &Path,
+    sets: &[String],
+) -> Command {
+    let mut c = bertrain();
+    c.arg("coordinator")
+        .arg("--config")
+        .arg(job)
+        .arg("--listen")
+        .arg(addr);
+    c.arg("--set")
+        .arg(format!("job.run_dir={}", run_dir.display()));
+    c.arg("--set").arg(format!("cluster.http={http}"));
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    c
+}

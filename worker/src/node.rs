@@ -230,12 +230,12 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn new(job: &JobConfig) -> Result<Prepared> {
-        let train = open_dataset(&job.data.manifest)?;
+        let train = Manifest::load_verified(&job.data.manifest)?;
         let validation = job
             .data
             .validation_manifest
             .as_deref()
-            .map(open_dataset)
+            .map(Manifest::load_verified)
             .transpose()?;
         let (config, initial) = initial_model(job, &train)?;
         Ok(Prepared {
@@ -267,17 +267,6 @@ impl Prepared {
             dataset_hash: self.train.content_hash(),
         }
     }
-}
-
-fn open_dataset(manifest: &Path) -> Result<Manifest> {
-    let m = Manifest::load(manifest)?;
-    m.verify_files().with_context(|| {
-        format!(
-            "refusing to train: dataset {} does not match its manifest",
-            manifest.display()
-        )
-    })?;
-    Ok(m)
 }
 
 /// The model the job names, with its initial parameters. A preset takes its vocabulary
