@@ -16,6 +16,7 @@ mod rng;
 mod shards;
 mod synth;
 mod vocab;
+mod wordpiece;
 
 pub use input::split_sentences;
 pub use inspect::{ShardStats, shard_stats};

@@ -30,6 +30,10 @@ pub struct DataprepOptions {
     /// Documents are grouped into windows of about this many bytes of text; the random
     /// document of a NotNext pair is drawn from the same window (see `pipeline`).
     pub window_bytes: usize,
+    /// A window's instances are made and shuffled in slices of documents holding about this
+    /// many tokens (absent in manifests from before slices; they shuffled whole windows).
+    #[serde(default)]
+    pub slice_tokens: usize,
     pub validation_fraction: f64,
     pub lowercase: bool,
 }

@@ -1,10 +1,12 @@
 //! The dataprep run: corpus stream -> windows -> tokenise + generate in parallel -> shards.
 //!
 //! Streaming and memory: documents are read in *windows* of about `window_bytes` of text
-//! (default 4 MiB, ~1000 Wikipedia-sized documents). A window is tokenised, turned into
-//! instances, shuffled and written before it is dropped; one window is being read, one
-//! processed and one written at any time, so peak memory depends on the window size, not on
-//! the corpus size.
+//! (default 4 MiB, ~1000 Wikipedia-sized documents). A window is tokenised (about 4 bytes per token) and its
+//! text dropped; its instances, five times the tokens with the default `--dupe-factor`, are
+//! made *slice* by slice: runs of documents holding about [`SLICE_TOKENS`] tokens, each
+//! generated, shuffled and written (generation and shard encoding each use every thread)
+//! before the next. Peak memory is one raw window, one tokenised window and one slice of
+//! instances, whatever the corpus size.
 //!
 //! NotNext: the "random other document" is drawn uniformly from the other documents of the
 //! same window (and of the same split: validation documents only pair with validation
@@ -14,9 +16,10 @@
 //!
 //! Determinism: within a window, work is cut into units of (duplication, run of
 //! [`UNIT_DOCS`] documents), each with its own RNG seeded from (seed, window, split,
-//! duplication, unit). Units are collected in order and the window's rows are shuffled with an
-//! RNG seeded from (seed, window, split), then written in that order. Nothing depends on which
-//! thread ran what, so the shards are byte-identical for any `--threads`.
+//! duplication, unit). Slices are cut from token counts, a slice's units are collected in
+//! order and its rows are shuffled with an RNG seeded from (seed, window, split, slice), then
+//! written in that order. Nothing depends on which thread ran what, so the shards are
+//! byte-identical for any `--threads`.
 //!
 //! Validation: a document goes to the validation split when a hash of (seed, its index in the
 //! corpus) falls below `validation_fraction`, so whole documents are held out and the choice
@@ -24,16 +27,15 @@
 
 use std::collections::VecDeque;
 use std::fs;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
-use tokenizers::Tokenizer;
 
-use crate::input::{DocumentReader, InputStats, expand_inputs};
+use crate::input::{DocumentReader, expand_inputs};
 use crate::instances::{
     GenOptions, InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document,
 };
@@ -44,9 +46,12 @@ use crate::progress::Progress;
 use crate::rng::{Rng, derive_seed};
 use crate::shards::ShardWriter;
 use crate::vocab::{TOKENIZER_CONFIG, Vocab, tokenizer_config_json};
+use crate::wordpiece::SentenceTokenizer;
 
 /// Documents per unit of parallel work.
 pub const UNIT_DOCS: usize = 8;
+/// Default tokens of the documents a slice of instances is made from (about 1 MiB of text).
+pub const SLICE_TOKENS: usize = 256 * 1024;
 /// A final window smaller than this is merged into the previous one.
 pub const MIN_WINDOW_DOCS: usize = 64;
 /// Subdirectory holding the validation split.
@@ -75,6 +80,8 @@ pub struct DataprepConfig {
     pub threads: usize,
     pub validation_fraction: f64,
     pub window_bytes: usize,
+    /// Tokens of the documents each slice of instances is made from (see the module docs).
+    pub slice_tokens: usize,
     pub overwrite: bool,
     pub show_progress: bool,
 }
@@ -99,6 +106,7 @@ impl DataprepConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             validation_fraction: 0.0,
             window_bytes: 4 << 20,
+            slice_tokens: SLICE_TOKENS,
             overwrite: false,
             show_progress: false,
         }
@@ -141,6 +149,9 @@ impl DataprepConfig {
         if self.window_bytes == 0 {
             bail!("--window-mb must be positive");
         }
+        if self.slice_tokens == 0 {
+            bail!("the slice size must be positive");
+        }
         Ok(())
     }
 }
@@ -156,24 +167,47 @@ pub struct DataprepReport {
 struct Window {
     index: u64,
     first_doc: u64,
-    docs: Vec<Vec<String>>,
+    docs: Vec<RawDoc>,
 }
 
-enum ReaderMsg {
-    Window(Window),
-    Done(InputStats),
+/// A document's sentences in one buffer: a window holds one allocation per document rather
+/// than one per sentence.
+struct RawDoc {
+    text: String,
+    ends: Vec<u32>,
 }
 
-#[derive(Default)]
-struct SplitOutput {
+impl RawDoc {
+    fn new(sentences: Vec<String>) -> RawDoc {
+        let mut text = String::with_capacity(sentences.iter().map(String::len).sum());
+        let mut ends = Vec::with_capacity(sentences.len());
+        for s in &sentences {
+            text.push_str(s);
+            ends.push(text.len() as u32);
+        }
+        RawDoc { text, ends }
+    }
+
+    fn sentences(&self) -> impl Iterator<Item = &str> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&e| e as usize));
+        starts
+            .zip(self.ends.iter())
+            .map(|(start, &end)| &self.text[start..end as usize])
+    }
+}
+
+/// A window's documents, tokenised and split.
+struct WindowDocs {
+    index: u64,
+    train: Vec<TokenizedDoc>,
+    validation: Vec<TokenizedDoc>,
+    empty: u64,
+}
+
+/// The instances of one slice, and the order to write them in.
+struct SliceOutput {
     batches: Vec<InstanceBatch>,
     order: Vec<(u32, u32)>,
-    totals: Totals,
-}
-
-struct WindowOutput {
-    train: SplitOutput,
-    validation: SplitOutput,
 }
 
 /// Runs dataprep end to end. The output directory gets its shards, then (validation split
@@ -187,7 +221,7 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         .map(|f| fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
     let vocab = Vocab::load(&cfg.vocab, cfg.lowercase)?;
-    let tokenizer = vocab.tokenizer()?;
+    let tokenizer = SentenceTokenizer::new(&vocab)?;
     let mask_vocab = MaskVocab::from_vocab(&vocab);
     // Read before the output is prepared: the vocab may be the old dataset's own copy.
     let vocab_bytes = fs::read(&vocab.path)
@@ -212,63 +246,44 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         whole_word_mask: cfg.whole_word_mask,
     };
 
-    let mut reader = DocumentReader::new(files.clone(), cfg.window_bytes);
-    let bytes_read = reader.bytes_read.clone();
-    let (doc_tx, doc_rx) = sync_channel::<Result<ReaderMsg>>(1);
-    let window_bytes = cfg.window_bytes;
-    let reader_thread = std::thread::Builder::new()
-        .name("dataprep-read".into())
-        .spawn(move || read_windows(&mut reader, window_bytes, &doc_tx))
-        .context("starting the reader thread")?;
-
-    let (out_tx, out_rx) = sync_channel::<WindowOutput>(1);
-    let train_writer = ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows);
-    let val_writer = ShardWriter::new(&val_dir, cfg.shard_rows, cfg.row_group_rows);
-    let writer_thread = std::thread::Builder::new()
-        .name("dataprep-write".into())
-        .spawn(move || write_windows(out_rx, train_writer, val_writer))
-        .context("starting the writer thread")?;
-
+    let mut windows = WindowReader::new(DocumentReader::new(files.clone(), cfg.window_bytes));
+    let mut train_writer = ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows)?;
+    let mut val_writer = ShardWriter::new(&val_dir, cfg.shard_rows, cfg.row_group_rows)?;
     let mut progress = Progress::new(cfg.show_progress, input_bytes);
     let mut train_totals = Totals::default();
     let mut val_totals = Totals::default();
-    let mut input_stats = None;
-    let processed: Result<()> = (|| {
-        for msg in doc_rx.iter() {
-            match msg? {
-                ReaderMsg::Window(w) => {
-                    let out = pool
-                        .install(|| process_window(&w, cfg, &tokenizer, &gen_opts, &mask_vocab))?;
-                    add_totals(&mut train_totals, &out.train.totals);
-                    add_totals(&mut val_totals, &out.validation.totals);
-                    progress.update(
-                        bytes_read.load(Ordering::Relaxed),
-                        train_totals.documents + val_totals.documents,
-                        train_totals.instances + val_totals.instances,
-                    );
-                    if out_tx.send(out).is_err() {
-                        // The writer stopped; its error is reported below.
-                        break;
-                    }
-                }
-                ReaderMsg::Done(stats) => input_stats = Some(stats),
+    // Reading is a few percent of the time; reading ahead would hold a second window.
+    while let Some(w) = windows.next_window(cfg.window_bytes)? {
+        let docs = pool.install(|| tokenize_window(w, cfg, &tokenizer))?;
+        train_totals.empty_documents_skipped += docs.empty;
+        for (split, split_docs, writer, totals) in [
+            (0, &docs.train, &mut train_writer, &mut train_totals),
+            (1, &docs.validation, &mut val_writer, &mut val_totals),
+        ] {
+            add_document_totals(totals, split_docs);
+            for (slice, units) in slices(split_docs, cfg.slice_tokens).into_iter().enumerate() {
+                let key = [docs.index, split, slice as u64];
+                let out = pool.install(|| {
+                    generate_slice(split_docs, units, key, cfg, &gen_opts, &mask_vocab)
+                });
+                add_instance_totals(totals, &out.batches);
+                let row = |i: usize| {
+                    let (b, r) = out.order[i];
+                    out.batches[b as usize].row(r as usize)
+                };
+                writer.write_rows(out.order.len(), row, &pool)?;
             }
         }
-        Ok(())
-    })();
-    drop(out_tx);
-    drop(doc_rx);
-    let written = writer_thread
-        .join()
-        .map_err(|_| anyhow!("the shard writer thread panicked"))?;
-    let read = reader_thread
-        .join()
-        .map_err(|_| anyhow!("the reader thread panicked"))?;
-    processed?;
-    read?;
-    let (train_shards, val_shards) = written?;
+        progress.update(
+            windows.reader.bytes_read.load(Ordering::Relaxed),
+            train_totals.documents + val_totals.documents,
+            train_totals.instances + val_totals.instances,
+        );
+    }
+    let train_shards = train_writer.finish()?;
+    let val_shards = val_writer.finish()?;
     progress.finish();
-    let stats = input_stats.ok_or_else(|| anyhow!("the corpus reader stopped early"))?;
+    let stats = windows.reader.stats.clone();
 
     train_totals.input_bytes = input_bytes;
     train_totals.invalid_utf8_lines_skipped = stats.invalid_utf8_lines;
@@ -297,6 +312,7 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         shard_rows: cfg.shard_rows,
         row_group_rows: cfg.row_group_rows,
         window_bytes: cfg.window_bytes,
+        slice_tokens: cfg.slice_tokens,
         validation_fraction: cfg.validation_fraction,
         lowercase: vocab.lowercase,
     };
@@ -348,89 +364,87 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
     })
 }
 
-fn add_totals(into: &mut Totals, t: &Totals) {
-    into.documents += t.documents;
-    into.sentences += t.sentences;
-    into.instances += t.instances;
-    into.tokens += t.tokens;
-    into.masked_tokens += t.masked_tokens;
-    into.is_next += t.is_next;
-    into.not_next += t.not_next;
-    into.empty_documents_skipped += t.empty_documents_skipped;
-    into.single_sentence_documents += t.single_sentence_documents;
+fn add_document_totals(into: &mut Totals, docs: &[TokenizedDoc]) {
+    into.documents += docs.len() as u64;
+    into.sentences += docs.iter().map(|d| d.sentences() as u64).sum::<u64>();
+    into.single_sentence_documents += docs.iter().filter(|d| d.sentences() == 1).count() as u64;
 }
 
-fn read_windows(
-    reader: &mut DocumentReader,
-    window_bytes: usize,
-    tx: &SyncSender<Result<ReaderMsg>>,
-) -> Result<()> {
-    let result = (|| -> Result<()> {
-        let mut pieces = VecDeque::new();
-        let mut held: Option<Window> = None;
-        let mut current = Window {
+fn add_instance_totals(into: &mut Totals, batches: &[InstanceBatch]) {
+    for b in batches {
+        into.instances += b.rows() as u64;
+        into.tokens += b.tokens();
+        into.masked_tokens += b.masked();
+        into.not_next += b.not_next();
+        into.is_next += b.rows() as u64 - b.not_next();
+    }
+}
+
+/// Cuts the document stream into windows.
+struct WindowReader {
+    reader: DocumentReader,
+    pieces: VecDeque<Vec<String>>,
+    /// Documents read past the end of the last window, so that a tail too small to draw
+    /// NotNext partners from can join that window instead of forming its own.
+    ahead: VecDeque<RawDoc>,
+    ended: bool,
+    index: u64,
+    first_doc: u64,
+}
+
+impl WindowReader {
+    fn new(reader: DocumentReader) -> WindowReader {
+        WindowReader {
+            reader,
+            pieces: VecDeque::new(),
+            ahead: VecDeque::new(),
+            ended: false,
             index: 0,
             first_doc: 0,
-            docs: Vec::new(),
-        };
-        let mut current_bytes = 0usize;
-        let mut next_doc = 0u64;
-        let mut next_index = 0u64;
-        let send = |w: Window| tx.send(Ok(ReaderMsg::Window(w))).is_ok();
-        while let Some(doc) = reader.next_document(&mut pieces)? {
-            if current.docs.is_empty() {
-                current.first_doc = next_doc;
-            }
-            current_bytes += doc.iter().map(|s| s.len()).sum::<usize>();
-            current.docs.push(doc);
-            next_doc += 1;
-            if current_bytes >= window_bytes {
-                current.index = next_index;
-                next_index += 1;
-                let full = std::mem::replace(
-                    &mut current,
-                    Window {
-                        index: 0,
-                        first_doc: next_doc,
-                        docs: Vec::new(),
-                    },
-                );
-                current_bytes = 0;
-                // Hold one full window back so a small trailing window can join it.
-                if let Some(prev) = held.replace(full) {
-                    if !send(prev) {
-                        return Ok(());
-                    }
-                }
-            }
         }
-        match held {
-            Some(mut prev) if current.docs.len() < MIN_WINDOW_DOCS => {
-                prev.docs.append(&mut current.docs);
-                send(prev);
-            }
-            Some(prev) => {
-                if send(prev) {
-                    current.index = next_index;
-                    if !current.docs.is_empty() {
-                        send(current);
-                    }
-                }
-            }
-            None => {
-                current.index = next_index;
-                if !current.docs.is_empty() {
-                    send(current);
-                }
-            }
-        }
-        let _ = tx.send(Ok(ReaderMsg::Done(reader.stats.clone())));
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = tx.send(Err(e));
     }
-    Ok(())
+
+    fn read_document(&mut self) -> Result<Option<RawDoc>> {
+        let doc = self.reader.next_document(&mut self.pieces)?;
+        self.ended = doc.is_none();
+        Ok(doc.map(RawDoc::new))
+    }
+
+    fn next_window(&mut self, window_bytes: usize) -> Result<Option<Window>> {
+        let mut docs = Vec::new();
+        let mut bytes = 0;
+        while bytes < window_bytes {
+            let doc = match self.ahead.pop_front() {
+                Some(d) => d,
+                None if self.ended => break,
+                None => match self.read_document()? {
+                    Some(d) => d,
+                    None => break,
+                },
+            };
+            bytes += doc.text.len();
+            docs.push(doc);
+        }
+        while !self.ended && self.ahead.len() < MIN_WINDOW_DOCS {
+            if let Some(d) = self.read_document()? {
+                self.ahead.push_back(d);
+            }
+        }
+        if self.ended && self.ahead.len() < MIN_WINDOW_DOCS {
+            docs.extend(self.ahead.drain(..));
+        }
+        if docs.is_empty() {
+            return Ok(None);
+        }
+        let window = Window {
+            index: self.index,
+            first_doc: self.first_doc,
+            docs,
+        };
+        self.index += 1;
+        self.first_doc += window.docs.len() as u64;
+        Ok(Some(window))
+    }
 }
 
 fn is_validation(seed: u64, doc: u64, fraction: f64) -> bool {
@@ -439,67 +453,80 @@ fn is_validation(seed: u64, doc: u64, fraction: f64) -> bool {
             < fraction
 }
 
-fn tokenize_document(tokenizer: &Tokenizer, sentences: &[String]) -> Result<TokenizedDoc> {
+fn tokenize_document(tokenizer: &SentenceTokenizer, raw: &RawDoc) -> Result<TokenizedDoc> {
     let mut doc = TokenizedDoc::default();
-    for s in sentences {
-        let enc = tokenizer
-            .encode_fast(s.as_str(), false)
-            .map_err(|e| anyhow!("tokenising a sentence: {e}"))?;
-        doc.push_sentence(enc.get_ids());
+    let mut ids = Vec::with_capacity(64);
+    for s in raw.sentences() {
+        ids.clear();
+        tokenizer.encode(s, &mut ids)?;
+        doc.push_sentence(&ids);
     }
     Ok(doc)
 }
 
-fn process_window(
-    w: &Window,
+fn tokenize_window(
+    w: Window,
     cfg: &DataprepConfig,
-    tokenizer: &Tokenizer,
-    gen_opts: &GenOptions,
-    vocab: &MaskVocab,
-) -> Result<WindowOutput> {
+    tokenizer: &SentenceTokenizer,
+) -> Result<WindowDocs> {
     let tokenized: Vec<TokenizedDoc> = w
         .docs
         .par_iter()
         .map(|d| tokenize_document(tokenizer, d))
         .collect::<Result<_>>()?;
-    let mut train = Vec::new();
-    let mut validation = Vec::new();
-    let mut empty = 0u64;
+    let mut out = WindowDocs {
+        index: w.index,
+        train: Vec::new(),
+        validation: Vec::new(),
+        empty: 0,
+    };
     for (i, doc) in tokenized.into_iter().enumerate() {
         if doc.sentences() == 0 {
-            empty += 1;
-            continue;
-        }
-        if is_validation(cfg.seed, w.first_doc + i as u64, cfg.validation_fraction) {
-            validation.push(doc);
+            out.empty += 1;
+        } else if is_validation(cfg.seed, w.first_doc + i as u64, cfg.validation_fraction) {
+            out.validation.push(doc);
         } else {
-            train.push(doc);
+            out.train.push(doc);
         }
     }
-    let mut out = WindowOutput {
-        train: generate_split(&train, w.index, 0, cfg, gen_opts, vocab),
-        validation: generate_split(&validation, w.index, 1, cfg, gen_opts, vocab),
-    };
-    out.train.totals.empty_documents_skipped = empty;
     Ok(out)
 }
 
-fn generate_split(
+/// Cuts a split's units (runs of [`UNIT_DOCS`] documents) into slices of about
+/// `slice_tokens` tokens.
+fn slices(docs: &[TokenizedDoc], slice_tokens: usize) -> Vec<Range<usize>> {
+    let units = docs.len().div_ceil(UNIT_DOCS);
+    let mut out = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for u in 0..units {
+        let end_doc = ((u + 1) * UNIT_DOCS).min(docs.len());
+        tokens += docs[u * UNIT_DOCS..end_doc]
+            .iter()
+            .map(|d| d.tokens.len())
+            .sum::<usize>();
+        if tokens >= slice_tokens || u + 1 == units {
+            out.push(start..u + 1);
+            (start, tokens) = (u + 1, 0);
+        }
+    }
+    out
+}
+
+/// Instances of the documents of `units`, every duplication, in write order. `key` is
+/// (window, split, slice). NotNext partners come from all of `docs`.
+fn generate_slice(
     docs: &[TokenizedDoc],
-    window: u64,
-    split: u64,
+    units: Range<usize>,
+    [window, split, slice]: [u64; 3],
     cfg: &DataprepConfig,
     gen_opts: &GenOptions,
     vocab: &MaskVocab,
-) -> SplitOutput {
-    if docs.is_empty() {
-        return SplitOutput::default();
-    }
-    let units_per_dupe = docs.len().div_ceil(UNIT_DOCS);
-    let batches: Vec<InstanceBatch> = (0..cfg.dupe_factor * units_per_dupe)
+) -> SliceOutput {
+    let per_dupe = units.len();
+    let batches: Vec<InstanceBatch> = (0..cfg.dupe_factor * per_dupe)
         .into_par_iter()
-        .map(|u| {
-            let (dupe, unit) = (u / units_per_dupe, u % units_per_dupe);
+        .map(|i| {
+            let (dupe, unit) = (i / per_dupe, units.start + i % per_dupe);
             let mut rng =
                 Rng::from_parts(&[cfg.seed, SALT_UNIT, window, split, dupe as u64, unit as u64]);
             let mut batch = InstanceBatch::new();
@@ -515,41 +542,8 @@ fn generate_split(
         .enumerate()
         .flat_map(|(b, batch)| (0..batch.rows() as u32).map(move |r| (b as u32, r)))
         .collect();
-    Rng::from_parts(&[cfg.seed, SALT_SHUFFLE, window, split]).shuffle(&mut order);
-    let mut totals = Totals {
-        documents: docs.len() as u64,
-        sentences: docs.iter().map(|d| d.sentences() as u64).sum(),
-        single_sentence_documents: docs.iter().filter(|d| d.sentences() == 1).count() as u64,
-        ..Totals::default()
-    };
-    for b in &batches {
-        totals.instances += b.rows() as u64;
-        totals.tokens += b.tokens();
-        totals.masked_tokens += b.masked();
-        totals.not_next += b.not_next();
-    }
-    totals.is_next = totals.instances - totals.not_next;
-    SplitOutput {
-        batches,
-        order,
-        totals,
-    }
-}
-
-fn write_windows(
-    rx: Receiver<WindowOutput>,
-    mut train: ShardWriter,
-    mut validation: ShardWriter,
-) -> Result<(Vec<ShardEntry>, Vec<ShardEntry>)> {
-    for w in rx.iter() {
-        for (split, writer) in [(&w.train, &mut train), (&w.validation, &mut validation)] {
-            for &(b, r) in &split.order {
-                let (ids, a_len, pos, masked, label) = split.batches[b as usize].row(r as usize);
-                writer.push(ids, a_len as usize, pos, masked, label)?;
-            }
-        }
-    }
-    Ok((train.finish()?, validation.finish()?))
+    Rng::from_parts(&[cfg.seed, SALT_SHUFFLE, window, split, slice]).shuffle(&mut order);
+    SliceOutput { batches, order }
 }
 
 /// Makes `dir` ready for a new dataset. An existing dataset (or the leftovers of a run that

@@ -24,8 +24,11 @@ use arrow_buffer::OffsetBuffer;
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowRowGroupWriterFactory, compute_leaves};
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{WriterProperties, WriterPropertiesPtr};
+use parquet::file::writer::SerializedFileWriter;
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{ShardEntry, hex, sync_dir, temp_name};
@@ -52,6 +55,10 @@ pub(crate) fn schema() -> SchemaRef {
     ]))
 }
 
+/// One row as the generator holds it: `input_ids`, the length of `[CLS] A [SEP]` (token type
+/// 0), `masked_lm_positions`, `masked_lm_ids`, `next_sentence_label`.
+pub(crate) type RowRef<'a> = (&'a [u32], u32, &'a [u32], &'a [u32], u8);
+
 /// Column-major buffers for up to one row group.
 #[derive(Default)]
 pub(crate) struct RowBuffer {
@@ -69,15 +76,8 @@ impl RowBuffer {
         self.labels.len()
     }
 
-    /// Appends one row. `a_len` is the length of `[CLS] A [SEP]` (token type 0).
-    pub(crate) fn push(
-        &mut self,
-        input_ids: &[u32],
-        a_len: usize,
-        positions: &[u32],
-        masked_ids: &[u32],
-        label: u8,
-    ) {
+    /// Appends one row.
+    fn push(&mut self, (input_ids, a_len, positions, masked_ids, label): RowRef<'_>) {
         if self.input_offsets.is_empty() {
             self.input_offsets.push(0);
             self.mask_offsets.push(0);
@@ -85,15 +85,15 @@ impl RowBuffer {
         self.input_ids.extend(input_ids.iter().map(|&t| t as i32));
         self.input_offsets.push(self.input_ids.len() as i32);
         self.token_type_ids
-            .extend((0..input_ids.len()).map(|i| i8::from(i >= a_len)));
+            .extend((0..input_ids.len()).map(|i| i8::from(i >= a_len as usize)));
         self.positions.extend(positions.iter().map(|&p| p as i32));
         self.masked_ids.extend(masked_ids.iter().map(|&t| t as i32));
         self.mask_offsets.push(self.positions.len() as i32);
         self.labels.push(label as i8);
     }
 
-    fn take_batch(&mut self) -> Result<RecordBatch> {
-        let b = std::mem::take(self);
+    fn into_batch(self) -> Result<RecordBatch> {
+        let b = self;
         let item = |t: DataType| Arc::new(Field::new("item", t, false));
         let input_offsets = OffsetBuffer::new(b.input_offsets.into());
         let mask_offsets = OffsetBuffer::new(b.mask_offsets.into());
@@ -148,7 +148,7 @@ impl Write for HashingFile {
 }
 
 struct OpenShard {
-    writer: ArrowWriter<io::BufWriter<HashingFile>>,
+    writer: SerializedFileWriter<io::BufWriter<HashingFile>>,
     final_path: PathBuf,
     file_name: String,
     rows: u64,
@@ -157,51 +157,128 @@ struct OpenShard {
 
 /// Writes rows into `shard-NNNNN.parquet` files of at most `shard_rows` rows each. Every shard
 /// is written under a temporary name and renamed once complete and synced.
+///
+/// [`ShardWriter::write_rows`] cuts the rows into row groups, gathers, encodes and compresses
+/// the row groups in parallel (the expensive part) and appends them to the files in order (a
+/// copy). Where row groups and shards end depends only on row counts, so the bytes do not
+/// depend on the number of threads.
 pub(crate) struct ShardWriter {
     dir: PathBuf,
     shard_rows: usize,
     row_group_rows: usize,
-    buffer: RowBuffer,
+    props: WriterPropertiesPtr,
+    /// Column writers depend only on the schema and the properties, which every shard shares.
+    columns: ArrowRowGroupWriterFactory,
+    /// The start of the next row group: rows left over from the previous call.
+    filling: RowBuffer,
+    /// Rows given to the current shard so far, including those in `filling`.
+    rows_in_shard: usize,
     open: Option<OpenShard>,
     done: Vec<ShardEntry>,
 }
 
 impl ShardWriter {
-    pub(crate) fn new(dir: &Path, shard_rows: usize, row_group_rows: usize) -> ShardWriter {
-        ShardWriter {
+    pub(crate) fn new(dir: &Path, shard_rows: usize, row_group_rows: usize) -> Result<ShardWriter> {
+        let shard_rows = shard_rows.max(1);
+        let row_group_rows = row_group_rows.max(1).min(shard_rows);
+        let props = Arc::new(
+            WriterProperties::builder()
+                // Level 1 against the default 3: 7% larger shards, twice the speed; shards
+                // are written once and read once per epoch.
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
+                .set_max_row_group_row_count(Some(row_group_rows))
+                .set_created_by(format!("bertrain-dataprep {}", env!("CARGO_PKG_VERSION")))
+                .build(),
+        );
+        let (_, columns) = new_file_writer(io::sink(), &props)
+            .context("setting up the Parquet column encoders")?;
+        Ok(ShardWriter {
             dir: dir.to_path_buf(),
-            shard_rows: shard_rows.max(1),
-            row_group_rows: row_group_rows.max(1).min(shard_rows.max(1)),
-            buffer: RowBuffer::default(),
+            shard_rows,
+            row_group_rows,
+            props,
+            columns,
+            filling: RowBuffer::default(),
+            rows_in_shard: 0,
             open: None,
             done: Vec::new(),
-        }
+        })
     }
 
-    pub(crate) fn push(
+    /// Writes rows `row(0)..row(count)` after those of earlier calls, using `pool` to encode.
+    /// A trailing partial row group is kept for the next call (or [`ShardWriter::finish`]).
+    pub(crate) fn write_rows<'a, F>(
         &mut self,
-        input_ids: &[u32],
-        a_len: usize,
-        positions: &[u32],
-        masked_ids: &[u32],
-        label: u8,
-    ) -> Result<()> {
+        count: usize,
+        row: F,
+        pool: &rayon::ThreadPool,
+    ) -> Result<()>
+    where
+        F: Fn(usize) -> RowRef<'a> + Sync,
+    {
+        // Row groups encoded at a time: two per thread, for balance; each holds its encoded pages
+        // until the round is appended.
+        let groups_per_round = 2 * pool.current_num_threads();
+        let mut next = 0;
+        while next < count {
+            // Plan a round: each group is its start (the carried rows, for the first) and the
+            // range of new rows that completes it.
+            let mut round = Vec::with_capacity(groups_per_round);
+            while round.len() < groups_per_round && next < count {
+                let carried = self.filling.rows();
+                let room =
+                    (self.row_group_rows - carried).min(self.shard_rows - self.rows_in_shard);
+                let range = next..(next + room).min(count);
+                next = range.end;
+                self.rows_in_shard += range.len();
+                let ends_shard = self.rows_in_shard == self.shard_rows;
+                let start = std::mem::take(&mut self.filling);
+                if carried + range.len() < self.row_group_rows && !ends_shard {
+                    // Incomplete: the rest of this group comes with the next call.
+                    self.filling = start;
+                    range.for_each(|i| self.filling.push(row(i)));
+                    break;
+                }
+                if ends_shard {
+                    self.rows_in_shard = 0;
+                }
+                round.push((start, range, ends_shard));
+            }
+            let columns = &self.columns;
+            let encoded: Vec<Result<EncodedGroup>> = pool.install(|| {
+                round
+                    .into_par_iter()
+                    .map(|(mut rows, range, ends_shard)| {
+                        range.for_each(|i| rows.push(row(i)));
+                        encode(columns, rows, ends_shard)
+                    })
+                    .collect()
+            });
+            for group in encoded {
+                self.append(group?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, group: EncodedGroup) -> Result<()> {
         if self.open.is_none() {
             self.open_shard()?;
         }
-        self.buffer
-            .push(input_ids, a_len, positions, masked_ids, label);
         let shard = self.open.as_mut().expect("opened above");
-        shard.rows += 1;
-        shard.tokens += input_ids.len() as u64;
-        let (rows, full) = (shard.rows, shard.rows as usize >= self.shard_rows);
-        if self.buffer.rows() >= self.row_group_rows || full {
-            self.flush_row_group()?;
+        let context = || format!("writing {}", temp_name(&shard.final_path).display());
+        let mut row_group = shard.writer.next_row_group().with_context(context)?;
+        for chunk in group.chunks {
+            chunk
+                .append_to_row_group(&mut row_group)
+                .with_context(context)?;
         }
-        if full {
+        row_group.close().with_context(context)?;
+        shard.rows += group.rows;
+        shard.tokens += group.tokens;
+        if group.ends_shard {
             self.close_shard()?;
         }
-        debug_assert!(rows > 0);
         Ok(())
     }
 
@@ -210,11 +287,6 @@ impl ShardWriter {
         let final_path = self.dir.join(&file_name);
         let tmp = temp_name(&final_path);
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
-            .set_max_row_group_row_count(Some(self.row_group_rows))
-            .set_created_by(format!("bertrain-dataprep {}", env!("CARGO_PKG_VERSION")))
-            .build();
         let sink = io::BufWriter::with_capacity(
             1 << 20,
             HashingFile {
@@ -223,7 +295,7 @@ impl ShardWriter {
                 bytes: 0,
             },
         );
-        let writer = ArrowWriter::try_new(sink, schema(), Some(props))
+        let (writer, _) = new_file_writer(sink, &self.props)
             .with_context(|| format!("starting Parquet file {}", tmp.display()))?;
         self.open = Some(OpenShard {
             writer,
@@ -235,28 +307,7 @@ impl ShardWriter {
         Ok(())
     }
 
-    fn flush_row_group(&mut self) -> Result<()> {
-        if self.buffer.rows() == 0 {
-            return Ok(());
-        }
-        let batch = self.buffer.take_batch()?;
-        let shard = self
-            .open
-            .as_mut()
-            .expect("a shard is open while rows are buffered");
-        shard
-            .writer
-            .write(&batch)
-            .with_context(|| format!("writing {}", temp_name(&shard.final_path).display()))?;
-        shard
-            .writer
-            .flush()
-            .with_context(|| format!("writing {}", temp_name(&shard.final_path).display()))?;
-        Ok(())
-    }
-
     fn close_shard(&mut self) -> Result<()> {
-        self.flush_row_group()?;
         let Some(shard) = self.open.take() else {
             return Ok(());
         };
@@ -290,11 +341,71 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Completes the open shard and returns the entries of all shards, in order.
+    /// Writes the rows still held, completes the open shard and returns the entries of all
+    /// shards, in order.
     pub(crate) fn finish(mut self) -> Result<Vec<ShardEntry>> {
+        if self.filling.rows() > 0 {
+            let rows = std::mem::take(&mut self.filling);
+            self.append(encode(&self.columns, rows, true)?)?;
+        }
         self.close_shard()?;
         Ok(self.done)
     }
+}
+
+/// A Parquet file writer with the shard schema (its Arrow form embedded in the footer, as
+/// `ArrowWriter` does) and the factory of its column encoders.
+fn new_file_writer<W: Write + Send>(
+    sink: W,
+    props: &WriterPropertiesPtr,
+) -> parquet::errors::Result<(SerializedFileWriter<W>, ArrowRowGroupWriterFactory)> {
+    ArrowWriter::try_new(sink, schema(), Some(props.as_ref().clone()))?.into_serialized_writer()
+}
+
+struct EncodedGroup {
+    chunks: Vec<ArrowColumnChunk>,
+    rows: u64,
+    tokens: u64,
+    ends_shard: bool,
+}
+
+/// Encodes and compresses one row group's columns.
+fn encode(
+    columns: &ArrowRowGroupWriterFactory,
+    rows: RowBuffer,
+    ends_shard: bool,
+) -> Result<EncodedGroup> {
+    let (tokens, rows_n) = (rows.input_ids.len() as u64, rows.rows() as u64);
+    let batch = rows.into_batch()?;
+    let schema = schema();
+    // One encoder per Parquet leaf column, in schema order.
+    let mut writers = columns
+        .create_column_writers(0)
+        .context("creating Parquet column encoders")?;
+    let mut leaves = Vec::with_capacity(writers.len());
+    for (array, field) in batch.columns().iter().zip(schema.fields()) {
+        leaves.extend(compute_leaves(field, array).context("encoding a row group")?);
+    }
+    if leaves.len() != writers.len() {
+        bail!(
+            "internal error: {} Parquet leaves for {} column encoders",
+            leaves.len(),
+            writers.len()
+        );
+    }
+    for (writer, leaf) in writers.iter_mut().zip(&leaves) {
+        writer.write(leaf).context("encoding a row group")?;
+    }
+    let chunks = writers
+        .into_iter()
+        .map(|w| w.close().context("encoding a row group"))
+        .collect::<Result<_>>()?;
+    Ok(EncodedGroup {
+        chunks,
+        rows: rows_n,
+        tokens,
+        ends_shard,
+    })
 }
 
 /// Number of rows in each row group of a shard, from its footer.

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use bertrain_dataprep::cli::{VocabArgs, run_vocab};
-use bertrain_dataprep::{DataprepConfig, MANIFEST_FILE, Manifest, read_rows, synth_corpus};
+use bertrain_dataprep::{
+    DataprepConfig, MANIFEST_FILE, Manifest, read_rows, row_group_rows, synth_corpus,
+};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -50,6 +52,8 @@ fn config(inputs: Vec<PathBuf>, out: &Path) -> DataprepConfig {
     c.shard_rows = 1500;
     c.row_group_rows = 256;
     c.window_bytes = 40_000;
+    // Several slices per window, so slicing is part of what the tests check.
+    c.slice_tokens = 2_000;
     c.dupe_factor = 2;
     c
 }
@@ -108,6 +112,17 @@ fn output_is_identical_for_any_thread_count_and_rows_read_back() {
 
     let m = Manifest::load(&out1).unwrap();
     m.verify_files().unwrap();
+    // Shards are full but the last; row groups are full but the last of each shard.
+    for (i, shard) in m.shards.iter().enumerate() {
+        if i + 1 < m.shards.len() {
+            assert_eq!(shard.rows, 1500, "{}", shard.file);
+        }
+        let groups = row_group_rows(&m.shard_path(shard)).unwrap();
+        assert_eq!(groups.iter().sum::<u64>(), shard.rows);
+        let (last, full) = groups.split_last().unwrap();
+        assert!(full.iter().all(|&g| g == 256), "{}: {groups:?}", shard.file);
+        assert!(*last <= 256 && *last > 0);
+    }
     assert_eq!(m.total_rows(), r1.train.totals.instances);
     // No temporary files remain.
     for e in fs::read_dir(&out1).unwrap() {
