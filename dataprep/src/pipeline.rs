@@ -1,9 +1,9 @@
 //! The dataprep run: corpus stream -> windows -> tokenise + generate in parallel -> shards.
 //!
 //! Streaming and memory: documents are read in *windows* of about `window_bytes` of text
-//! (default 4 MiB, ~1000 Wikipedia-sized documents). A window is tokenised (about 4 bytes per token) and its
-//! text dropped; its instances, five times the tokens with the default `--dupe-factor`, are
-//! made *slice* by slice: runs of documents holding about [`SLICE_TOKENS`] tokens, each
+//! (default 4 MiB, ~1000 Wikipedia-sized documents). A window is tokenised (about 4 bytes
+//! per token) and its text dropped; its instances, five times the tokens with the default
+//! `--dupe-factor`, are made *slice* by slice: runs of documents holding about [`SLICE_TOKENS`] tokens, each
 //! generated, shuffled and written (generation and shard encoding each use every thread)
 //! before the next. Peak memory is one raw window, one tokenised window and one slice of
 //! instances, whatever the corpus size.
@@ -246,14 +246,14 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         whole_word_mask: cfg.whole_word_mask,
     };
 
-    let mut windows = WindowReader::new(DocumentReader::new(files.clone(), cfg.window_bytes));
+    let mut windows = WindowReader::new(files.clone(), cfg.window_bytes);
     let mut train_writer = ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows)?;
     let mut val_writer = ShardWriter::new(&val_dir, cfg.shard_rows, cfg.row_group_rows)?;
     let mut progress = Progress::new(cfg.show_progress, input_bytes);
     let mut train_totals = Totals::default();
     let mut val_totals = Totals::default();
     // Reading is a few percent of the time; reading ahead would hold a second window.
-    while let Some(w) = windows.next_window(cfg.window_bytes)? {
+    while let Some(w) = windows.next_window()? {
         let docs = pool.install(|| tokenize_window(w, cfg, &tokenizer))?;
         train_totals.empty_documents_skipped += docs.empty;
         for (split, split_docs, writer, totals) in [
@@ -383,6 +383,7 @@ fn add_instance_totals(into: &mut Totals, batches: &[InstanceBatch]) {
 /// Cuts the document stream into windows.
 struct WindowReader {
     reader: DocumentReader,
+    window_bytes: usize,
     pieces: VecDeque<Vec<String>>,
     /// Documents read past the end of the last window, so that a tail too small to draw
     /// NotNext partners from can join that window instead of forming its own.
@@ -393,9 +394,10 @@ struct WindowReader {
 }
 
 impl WindowReader {
-    fn new(reader: DocumentReader) -> WindowReader {
+    fn new(files: Vec<PathBuf>, window_bytes: usize) -> WindowReader {
         WindowReader {
-            reader,
+            reader: DocumentReader::new(files, window_bytes),
+            window_bytes,
             pieces: VecDeque::new(),
             ahead: VecDeque::new(),
             ended: false,
@@ -410,10 +412,10 @@ impl WindowReader {
         Ok(doc.map(RawDoc::new))
     }
 
-    fn next_window(&mut self, window_bytes: usize) -> Result<Option<Window>> {
+    fn next_window(&mut self) -> Result<Option<Window>> {
         let mut docs = Vec::new();
         let mut bytes = 0;
-        while bytes < window_bytes {
+        while bytes < self.window_bytes {
             let doc = match self.ahead.pop_front() {
                 Some(d) => d,
                 None if self.ended => break,

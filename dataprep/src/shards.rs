@@ -93,36 +93,35 @@ impl RowBuffer {
     }
 
     fn into_batch(self) -> Result<RecordBatch> {
-        let b = self;
         let item = |t: DataType| Arc::new(Field::new("item", t, false));
-        let input_offsets = OffsetBuffer::new(b.input_offsets.into());
-        let mask_offsets = OffsetBuffer::new(b.mask_offsets.into());
+        let input_offsets = OffsetBuffer::new(self.input_offsets.into());
+        let mask_offsets = OffsetBuffer::new(self.mask_offsets.into());
         let columns: Vec<ArrayRef> = vec![
             Arc::new(ListArray::new(
                 item(DataType::Int32),
                 input_offsets.clone(),
-                Arc::new(Int32Array::from(b.input_ids)),
+                Arc::new(Int32Array::from(self.input_ids)),
                 None,
             )),
             Arc::new(ListArray::new(
                 item(DataType::Int8),
                 input_offsets,
-                Arc::new(Int8Array::from(b.token_type_ids)),
+                Arc::new(Int8Array::from(self.token_type_ids)),
                 None,
             )),
             Arc::new(ListArray::new(
                 item(DataType::Int32),
                 mask_offsets.clone(),
-                Arc::new(Int32Array::from(b.positions)),
+                Arc::new(Int32Array::from(self.positions)),
                 None,
             )),
             Arc::new(ListArray::new(
                 item(DataType::Int32),
                 mask_offsets,
-                Arc::new(Int32Array::from(b.masked_ids)),
+                Arc::new(Int32Array::from(self.masked_ids)),
                 None,
             )),
-            Arc::new(Int8Array::from(b.labels)),
+            Arc::new(Int8Array::from(self.labels)),
         ];
         RecordBatch::try_new(schema(), columns).context("building a record batch")
     }
@@ -186,7 +185,6 @@ impl ShardWriter {
                 // Level 1 against the default 3: 5-7% larger shards, twice the speed; shards
                 // are written once and read once per epoch.
                 .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
-                .set_max_row_group_row_count(Some(row_group_rows))
                 .set_created_by(format!("bertrain-dataprep {}", env!("CARGO_PKG_VERSION")))
                 .build(),
         );

@@ -81,15 +81,14 @@ impl SentenceTokenizer {
             out.extend_from_slice(enc.get_ids());
             return Ok(());
         }
-        let mut word = Vec::with_capacity(32);
+        let mut word = Word::default();
         for &b in sentence.as_bytes() {
             match b {
                 b' ' | b'\t' | b'\n' | b'\r' => self.flush_word(&mut word, out),
                 0..=0x1f | 0x7f => {} // control bytes are removed, joining their neighbours
                 _ if b.is_ascii_punctuation() => {
                     self.flush_word(&mut word, out);
-                    word.push(b);
-                    self.flush_word(&mut word, out);
+                    self.word_pieces(&[b], out);
                 }
                 _ if self.lowercase => word.push(b.to_ascii_lowercase()),
                 _ => word.push(b),
@@ -99,19 +98,18 @@ impl SentenceTokenizer {
         Ok(())
     }
 
-    fn flush_word(&self, word: &mut Vec<u8>, out: &mut Vec<u32>) {
-        if !word.is_empty() {
-            self.word_pieces(word, out);
-            word.clear();
+    fn flush_word(&self, word: &mut Word, out: &mut Vec<u32>) {
+        match word.bytes() {
+            Some([]) => {}
+            Some(bytes) => self.word_pieces(bytes, out),
+            None => out.push(self.unk), // too long to split into pieces
         }
+        word.len = 0;
     }
 
-    /// Greedy longest-match-first WordPiece of one ASCII word.
+    /// Greedy longest-match-first WordPiece of one ASCII word of at most
+    /// [`MAX_WORD_CHARS`] bytes.
     fn word_pieces(&self, word: &[u8], out: &mut Vec<u32>) {
-        if word.len() > MAX_WORD_CHARS {
-            out.push(self.unk);
-            return;
-        }
         let first = out.len();
         let mut start = 0;
         while start < word.len() {
@@ -142,6 +140,36 @@ impl SentenceTokenizer {
                 }
             }
         }
+    }
+}
+
+/// The word being read, on the stack: a word longer than [`MAX_WORD_CHARS`] is `[UNK]` as a
+/// whole, so only its length matters past that.
+struct Word {
+    buf: [u8; MAX_WORD_CHARS],
+    len: usize,
+}
+
+impl Default for Word {
+    fn default() -> Word {
+        Word {
+            buf: [0; MAX_WORD_CHARS],
+            len: 0,
+        }
+    }
+}
+
+impl Word {
+    fn push(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+        }
+        self.len += 1;
+    }
+
+    /// The word's bytes, or None when it is too long to split.
+    fn bytes(&self) -> Option<&[u8]> {
+        self.buf.get(..self.len)
     }
 }
 
