@@ -4,6 +4,10 @@
 //! Parameters, gradients and both moment buffers are flat `f32` slices laid out by
 //! [`ParamLayout`]; that is what the all-reduce produces and what a checkpoint stores,
 //! so the optimizer needs no tensors and its state is saved by name.
+//!
+//! AdamW here is burn's `burn::optim::AdamW` update rule on those buffers, except that
+//! biases and LayerNorm parameters are not decayed (as in BERT). The trainer's tests
+//! run both side by side on a model and require the same parameters.
 
 use bertrain_model::ParamLayout;
 

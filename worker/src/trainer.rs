@@ -243,3 +243,143 @@ fn dropout_seed(seed: u64, step: u64, rank: usize, micro: usize) -> u64 {
     }
     x
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CpuBackend;
+    use crate::collective::LocalCollective;
+    use crate::optim::OptimizerKind;
+    use bertrain_dataprep::Instance;
+    use bertrain_model::{BertConfig, flatten_params, init_bert};
+    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+
+    /// A tiny BERT without dropout, so that two ways of training it see the same forward.
+    fn config() -> BertConfig {
+        BertConfig {
+            vocab_size: 120,
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            ..BertConfig::preset("tiny").unwrap()
+        }
+    }
+
+    /// Four rows of different lengths with a few predictions each, a function of `seed`.
+    fn batch(seed: u64) -> HostBatch {
+        let instances: Vec<Instance> = (0..4u64)
+            .map(|row| {
+                let len = 12 + 3 * row as usize;
+                let input_ids: Vec<u32> = (0..len as u64)
+                    .map(|i| 5 + ((seed * 31 + row * 17 + i * 7) % 110) as u32)
+                    .collect();
+                let masked_lm_positions = vec![1, 4, (len - 2) as u32];
+                Instance {
+                    token_type_ids: (0..len).map(|i| u8::from(i >= len / 2)).collect(),
+                    masked_lm_ids: masked_lm_positions
+                        .iter()
+                        .map(|&p| input_ids[p as usize])
+                        .collect(),
+                    input_ids,
+                    masked_lm_positions,
+                    next_sentence_label: ((seed + row) % 2) as u8,
+                }
+            })
+            .collect();
+        HostBatch::collate(&instances)
+    }
+
+    /// burn's own AdamW (`burn::optim::AdamW`) driving the model directly, with the same
+    /// hyperparameters: the reference the trainer's flat-buffer AdamW must reproduce.
+    fn burn_adamw(steps: u64, lr: f32, weight_decay: f32) -> Vec<f32> {
+        let device = Default::default();
+        let mut model = init_bert::<CpuBackend>(&config(), 7, &device);
+        let mut optimizer = AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.999)
+            .with_epsilon(1e-6)
+            .with_weight_decay(weight_decay)
+            .init();
+        for step in 0..steps {
+            let device_batch = batch(step).to_device::<CpuBackend>(&device);
+            let output = model.forward(&device_batch);
+            let loss = model.loss(&output, &device_batch).loss;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optimizer.step(lr as f64, model, grads);
+        }
+        flatten_params(&model)
+    }
+
+    /// The trainer's parameters after `steps` steps of its own AdamW.
+    fn trainer_adamw(steps: u64, lr: f32, weight_decay: f32) -> Trainer<CpuBackend> {
+        let device = Default::default();
+        let mut trainer = Trainer::new(
+            init_bert::<CpuBackend>(&config(), 7, &device),
+            OptimizerConfig::bert(OptimizerKind::AdamW, weight_decay),
+            0.0, // no clipping: burn's optimizer has none configured either
+            0,
+            device,
+        );
+        for step in 0..steps {
+            trainer
+                .step(step, 0, &[batch(step)], lr, false, &mut LocalCollective)
+                .unwrap();
+        }
+        assert_eq!(
+            flatten_params(&trainer.model),
+            trainer.params,
+            "the model holds the master parameters"
+        );
+        trainer
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// The trainer keeps parameters and moments in flat host buffers (the layout the
+    /// all-reduce and checkpoints use), not in burn's optimizer. Its AdamW must still be
+    /// burn's AdamW: the same update, applied to the right parameter. This also checks
+    /// the gradient flattening and the write-back into the model.
+    #[test]
+    fn adamw_matches_burns_adamw_over_steps() {
+        let (steps, lr) = (3, 1e-2);
+        let trainer = trainer_adamw(steps, lr, 0.0);
+        let reference = burn_adamw(steps, lr, 0.0);
+        let initial = flatten_params(&init_bert::<CpuBackend>(&config(), 7, &Default::default()));
+        for slot in &trainer.layout.slots {
+            let range = slot.offset..slot.offset + slot.len;
+            let diff = max_diff(&trainer.params[range.clone()], &reference[range.clone()]);
+            assert!(diff < 1e-5, "{}: differs from burn by {diff}", slot.name);
+            assert_ne!(
+                trainer.params[range.clone()],
+                initial[range],
+                "{} did not move",
+                slot.name
+            );
+        }
+    }
+
+    /// burn decays every parameter; the trainer, as BERT, decays matrices only. After one
+    /// step (before the two runs' forwards diverge) decaying slots equal burn's run with
+    /// decay, and biases and LayerNorm equal burn's run without.
+    #[test]
+    fn adamw_weight_decay_matches_burns_on_matrices_only() {
+        let (lr, weight_decay) = (1e-2, 0.1);
+        let trainer = trainer_adamw(1, lr, weight_decay);
+        let with_decay = burn_adamw(1, lr, weight_decay);
+        let without_decay = burn_adamw(1, lr, 0.0);
+        for slot in &trainer.layout.slots {
+            let range = slot.offset..slot.offset + slot.len;
+            let reference = if slot.decays() {
+                &with_decay
+            } else {
+                &without_decay
+            };
+            let diff = max_diff(&trainer.params[range.clone()], &reference[range]);
+            assert!(diff < 1e-6, "{}: differs from burn by {diff}", slot.name);
+        }
+    }
+}
