@@ -44,67 +44,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("resolving {}", args.run_dir.display()))?;
 
-    println!("== 1/5 synthetic corpus ({} documents)", args.docs);
-    let corpus = dir.join("corpus.txt");
-    let text: Vec<String> = bertrain_dataprep::synth_corpus(args.docs, args.seed).collect();
-    fs::write(&corpus, text.join("\n\n") + "\n")
-        .with_context(|| format!("writing {}", corpus.display()))?;
-
-    println!("== 2/5 WordPiece vocabulary");
-    let vocab = dir.join("vocab.txt");
-    run_vocab(VocabArgs {
-        input: vec![corpus.clone()],
-        vocab_size: 8000,
-        lowercase: true,
-        cased: false,
-        output: vocab.clone(),
-        overwrite: true,
-    })?;
-
-    println!("== 3/5 shards");
-    let data = dir.join("data");
-    run_dataprep(DataprepArgs {
-        input: vec![corpus],
-        vocab: vocab.clone(),
-        output: data.clone(),
-        max_seq_len: 128,
-        max_predictions: 20,
-        masked_lm_prob: 0.15,
-        short_seq_prob: 0.1,
-        dupe_factor: 3,
-        whole_word_mask: false,
-        seed: args.seed,
-        shard_rows: 8192,
-        row_group_rows: 1024,
-        threads: None,
-        validation_fraction: 0.05,
-        window_mb: 4,
-        lowercase: true,
-        cased: false,
-        overwrite: true,
-        quiet: true,
-    })?;
+    println!(
+        "== 1/3 data: synthetic corpus ({} documents), WordPiece vocabulary, shards",
+        args.docs
+    );
+    let data = synthetic_dataset(&dir, args.docs, args.seed)?;
 
     println!(
-        "== 4/5 training: a coordinator and {} workers (job configs/tiny.toml)",
+        "== 2/3 training: a coordinator and {} workers (job configs/tiny.toml)",
         args.workers
     );
-    let job_file = dir.join("job.toml");
-    fs::write(&job_file, DEMO_JOB).with_context(|| format!("writing {}", job_file.display()))?;
+    let job_file = write_demo_job(&dir)?;
     let run = dir.join("run");
-    let mut overrides: Vec<Override> = [
-        format!("job.run_dir={}", run.display()),
-        format!("data.manifest={}", data.join("manifest.json").display()),
-        format!(
-            "data.validation_manifest={}",
-            data.join("validation/manifest.json").display()
-        ),
-        format!("train.seed={}", args.seed),
-        format!("cluster.world_size={}", args.workers),
-    ]
-    .iter()
-    .map(|s| s.parse())
-    .collect::<Result<_>>()?;
+    let mut overrides: Vec<Override> = demo_job_settings(&run, &data, args.seed, args.workers)
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_>>()?;
     overrides.extend(args.overrides.iter().cloned());
     let train_started = Instant::now();
     bertrain_coordinator::launch::run(LaunchArgs {
@@ -115,7 +70,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     })?;
     let train_s = train_started.elapsed().as_secs_f64();
 
-    println!("== 5/5 export to Hugging Face format, fill-mask with the trained model");
+    println!("== 3/3 export to Hugging Face format, fill-mask with the trained model");
     let model_dir = dir.join("model");
     crate::export::run(crate::export::ExportArgs {
         checkpoint: run.clone(),
@@ -139,7 +94,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         output: None,
     })?;
     let summary = Summary::read(&run.join("metrics.jsonl"))?;
-    let vocab_size = fs::read_to_string(&vocab)?.lines().count();
+    let vocab_size = fs::read_to_string(data.join("vocab.txt"))?.lines().count();
     println!();
     println!("summary");
     println!(
@@ -175,6 +130,71 @@ pub fn run(args: DemoArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Steps 1 to 3 of the demo's pipeline under `dir`: the synthetic corpus (`corpus.txt`),
+/// its WordPiece vocabulary (`vocab.txt`) and the shards with a validation split
+/// (`data/`, which also holds the vocabulary). Returns the dataset directory.
+pub(crate) fn synthetic_dataset(dir: &Path, docs: usize, seed: u64) -> Result<PathBuf> {
+    let corpus = dir.join("corpus.txt");
+    let text: Vec<String> = bertrain_dataprep::synth_corpus(docs, seed).collect();
+    fs::write(&corpus, text.join("\n\n") + "\n")
+        .with_context(|| format!("writing {}", corpus.display()))?;
+
+    let vocab = dir.join("vocab.txt");
+    run_vocab(VocabArgs {
+        input: vec![corpus.clone()],
+        vocab_size: 8000,
+        lowercase: true,
+        cased: false,
+        output: vocab.clone(),
+        overwrite: true,
+    })?;
+
+    let data = dir.join("data");
+    run_dataprep(DataprepArgs {
+        input: vec![corpus],
+        vocab,
+        output: data.clone(),
+        max_seq_len: 128,
+        max_predictions: 20,
+        masked_lm_prob: 0.15,
+        short_seq_prob: 0.1,
+        dupe_factor: 3,
+        whole_word_mask: false,
+        seed,
+        shard_rows: 8192,
+        row_group_rows: 1024,
+        threads: None,
+        validation_fraction: 0.05,
+        window_mb: 4,
+        lowercase: true,
+        cased: false,
+        overwrite: true,
+        quiet: true,
+    })?;
+    Ok(data)
+}
+
+/// Writes the demo's job (`configs/tiny.toml`, embedded) to `dir/job.toml`.
+pub(crate) fn write_demo_job(dir: &Path) -> Result<PathBuf> {
+    let job_file = dir.join("job.toml");
+    fs::write(&job_file, DEMO_JOB).with_context(|| format!("writing {}", job_file.display()))?;
+    Ok(job_file)
+}
+
+/// `--set` values that point the demo's job at `run` and the dataset `data`.
+pub(crate) fn demo_job_settings(run: &Path, data: &Path, seed: u64, workers: u32) -> Vec<String> {
+    vec![
+        format!("job.run_dir={}", run.display()),
+        format!("data.manifest={}", data.join("manifest.json").display()),
+        format!(
+            "data.validation_manifest={}",
+            data.join("validation/manifest.json").display()
+        ),
+        format!("train.seed={seed}"),
+        format!("cluster.world_size={workers}"),
+    ]
 }
 
 /// The figures the demo prints, read back from the job's `metrics.jsonl`.

@@ -12,6 +12,9 @@
 //! `bench checkpoint` measures what a checkpoint costs training (the copy of parameters and
 //! optimizer state, taken between steps) and how long the background write takes.
 //!
+//! `bench scaling` runs the demo's job with 1 and 2 worker processes and splits the step
+//! time into compute, communication and data wait (see [`scaling`]).
+//!
 //! `bench train` measures one full training step (forward + backward + all-reduce +
 //! AdamW) in tokens/s at sequence length 128, beside the figures of HF transformers
 //! `BertForPreTraining` on torch 2.15 measured on the same 2-core machine (fp32, 2
@@ -30,6 +33,8 @@ use bertrain_worker::batch::HostBatch;
 use bertrain_worker::collective::LocalCollective;
 use bertrain_worker::optim::{OptimizerConfig, OptimizerKind};
 use bertrain_worker::trainer::Trainer;
+
+mod scaling;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -64,6 +69,19 @@ enum BenchKind {
         /// Where checkpoints are written (removed at the end).
         #[arg(long, default_value = "bench-checkpoint")]
         dir: PathBuf,
+    },
+    /// The demo's job run by `launch` with 1 and 2 workers: tokens/s, and each step's
+    /// time split into compute, communication and data wait.
+    Scaling {
+        /// Worker counts to run, comma-separated (each divides the global batch of 32).
+        #[arg(long, default_value = "1,2")]
+        workers: String,
+        /// Steps per run.
+        #[arg(long, default_value_t = 60)]
+        steps: usize,
+        /// Where the dataset and runs go (removed at the end).
+        #[arg(long, default_value = "bench-scaling")]
+        work_dir: PathBuf,
     },
     /// Training-step throughput of model presets on the CPU.
     Train {
@@ -121,6 +139,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Dataprep { work_dir, threads } => bench_dataprep(&work_dir, &threads),
         BenchKind::Allreduce { ranks, max_mb } => bench_allreduce(ranks, max_mb),
         BenchKind::Checkpoint { presets, dir } => bench_checkpoint(&presets, &dir),
+        BenchKind::Scaling {
+            workers,
+            steps,
+            work_dir,
+        } => {
+            let workers = parse_list(&workers, "--workers")?;
+            in_work_dir(&work_dir, |dir| {
+                scaling::bench_scaling(dir, &workers, steps)
+            })
+        }
     }
 }
 
@@ -268,23 +296,34 @@ const DATAPREP_REFERENCE_MB: f64 = 188.0;
 const DATAPREP_DOCS: usize = 472;
 
 fn bench_dataprep(work_dir: &Path, threads: &str) -> Result<()> {
-    let threads: Vec<usize> = threads
-        .split(',')
+    let threads: Vec<usize> = parse_list(threads, "--threads")?;
+    in_work_dir(work_dir, |dir| dataprep_table(dir, &threads))
+}
+
+/// A comma-separated list of numbers given to `flag`.
+fn parse_list<T: std::str::FromStr>(text: &str, flag: &str) -> Result<Vec<T>> {
+    text.split(',')
         .map(|t| {
             t.trim()
                 .parse()
-                .with_context(|| format!("--threads: {t:?} is not a number"))
+                .map_err(|_| anyhow::anyhow!("{flag}: {t:?} is not a number"))
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// Runs `f` in `work_dir` (absolute), which must not exist yet and is removed afterwards.
+fn in_work_dir(work_dir: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if work_dir.exists() {
         bail!(
             "{} exists; choose another --work-dir (the benchmark removes it when done)",
             work_dir.display()
         );
     }
-    std::fs::create_dir_all(work_dir)?;
-    let result = dataprep_table(work_dir, &threads);
-    std::fs::remove_dir_all(work_dir).ok();
+    std::fs::create_dir_all(work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let dir = work_dir.canonicalize()?;
+    let result = f(&dir);
+    std::fs::remove_dir_all(&dir).ok();
     result
 }
 
