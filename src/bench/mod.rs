@@ -5,9 +5,12 @@
 //! thread count, and peak memory (the child's max RSS) at 1x and 10x the corpus.
 //!
 //! `bench allreduce` measures the TCP ring's bus bandwidth (NCCL's definition: algorithm
-//! bandwidth x 2(n-1)/n) beside raw loopback TCP throughput measured in the same run, one
-//! stream in each direction at once: during an all-reduce every ring link carries the
-//! bus bandwidth both ways, so that is the ceiling.
+//! bandwidth x 2(n-1)/n) beside raw loopback TCP throughput measured in the same run at
+//! the same size, one stream in each direction at once: during an all-reduce every ring
+//! link carries the bus bandwidth both ways, so that is the ceiling. Raw TCP moves the same
+//! bytes between buffers of the same size, because a 256 MB gradient buffer lives in
+//! memory, not in cache, and moving it costs TCP itself about 15% more than resending one
+//! cached megabyte.
 //!
 //! `bench checkpoint` measures what a checkpoint costs training (the copy of parameters and
 //! optimizer state, taken between steps) and how long the background write takes.
@@ -441,20 +444,15 @@ fn run_measured(command: &mut Command) -> Result<(bool, f64, f64)> {
     Ok((ok, wall, usage.ru_maxrss as f64 * 1024.0 / 1e6))
 }
 
+/// Timing rounds per size; each round times the ring and then raw TCP, and the best
+/// round of each is reported, so a burst of noise on this shared machine hits both alike.
+const ALLREDUCE_ROUNDS: usize = 3;
+
 fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
-    use bertrain_worker::collective::{Collective, RingListener, RingOptions};
+    use bertrain_worker::collective::{RingListener, RingOptions, TcpRing};
     if ranks < 2 {
         bail!("--ranks must be at least 2");
     }
-    let raw = raw_tcp_gbps(256 << 20)?;
-    println!(
-        "ring all-reduce over loopback TCP, {ranks} ranks; raw TCP per direction with one stream each way \
-         at once (what a ring link carries), same socket settings: {raw:.2} GB/s"
-    );
-    println!(
-        "{:>10} {:>12} {:>14} {:>14} {:>10}",
-        "MB", "time ms", "algbw GB/s", "busbw GB/s", "of raw"
-    );
     let listeners: Vec<RingListener> = (0..ranks)
         .map(|_| RingListener::bind("127.0.0.1:0"))
         .collect::<Result<_>>()?;
@@ -462,31 +460,81 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
         .iter()
         .map(|l| Ok(l.local_addr()?.to_string()))
         .collect::<Result<_>>()?;
-    let options = RingOptions::default();
-    let sizes: Vec<usize> = std::iter::successors(Some(1usize), |m| Some(m * 2))
-        .take_while(|m| *m <= max_mb)
-        .collect();
-    let timings: Vec<Vec<f64>> = std::thread::scope(|s| {
+    let mut rings: Vec<TcpRing> = std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
-                let (peers, options, sizes) = (&peers, &options, &sizes);
-                s.spawn(move || -> Result<Vec<f64>> {
-                    let mut ring = listener.connect(rank, peers, options)?;
-                    let mut out = Vec::new();
-                    for &mb in sizes {
-                        let mut buf = vec![1.0f32; (mb << 20) / 4];
-                        ring.all_reduce_mean(&mut buf)?; // warm-up
-                        let reps = (256 / mb).clamp(2, 16);
-                        ring.barrier()?;
-                        let started = Instant::now();
-                        for _ in 0..reps {
-                            ring.all_reduce_mean(&mut buf)?;
-                        }
-                        out.push(started.elapsed().as_secs_f64() / reps as f64);
+                let peers = &peers;
+                s.spawn(move || listener.connect(rank, peers, &RingOptions::default()))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
+            .collect::<Result<_>>()
+    })?;
+    let links: Vec<_> = (0..2).map(|_| stream_pair()).collect::<Result<_>>()?;
+
+    println!(
+        "ring all-reduce over loopback TCP, {ranks} ranks (threads of this process), best of \
+         {ALLREDUCE_ROUNDS} rounds; raw: plain TCP moving the same bytes between buffers of \
+         the same size, one stream each way at once (what a ring link carries), same socket \
+         settings"
+    );
+    println!(
+        "{:>6} {:>10} {:>12} {:>12} {:>12} {:>8}",
+        "MB", "time ms", "algbw GB/s", "busbw GB/s", "raw GB/s", "of raw"
+    );
+    let mut mb = 1;
+    while mb <= max_mb {
+        let bytes = mb << 20;
+        // Buffers are allocated and touched before timing: page faults are not the
+        // collective's cost.
+        let mut buffers: Vec<Vec<f32>> = (0..ranks).map(|_| vec![1.0f32; bytes / 4]).collect();
+        let mut raw_buffers: Vec<(Vec<u8>, Vec<u8>)> = (0..2)
+            .map(|_| (vec![7u8; bytes], vec![0u8; bytes]))
+            .collect();
+        let reps = (256 / mb).clamp(2, 16);
+        let (mut ring_s, mut raw_s) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..ALLREDUCE_ROUNDS {
+            ring_s = ring_s.min(time_all_reduce(&mut rings, &mut buffers, reps)?);
+            raw_s = raw_s.min(time_raw_tcp(&links, &mut raw_buffers, reps)?);
+        }
+        let algbw = bytes as f64 / ring_s / 1e9;
+        let busbw = algbw * 2.0 * (ranks - 1) as f64 / ranks as f64;
+        let raw = bytes as f64 / raw_s / 1e9;
+        println!(
+            "{mb:>6} {:>10.2} {algbw:>12.2} {busbw:>12.2} {raw:>12.2} {:>7.0}%",
+            ring_s * 1e3,
+            100.0 * busbw / raw
+        );
+        mb *= 2;
+    }
+    Ok(())
+}
+
+/// Seconds per all-reduce over `reps` back-to-back calls, the slowest rank's (after one
+/// warm-up call and a barrier).
+fn time_all_reduce(
+    rings: &mut [bertrain_worker::collective::TcpRing],
+    buffers: &mut [Vec<f32>],
+    reps: usize,
+) -> Result<f64> {
+    use bertrain_worker::collective::Collective;
+    let per_rank: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = rings
+            .iter_mut()
+            .zip(buffers.iter_mut())
+            .map(|(ring, buf)| {
+                s.spawn(move || -> Result<f64> {
+                    ring.all_reduce_mean(buf)?;
+                    ring.barrier()?;
+                    let started = Instant::now();
+                    for _ in 0..reps {
+                        ring.all_reduce_mean(buf)?;
                     }
-                    Ok(out)
+                    Ok(started.elapsed().as_secs_f64() / reps as f64)
                 })
             })
             .collect();
@@ -495,42 +543,46 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
             .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
             .collect::<Result<_>>()
     })?;
-    for (i, mb) in sizes.iter().enumerate() {
-        let t = timings.iter().map(|r| r[i]).fold(0.0, f64::max);
-        let algbw = (*mb << 20) as f64 / t / 1e9;
-        let busbw = algbw * 2.0 * (ranks - 1) as f64 / ranks as f64;
-        println!(
-            "{mb:>10} {:>12.2} {algbw:>14.2} {busbw:>14.2} {:>9.0}%",
-            t * 1e3,
-            100.0 * busbw / raw
-        );
-    }
-    Ok(())
+    Ok(per_rank.into_iter().fold(0.0, f64::max))
 }
 
-/// Loopback TCP throughput per direction with one stream each way at once (what each link
-/// of a ring carries during an all-reduce), with the ring's socket settings, in GB/s.
-fn raw_tcp_gbps(bytes: usize) -> Result<f64> {
-    let streams: Vec<_> = (0..2).map(|_| stream_pair()).collect::<Result<_>>()?;
-    let run = |streams: &[(std::net::TcpStream, std::net::TcpStream)]| -> Result<f64> {
-        let started = Instant::now();
-        std::thread::scope(|s| -> Result<()> {
-            let mut handles = Vec::new();
-            for (tx, rx) in streams {
-                handles.push(s.spawn(move || send_bytes(tx, bytes)));
-                handles.push(s.spawn(move || recv_bytes(rx, bytes)));
-            }
-            for h in handles {
-                h.join()
-                    .map_err(|_| anyhow::anyhow!("a raw TCP thread panicked"))??;
-            }
-            Ok(())
-        })?;
-        Ok(started.elapsed().as_secs_f64())
-    };
-    run(&streams)?; // warm-up
-    let seconds = run(&streams)?;
-    Ok(bytes as f64 / seconds / 1e9)
+/// Seconds to move each pair's send buffer into its receive buffer over plain TCP, both
+/// directions at once, in 1 MB writes; the mean of `reps` moves.
+fn time_raw_tcp(
+    links: &[(std::net::TcpStream, std::net::TcpStream)],
+    buffers: &mut [(Vec<u8>, Vec<u8>)],
+    reps: usize,
+) -> Result<f64> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let mut handles = Vec::new();
+        for ((mut tx, mut rx), (send, recv)) in links.iter().map(|(a, b)| (a, b)).zip(buffers) {
+            let send: &Vec<u8> = send;
+            handles.push(s.spawn(move || -> Result<()> {
+                for _ in 0..reps {
+                    for chunk in send.chunks(1 << 20) {
+                        tx.write_all(chunk)?;
+                    }
+                }
+                Ok(())
+            }));
+            handles.push(s.spawn(move || -> Result<()> {
+                for _ in 0..reps {
+                    for chunk in recv.chunks_mut(1 << 20) {
+                        rx.read_exact(chunk)?;
+                    }
+                }
+                Ok(())
+            }));
+        }
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a raw TCP thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(started.elapsed().as_secs_f64() / reps as f64)
 }
 
 fn stream_pair() -> Result<(std::net::TcpStream, std::net::TcpStream)> {
@@ -541,29 +593,6 @@ fn stream_pair() -> Result<(std::net::TcpStream, std::net::TcpStream)> {
         bertrain_worker::collective::tune(s, std::time::Duration::from_secs(60))?;
     }
     Ok((tx, rx))
-}
-
-fn send_bytes(mut stream: &std::net::TcpStream, bytes: usize) -> Result<()> {
-    use std::io::Write;
-    let chunk = vec![7u8; 1 << 20];
-    for _ in 0..bytes / chunk.len() {
-        stream.write_all(&chunk)?;
-    }
-    Ok(())
-}
-
-fn recv_bytes(mut stream: &std::net::TcpStream, bytes: usize) -> Result<()> {
-    use std::io::Read;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = bytes;
-    while left > 0 {
-        let n = stream.read(&mut buf[..left.min(1 << 20)])?;
-        if n == 0 {
-            bail!("the sender closed early");
-        }
-        left -= n;
-    }
-    Ok(())
 }
 
 fn bench_checkpoint(presets: &str, dir: &Path) -> Result<()> {

@@ -242,6 +242,9 @@ impl Links {
 #[derive(Clone, Copy)]
 enum Apply {
     Add,
+    /// Adds, then divides by the world size: the last reduce-scatter step, fused so that
+    /// the mean costs no extra pass over memory.
+    AddThenDivide(f32),
     Copy,
 }
 
@@ -348,15 +351,19 @@ fn recv_segments(
     for segment in into.chunks_mut(SEGMENT_FLOATS) {
         match apply {
             Apply::Copy => read_frame(stream, seq, bytemuck::cast_slice_mut(segment))?,
-            Apply::Add => {
+            Apply::Add | Apply::AddThenDivide(_) => {
                 scratch.resize(segment.len(), 0.0);
                 read_frame(
                     stream,
                     seq,
                     bytemuck::cast_slice_mut(scratch.as_mut_slice()),
                 )?;
-                for (acc, x) in segment.iter_mut().zip(scratch.iter()) {
-                    *acc += *x;
+                let pairs = segment.iter_mut().zip(scratch.iter());
+                match apply {
+                    Apply::AddThenDivide(world) => {
+                        pairs.for_each(|(acc, x)| *acc = (*acc + *x) / world)
+                    }
+                    _ => pairs.for_each(|(acc, x)| *acc += *x),
                 }
             }
         }
@@ -398,15 +405,17 @@ impl Collective for TcpRing {
         }
         self.guarded("ring all-reduce", |ring| {
             // Reduce-scatter: after step k, chunk (r - k - 1) holds k + 2 ranks' values.
+            // The last step completes chunk r + 1, which this rank then owns, and turns
+            // its sum into the mean.
             for k in 0..w - 1 {
                 let send = chunk(n, w, (r + w - k) % w);
                 let recv = chunk(n, w, (r + 2 * w - k - 1) % w);
-                ring.step(buf, send, recv, Apply::Add)?;
-            }
-            // This rank now owns the complete sum of chunk r + 1.
-            let scale = w as f32;
-            for x in &mut buf[chunk(n, w, (r + 1) % w)] {
-                *x /= scale;
+                let apply = if k == w - 2 {
+                    Apply::AddThenDivide(w as f32)
+                } else {
+                    Apply::Add
+                };
+                ring.step(buf, send, recv, apply)?;
             }
             // All-gather: pass finished chunks around the ring.
             for k in 0..w - 1 {
