@@ -17,6 +17,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, log_softmax, softmax, tanh};
 
 use crate::config::BertConfig;
+use crate::dropout;
 
 /// Added to the attention scores of padding positions. Large enough that softmax gives
 /// them exactly zero weight in fp32 and bf16; not `-inf`, so that a fully padded row
@@ -315,9 +316,7 @@ impl<B: Backend> Embeddings<B> {
         let hidden_size = words.dims()[2];
         let sum = words + types + positions;
         let normed = self.layer_norm.forward(sum);
-        self.dropout
-            .forward(normed)
-            .reshape([batch_size * seq_len, hidden_size])
+        dropout::apply(&self.dropout, normed).reshape([batch_size * seq_len, hidden_size])
     }
 }
 
@@ -361,7 +360,7 @@ impl<B: Backend> SelfAttention<B> {
             .matmul(key.swap_dims(2, 3))
             .div_scalar((head_dim as f32).sqrt())
             + score_bias;
-        let probs = self.dropout.forward(softmax(scores, 3));
+        let probs = dropout::apply(&self.dropout, softmax(scores, 3));
         probs
             .matmul(value)
             .swap_dims(1, 2)
@@ -371,7 +370,7 @@ impl<B: Backend> SelfAttention<B> {
 
 impl<B: Backend> Output<B> {
     fn forward(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>) -> Tensor<B, 2> {
-        let projected = self.dropout.forward(self.dense.forward(x));
+        let projected = dropout::apply(&self.dropout, self.dense.forward(x));
         self.layer_norm.forward(projected + residual)
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the model's shape (`BertConfig`, HF field names, presets).
 //! - [`bert`]: the model itself, forward pass and losses, in one file.
+//! - [`dropout`]: dropout with masks drawn on the host on CPU backends.
 //! - [`init`]: BERT's initialisation, deterministic from a seed.
 //! - [`params`]: parameters as named flat buffers (checkpoints, all-reduce, optimizer).
 //! - [`hf`]: HF directories (`config.json`, `model.safetensors`, `vocab.txt`).
@@ -10,11 +11,13 @@
 
 pub mod bert;
 pub mod config;
+pub mod dropout;
 pub mod hf;
 pub mod init;
 pub mod params;
 
 pub use bert::{BertForPreTraining, PretrainingBatch, PretrainingLoss, PretrainingOutput};
 pub use config::BertConfig;
+pub use dropout::seed_dropout;
 pub use init::init_bert;
 pub use params::{ParamLayout, ParamSlot, flatten_grads, flatten_params, load_flat_params};

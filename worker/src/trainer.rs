@@ -165,7 +165,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut grads = vec![0.0f32; self.layout.total + 1];
         let mut tally = Tally::default();
         for (micro, batch) in micro_batches.iter().enumerate() {
-            B::seed(&self.device, dropout_seed(self.seed, step, rank, micro));
+            let seed = dropout_seed(self.seed, step, rank, micro);
+            B::seed(&self.device, seed);
+            bertrain_model::seed_dropout(seed);
             let device_batch = batch.to_device::<B>(&self.device);
             let output = self.model.forward(&device_batch);
             let losses = self.model.loss(&output, &device_batch);
