@@ -132,35 +132,41 @@ fn append_f32(out: &mut Vec<f32>, data: TensorData) {
     }
 }
 
-/// Gradients of all parameters after `backward`, concatenated in layout order. A
-/// parameter that took no part in the loss gets zeros.
-pub fn flatten_grads<B: AutodiffBackend>(
+/// Adds the gradients of all parameters after `backward` into `sums` (layout order): how
+/// micro-batches accumulate without a flat copy of each. A parameter that took no part in
+/// the loss adds nothing.
+pub fn accumulate_grads<B: AutodiffBackend>(
     model: &BertForPreTraining<B>,
     grads: &B::Gradients,
     layout: &ParamLayout,
-) -> Vec<f32> {
-    struct Grads<'a, B: AutodiffBackend> {
+    sums: &mut [f32],
+) {
+    struct Accumulate<'a, B: AutodiffBackend> {
         grads: &'a B::Gradients,
-        out: Vec<f32>,
+        layout: &'a ParamLayout,
+        sums: &'a mut [f32],
+        index: usize,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Accumulate<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let value = param.val();
-            match value.grad(self.grads) {
-                Some(grad) => append_f32(&mut self.out, grad.into_data()),
-                None => {
-                    let n: usize = value.shape().num_elements();
-                    self.out.extend(std::iter::repeat_n(0.0, n));
-                }
-            }
+            let slot = &self.layout.slots[self.index];
+            self.index += 1;
+            let Some(grad) = param.val().grad(self.grads) else {
+                return;
+            };
+            let data = grad.into_data().convert::<f32>();
+            let values = data.as_slice::<f32>().expect("converted to f32");
+            let sums = &mut self.sums[slot.offset..slot.offset + slot.len];
+            sums.iter_mut().zip(values).for_each(|(s, g)| *s += g);
         }
     }
-    let mut visitor = Grads::<B> {
+    assert!(sums.len() >= layout.total, "gradient buffer too short");
+    model.visit(&mut Accumulate::<B> {
         grads,
-        out: Vec::with_capacity(layout.total),
-    };
-    model.visit(&mut visitor);
-    visitor.out
+        layout,
+        sums,
+        index: 0,
+    });
 }
 
 /// Replaces every parameter's value with its slice of `flat` (layout order). Parameters

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use bertrain_model::params::{flatten_grads, load_flat_params};
+use bertrain_model::params::{accumulate_grads, load_flat_params};
 use bertrain_model::{BertForPreTraining, ParamLayout, PretrainingBatch, PretrainingOutput};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -175,11 +175,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             // the local rows makes the summed gradient that of the mean over all of them.
             let share = batch.rows as f32 / local_rows as f32;
             let gradients = (losses.loss.clone() * share).backward();
-            let micro_grads = flatten_grads(&self.model, &gradients, &self.layout);
-            grads
-                .iter_mut()
-                .zip(&micro_grads)
-                .for_each(|(g, m)| *g += m);
+            accumulate_grads(&self.model, &gradients, &self.layout, &mut grads);
             tally.add(
                 batch,
                 &output,
