@@ -20,4 +20,6 @@ pub use bert::{BertForPreTraining, PretrainingBatch, PretrainingLoss, Pretrainin
 pub use config::BertConfig;
 pub use dropout::seed_dropout;
 pub use init::init_bert;
-pub use params::{ParamLayout, ParamSlot, accumulate_grads, flatten_params, load_flat_params};
+pub use params::{
+    Accumulation, ParamLayout, ParamSlot, accumulate_grads, flatten_params, load_flat_params,
+};

@@ -132,32 +132,50 @@ fn append_f32(out: &mut Vec<f32>, data: TensorData) {
     }
 }
 
-/// Adds the gradients of all parameters after `backward` into `sums` (layout order): how
-/// micro-batches accumulate without a flat copy of each. A parameter that took no part in
-/// the loss adds nothing.
+/// How [`accumulate_grads`] combines a micro-batch's gradients with the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accumulation {
+    /// The first micro-batch of a step: the buffer's old contents are replaced (so it
+    /// needs no zeroing first).
+    Overwrite,
+    /// Later micro-batches: added to what is there.
+    Add,
+}
+
+/// Writes or adds (see [`Accumulation`]) the gradients of all parameters after
+/// `backward` into `sums`, in layout order: micro-batches accumulate in one flat buffer
+/// without a copy of each. A parameter that took no part in the loss contributes zeros.
 pub fn accumulate_grads<B: AutodiffBackend>(
     model: &BertForPreTraining<B>,
     grads: &B::Gradients,
     layout: &ParamLayout,
     sums: &mut [f32],
+    how: Accumulation,
 ) {
     struct Accumulate<'a, B: AutodiffBackend> {
         grads: &'a B::Gradients,
         layout: &'a ParamLayout,
         sums: &'a mut [f32],
+        how: Accumulation,
         index: usize,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Accumulate<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let slot = &self.layout.slots[self.index];
             self.index += 1;
+            let sums = &mut self.sums[slot.offset..slot.offset + slot.len];
             let Some(grad) = param.val().grad(self.grads) else {
+                if self.how == Accumulation::Overwrite {
+                    sums.fill(0.0);
+                }
                 return;
             };
             let data = grad.into_data().convert::<f32>();
             let values = data.as_slice::<f32>().expect("converted to f32");
-            let sums = &mut self.sums[slot.offset..slot.offset + slot.len];
-            sums.iter_mut().zip(values).for_each(|(s, g)| *s += g);
+            match self.how {
+                Accumulation::Overwrite => sums.copy_from_slice(values),
+                Accumulation::Add => sums.iter_mut().zip(values).for_each(|(s, g)| *s += g),
+            }
         }
     }
     assert!(sums.len() >= layout.total, "gradient buffer too short");
@@ -165,6 +183,7 @@ pub fn accumulate_grads<B: AutodiffBackend>(
         grads,
         layout,
         sums,
+        how,
         index: 0,
     });
 }
