@@ -24,7 +24,7 @@ pub fn bench_scaling(dir: &Path, workers: &[u32], steps: usize) -> Result<()> {
     }
     if let Some(w) = workers
         .iter()
-        .find(|&&w| w == 0 || GLOBAL_BATCH % w as usize != 0)
+        .find(|&&w| w == 0 || !GLOBAL_BATCH.is_multiple_of(w as usize))
     {
         bail!("--workers {w}: each count must divide the global batch of {GLOBAL_BATCH}");
     }
