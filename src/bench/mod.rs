@@ -469,10 +469,7 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
                 s.spawn(move || listener.connect(rank, peers, &RingOptions::default()))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
-            .collect::<Result<_>>()
+        join_all(handles)
     })?;
     let links: Vec<_> = (0..2).map(|_| stream_pair()).collect::<Result<_>>()?;
 
@@ -538,10 +535,7 @@ fn time_all_reduce(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
-            .collect::<Result<_>>()
+        join_all(handles)
     })?;
     Ok(per_rank.into_iter().fold(0.0, f64::max))
 }
@@ -557,8 +551,8 @@ fn time_raw_tcp(
     let started = Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let mut handles = Vec::new();
-        for ((mut tx, mut rx), (send, recv)) in links.iter().map(|(a, b)| (a, b)).zip(buffers) {
-            let send: &Vec<u8> = send;
+        for ((tx, rx), (send, recv)) in links.iter().zip(buffers) {
+            let (mut tx, mut rx, send) = (tx, rx, &*send);
             handles.push(s.spawn(move || -> Result<()> {
                 for _ in 0..reps {
                     for chunk in send.chunks(1 << 20) {
@@ -576,13 +570,20 @@ fn time_raw_tcp(
                 Ok(())
             }));
         }
-        for h in handles {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a raw TCP thread panicked"))??;
-        }
-        Ok(())
+        join_all(handles).map(drop)
     })?;
     Ok(started.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// Joins scoped benchmark threads; a panic becomes an error.
+fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>) -> Result<Vec<T>> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a benchmark thread panicked"))?
+        })
+        .collect()
 }
 
 fn stream_pair() -> Result<(std::net::TcpStream, std::net::TcpStream)> {

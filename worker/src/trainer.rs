@@ -124,9 +124,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         device: B::Device,
     ) -> Self {
         let layout = ParamLayout::of(&model);
-        let layout_total = layout.total;
         let params = bertrain_model::flatten_params(&model);
         let state = OptimizerState::new(layout.total);
+        let grads = vec![0.0; layout.total + 1];
         Trainer {
             model,
             layout,
@@ -136,7 +136,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             max_grad_norm,
             seed,
             device,
-            grads: vec![0.0; layout_total + 1],
+            grads,
         }
     }
 
