@@ -93,38 +93,45 @@ fn a_run_repeats_bit_for_bit() {
     assert_eq!(final_weights(&a), final_weights(&b));
 }
 
-/// The demo (README's first command) end to end, cut to half its steps: the tiny BERT's
-/// masked-LM accuracy starts at chance (1 in ~6,500 tokens) and is far above it on the
-/// validation split by the end.
-///
-/// NSP accuracy is not asserted: within the demo's steps it stays near the share of the
-/// majority class (about 0.58 NotNext), which is still an open problem (issue 4).
+/// The demo (README's first command) end to end, all its steps (about 4 minutes): the tiny
+/// BERT's masked-LM accuracy starts at chance (1 in ~6,800 tokens) and is far above it on
+/// the validation split by the end; its NSP accuracy on the validation split starts at the
+/// share of the majority class (about 0.58 NotNext) and ends well above it. Training is
+/// deterministic at a fixed world size, so these figures are the same on every run of the
+/// same build (measured: MLM 0.19, NSP 0.60 at step 200 and 0.85 at step 800).
 #[test]
-fn the_demo_learns_masked_lm_within_its_steps() {
+fn the_demo_learns_masked_lm_and_next_sentence_within_its_steps() {
     let dir = std::env::temp_dir().join(format!("bertrain-demo-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut c = bertrain();
-    c.arg("demo")
-        .arg("--run-dir")
-        .arg(&dir)
-        .args(["--set", "train.max_steps=150"]);
-    let out = run_bounded(c, Duration::from_secs(600));
+    c.arg("demo").arg("--run-dir").arg(&dir);
+    let out = run_bounded(c, Duration::from_secs(1500));
     ok(&out);
     let records = metrics(&dir.join("run"));
     let first = &records[0];
     assert_eq!(first["step"], 1);
-    let validation = records
+    let validations: Vec<&serde_json::Value> = records
         .iter()
-        .rev()
-        .find(|r| r.get("split").is_some())
-        .expect("a validation record");
-    let (start, end) = (
-        first["mlm_accuracy"].as_f64().unwrap(),
-        validation["mlm_accuracy"].as_f64().unwrap(),
+        .filter(|r| r.get("split").is_some())
+        .collect();
+    assert!(validations.len() >= 2, "validation at several steps");
+    let accuracy = |r: &serde_json::Value, key: &str| r[key].as_f64().unwrap();
+    let last = validations[validations.len() - 1];
+    let (mlm_start, mlm_end) = (
+        accuracy(first, "mlm_accuracy"),
+        accuracy(last, "mlm_accuracy"),
     );
     assert!(
-        start < 0.02 && end > 0.05,
-        "MLM accuracy {start} at step 1, {end} on validation at the end"
+        mlm_start < 0.02 && mlm_end > 0.1,
+        "MLM accuracy {mlm_start} at step 1, {mlm_end} on validation at the end"
+    );
+    let (nsp_first, nsp_end) = (
+        accuracy(validations[0], "nsp_accuracy"),
+        accuracy(last, "nsp_accuracy"),
+    );
+    assert!(
+        nsp_end > 0.7 && nsp_end > nsp_first + 0.1,
+        "validation NSP accuracy {nsp_first} at the first evaluation, {nsp_end} at the end"
     );
     assert!(dir.join("model/model.safetensors").exists());
     std::fs::remove_dir_all(&dir).unwrap();

@@ -4,9 +4,21 @@
 //! learns both objectives in a few hundred steps, with no text from elsewhere in the repository.
 //! - MLM is learnable because sentences follow templates with function words, agreement
 //!   ("a"/"an", plural "-s") and topic-specific content words.
-//! - NSP is learnable because each document has one topic (which biases its nouns, verbs and
-//!   adjectives) and a cast of named entities that later sentences refer back to, so a
-//!   continuation shares topic and names with what precedes it while a random document does not.
+//! - NSP is learnable because each document comes from one *region*: a region has its trade
+//!   (a topic, which biases the nouns, verbs and adjectives) and its own way of saying the
+//!   common words (a dialect: "the", "was", "and"... with an ending of the region's, see
+//!   [`Dialect`]), and a document has a cast of named entities that later sentences refer back
+//!   to. A continuation shares region and names with what precedes it; a random document
+//!   usually does not.
+//!
+//! Why dialects: BERT's initialisation (std 0.02) gives a model as narrow as the tiny one
+//! (hidden 128) almost uniform attention, and comparing segment A with segment B is learned
+//! only once attention forms. With topic words alone (each rare, a different token per word)
+//! the demo's job kept NSP at 0.59-0.62 over 1,000 steps (the majority class is 0.58), and
+//! HF transformers' `BertForPreTraining` trained the same way did no better. The common
+//! words are about 40% of the tokens, so a dialect puts the region into every sentence many
+//! times over, through a dozen frequent tokens: the demo's job learns NSP from about step
+//! 400 on (validation accuracy 0.85 at step 800).
 //!
 //! The word lists are fixed (built from a constant seed); the documents depend on the caller's
 //! seed only. Vocabulary: a few thousand words (hand-written core words plus pseudo-words made
@@ -214,10 +226,66 @@ const ONSETS: &[&str] = &[
 const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ea", "ou", "oo"];
 const CODAS: &[&str] = &["", "n", "r", "l", "m", "st", "nd", "ck", "t", "x", "sh"];
 
+/// The common words of the templates: what a dialect changes. Everything else (names,
+/// places, topic words, numbers) is the same in every region.
+const COMMON_WORDS: &[&str] = &[
+    "a", "after", "an", "and", "another", "because", "care", "every", "everyone", "from", "great",
+    "he", "her", "his", "in", "later", "near", "said", "she", "that", "the", "together", "was",
+    "with",
+];
+
 struct Topic {
     nouns: Vec<String>,
     verbs: Vec<String>,
     adjectives: Vec<String>,
+    /// How the region whose trade this is says the common words.
+    dialect: Dialect,
+}
+
+/// A region's spelling of [`COMMON_WORDS`]: region 0 writes plain English, every other
+/// region adds its own ending to each of them ("the" is "theo" in region 1, "thea" in
+/// region 2; "was" is "waso", "wasa"). Each region's forms are frequent words of their own,
+/// so the vocabulary gives them tokens of their own. Endings rather than vowel changes:
+/// changed vowels made short words of one region collide with another's ("an" becoming
+/// "in"), and the demo's validation NSP accuracy after 800 steps was 0.67 instead of 0.85.
+struct Dialect {
+    forms: std::collections::HashMap<&'static str, String>,
+}
+
+impl Dialect {
+    fn of_region(region: usize) -> Dialect {
+        const ENDINGS: &[&str] = &[
+            "", "o", "a", "i", "u", "e", "y", "on", "ar", "el", "is", "um",
+        ];
+        let ending = ENDINGS[region % ENDINGS.len()];
+        let forms = COMMON_WORDS
+            .iter()
+            .map(|&word| (word, format!("{word}{ending}")))
+            .collect();
+        Dialect { forms }
+    }
+
+    /// `sentence` with its common words in this dialect (capitals and punctuation kept).
+    fn speak(&self, sentence: &str) -> String {
+        let mut out = String::with_capacity(sentence.len() + 8);
+        for (i, token) in sentence.split(' ').enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            let end = token
+                .find(|c: char| !c.is_ascii_alphabetic())
+                .unwrap_or(token.len());
+            let (word, rest) = token.split_at(end);
+            let capital = word.starts_with(|c: char| c.is_ascii_uppercase());
+            match self.forms.get(word.to_ascii_lowercase().as_str()) {
+                Some(form) if capital => out.push_str(&capitalise(form)),
+                Some(form) => out.push_str(form),
+                None => out.push_str(word),
+            }
+            out.push_str(rest);
+        }
+        out
+    }
 }
 
 struct Lexicon {
@@ -255,9 +323,16 @@ impl Lexicon {
     fn build() -> Lexicon {
         // Fixed seed: the vocabulary is part of the corpus definition, not of a run.
         let mut rng = Rng::new(0xB0C4_B1A2);
+        let dialects: Vec<Dialect> = (0..TOPIC_CORE.len()).map(Dialect::of_region).collect();
+        // No made-up word may read as some region's common word.
+        let reserved: std::collections::HashSet<String> = dialects
+            .iter()
+            .flat_map(|d| d.forms.values().cloned())
+            .collect();
         let topics = TOPIC_CORE
             .iter()
-            .map(|(_, nouns, verbs, adjs)| {
+            .zip(dialects)
+            .map(|((_, nouns, verbs, adjs), dialect)| {
                 // Each topic sounds different: it draws from its own third of the onsets.
                 let start = rng.below(ONSETS.len());
                 let onsets: Vec<&str> = (0..10)
@@ -265,9 +340,12 @@ impl Lexicon {
                     .collect();
                 let mut extend = |core: &[&str], extra: usize, suffix: &str| {
                     let mut words: Vec<String> = core.iter().map(|s| s.to_string()).collect();
-                    for _ in 0..extra {
+                    while words.len() < core.len() + extra {
                         let n = 1 + rng.below(2);
-                        words.push(format!("{}{}", pseudo_word(&mut rng, &onsets, n), suffix));
+                        let word = format!("{}{}", pseudo_word(&mut rng, &onsets, n), suffix);
+                        if !reserved.contains(&word) {
+                            words.push(word);
+                        }
                     }
                     words
                 };
@@ -275,19 +353,21 @@ impl Lexicon {
                     nouns: extend(nouns, 120, ""),
                     verbs: extend(verbs, 50, "ed"),
                     adjectives: extend(adjs, 40, "ish"),
+                    dialect,
                 }
             })
             .collect();
-        let names = (0..400)
-            .map(|_| {
-                let n = 2 + rng.below(2);
-                let mut s = String::new();
-                for _ in 0..n {
-                    s.push_str(*rng.pick(NAME_SYLLABLES));
-                }
-                capitalise(&s)
-            })
-            .collect();
+        let mut names = Vec::with_capacity(400);
+        while names.len() < 400 {
+            let n = 2 + rng.below(2);
+            let mut s = String::new();
+            for _ in 0..n {
+                s.push_str(*rng.pick(NAME_SYLLABLES));
+            }
+            if !reserved.contains(&s) {
+                names.push(capitalise(&s));
+            }
+        }
         let places = (0..250)
             .map(|_| {
                 capitalise(&format!(
@@ -321,7 +401,8 @@ impl Lexicon {
             .collect();
         let mut out = Vec::with_capacity(sentences);
         for i in 0..sentences {
-            out.push(self.sentence(rng, topic, &cast, &places, &things, i));
+            let sentence = self.sentence(rng, topic, &cast, &places, &things, i);
+            out.push(topic.dialect.speak(&sentence));
         }
         out.join("\n")
     }
@@ -440,6 +521,55 @@ mod tests {
                     .all(|l| l.ends_with('.') && !l.trim().is_empty())
             );
         }
+    }
+
+    #[test]
+    fn dialects_respell_only_the_common_words() {
+        let lexicon = Lexicon::build();
+        let sentence = "Later, Zed and Ada baked the bread near Tromdale.";
+        assert_eq!(lexicon.topics[0].dialect.speak(sentence), sentence);
+        assert_eq!(
+            lexicon.topics[1].dialect.speak(sentence),
+            "Latero, Zed ando Ada baked theo bread nearo Tromdale."
+        );
+        assert_eq!(
+            lexicon.topics[7].dialect.speak("The bread was warm."),
+            "Theon bread wason warm."
+        );
+        let the: std::collections::HashSet<&str> = lexicon
+            .topics
+            .iter()
+            .map(|t| t.dialect.forms["the"].as_str())
+            .collect();
+        assert_eq!(
+            the.len(),
+            TOPIC_CORE.len(),
+            "every region has its own 'the'"
+        );
+    }
+
+    /// A document speaks one dialect: of the regions' words for "the", each document uses
+    /// exactly one, and together the documents use all of them.
+    #[test]
+    fn a_document_speaks_one_dialect() {
+        let lexicon = Lexicon::build();
+        let forms: Vec<&str> = lexicon
+            .topics
+            .iter()
+            .map(|t| t.dialect.forms["the"].as_str())
+            .collect();
+        let mut used = std::collections::HashSet::new();
+        for doc in synth_corpus(200, 5) {
+            let mut here = std::collections::HashSet::new();
+            for w in doc.split(|c: char| !c.is_alphanumeric()) {
+                if let Some(i) = forms.iter().position(|f| *f == w.to_lowercase()) {
+                    here.insert(i);
+                }
+            }
+            assert!(here.len() <= 1, "{doc}");
+            used.extend(here);
+        }
+        assert_eq!(used.len(), forms.len());
     }
 
     #[test]

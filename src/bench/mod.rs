@@ -163,8 +163,16 @@ fn bench_train(presets: &str, steps: usize, workers: usize) -> Result<()> {
         "training step, seq {SEQ_LEN}, {PREDICTIONS} predictions/seq, AdamW, fp32, CPU (Flex), {workers} worker process(es)"
     );
     println!(
-        "{:<8} {:>6} {:>10} {:>12} {:>14} {:>10}",
-        "model", "batch", "s/step", "tokens/s", "HF torch tok/s", "ratio"
+        "{:<8} {:>6} {:>10} {:>12} {:>14} {:>10} {:>10} {:>10} {:>10}",
+        "model",
+        "batch",
+        "s/step",
+        "tokens/s",
+        "HF torch tok/s",
+        "ratio",
+        "compute s",
+        "comm s",
+        "optim s"
     );
     if workers == 1 {
         return train_rank(presets, steps, 1, 0, "");
@@ -244,8 +252,16 @@ fn train_rank(presets: &str, steps: usize, world: usize, rank: usize, peers: &st
         trainer.step(0, rank, &local, 1e-4, false, collective.as_mut())?;
         collective.barrier()?;
         let started = Instant::now();
+        let mut phases = [0.0f64; 3];
         for step in 1..=steps as u64 {
-            trainer.step(step, rank, &local, 1e-4, false, collective.as_mut())?;
+            let stats = trainer.step(step, rank, &local, 1e-4, false, collective.as_mut())?;
+            for (sum, s) in
+                phases
+                    .iter_mut()
+                    .zip([stats.compute_s, stats.comm_s, stats.optimizer_s])
+            {
+                *sum += s / steps as f64;
+            }
         }
         collective.barrier()?;
         let per_step = started.elapsed().as_secs_f64() / steps as f64;
@@ -257,8 +273,9 @@ fn train_rank(presets: &str, steps: usize, world: usize, rank: usize, peers: &st
             Some(r) => (format!("{r:.0}"), format!("{:.2}x", tokens_per_s / r)),
             None => ("-".into(), "-".into()),
         };
+        let [compute, comm, optim] = phases;
         println!(
-            "{preset:<8} {batch_size:>6} {per_step:>10.3} {tokens_per_s:>12.0} {reference:>14} {ratio:>10}"
+            "{preset:<8} {batch_size:>6} {per_step:>10.3} {tokens_per_s:>12.0} {reference:>14} {ratio:>10} {compute:>10.3} {comm:>10.3} {optim:>10.3}"
         );
     }
     Ok(())
@@ -365,15 +382,14 @@ fn dataprep_table(dir: &Path, threads: &[usize]) -> Result<()> {
         DATAPREP_REFERENCE_S, DATAPREP_REFERENCE_MB
     );
     println!(
-        "{:<10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>10}",
-        "corpus", "MB", "threads", "wall s", "MB/s", "vs Python", "peak MB"
+        "{:<10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>10} {:>10}",
+        "corpus", "MB", "threads", "wall s", "MB/s", "vs Python", "scaling", "peak MB"
     );
     let mut peaks = Vec::new();
-    for (name, path, thread_counts) in [
-        ("1x", &small, threads.to_vec()),
-        ("10x", &large, vec![*threads.last().unwrap_or(&2)]),
-    ] {
-        for t in thread_counts {
+    for (name, path) in [("1x", &small), ("10x", &large)] {
+        // Wall time at the first thread count, for the scaling column.
+        let mut first_wall = None;
+        for &t in threads {
             let out = dir.join(format!("out-{name}-{t}"));
             let (ok, wall, peak) = run_measured(
                 Command::new(&exe)
@@ -403,8 +419,9 @@ fn dataprep_table(dir: &Path, threads: &[usize]) -> Result<()> {
             } else {
                 "-".into()
             };
+            let scaling = *first_wall.get_or_insert(wall) / wall;
             println!(
-                "{name:<10} {size:>8.1} {t:>8} {wall:>9.3} {:>10.1} {speedup:>12} {peak:>10.0}",
+                "{name:<10} {size:>8.1} {t:>8} {wall:>9.3} {:>10.1} {speedup:>12} {scaling:>9.2}x {peak:>10.0}",
                 size / wall
             );
             peaks.push((name, t, peak));
@@ -444,9 +461,16 @@ fn run_measured(command: &mut Command) -> Result<(bool, f64, f64)> {
     Ok((ok, wall, usage.ru_maxrss as f64 * 1024.0 / 1e6))
 }
 
-/// Timing rounds per size; each round times the ring and then raw TCP, and the best
-/// round of each is reported, so a burst of noise on this shared machine hits both alike.
+/// Timing rounds per size (at least); each round times the ring and then raw TCP, and the
+/// best round of each is reported, so a burst of noise on this shared machine hits both
+/// alike. Small buffers get more rounds ([`allreduce_rounds`]): a 1 MB round lasts a few
+/// milliseconds, and one scheduler hiccup on two shared cores is then a large part of it.
 const ALLREDUCE_ROUNDS: usize = 3;
+
+/// Rounds for a buffer of `mb` MB: about the same measuring time for every size up to 16 MB.
+fn allreduce_rounds(mb: usize) -> usize {
+    (ALLREDUCE_ROUNDS * 16 / mb).max(ALLREDUCE_ROUNDS)
+}
 
 fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
     use bertrain_worker::collective::{RingListener, RingOptions, TcpRing};
@@ -475,7 +499,7 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
 
     println!(
         "ring all-reduce over loopback TCP, {ranks} ranks (threads of this process), best of \
-         {ALLREDUCE_ROUNDS} rounds; raw: plain TCP moving the same bytes between buffers of \
+         {ALLREDUCE_ROUNDS} rounds (more below 16 MB); raw: plain TCP moving the same bytes between buffers of \
          the same size, one stream each way at once (what a ring link carries), same socket \
          settings"
     );
@@ -494,7 +518,7 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
             .collect();
         let reps = (256 / mb).clamp(2, 16);
         let (mut ring_s, mut raw_s) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..ALLREDUCE_ROUNDS {
+        for _ in 0..allreduce_rounds(mb) {
             ring_s = ring_s.min(time_all_reduce(&mut rings, &mut buffers, reps)?);
             raw_s = raw_s.min(time_raw_tcp(&links, &mut raw_buffers, reps)?);
         }
