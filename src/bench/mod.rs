@@ -465,7 +465,7 @@ fn run_measured(command: &mut Command) -> Result<(bool, f64, f64)> {
 /// best round of each is reported, so a burst of noise on this shared machine hits both
 /// alike. Small buffers get more rounds ([`allreduce_rounds`]): a 1 MB round lasts a few
 /// milliseconds, and one scheduler hiccup on two shared cores is then a large part of it.
-const ALLREDUCE_ROUNDS: usize = 3;
+const ALLREDUCE_ROUNDS: usize = 5;
 
 /// Rounds for a buffer of `mb` MB: about the same measuring time for every size up to 16 MB.
 fn allreduce_rounds(mb: usize) -> usize {
@@ -477,35 +477,45 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
     if ranks < 2 {
         bail!("--ranks must be at least 2");
     }
-    let listeners: Vec<RingListener> = (0..ranks)
-        .map(|_| RingListener::bind("127.0.0.1:0"))
-        .collect::<Result<_>>()?;
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.to_string()))
-        .collect::<Result<_>>()?;
-    let mut rings: Vec<TcpRing> = std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let peers = &peers;
-                s.spawn(move || listener.connect(rank, peers, &RingOptions::default()))
-            })
-            .collect();
-        join_all(handles)
-    })?;
+    // Two rings: as on one machine (loopback, no checksums) and with every frame
+    // checksummed, as between machines.
+    let ring = |always_checksum: bool| -> Result<Vec<TcpRing>> {
+        let listeners: Vec<RingListener> = (0..ranks)
+            .map(|_| RingListener::bind("127.0.0.1:0"))
+            .collect::<Result<_>>()?;
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| Ok(l.local_addr()?.to_string()))
+            .collect::<Result<_>>()?;
+        let options = RingOptions {
+            always_checksum,
+            ..RingOptions::default()
+        };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let (peers, options) = (&peers, &options);
+                    s.spawn(move || listener.connect(rank, peers, options))
+                })
+                .collect();
+            join_all(handles)
+        })
+    };
+    let mut rings = ring(false)?;
+    let mut checked_rings = ring(true)?;
     let links: Vec<_> = (0..2).map(|_| stream_pair()).collect::<Result<_>>()?;
 
     println!(
         "ring all-reduce over loopback TCP, {ranks} ranks (threads of this process), best of \
          {ALLREDUCE_ROUNDS} rounds (more below 16 MB); raw: plain TCP moving the same bytes between buffers of \
          the same size, one stream each way at once (what a ring link carries), same socket \
-         settings"
+         settings; \"checksummed\": the same ring with a CRC32 on every frame, as between machines"
     );
     println!(
-        "{:>6} {:>10} {:>12} {:>12} {:>12} {:>8}",
-        "MB", "time ms", "algbw GB/s", "busbw GB/s", "raw GB/s", "of raw"
+        "{:>6} {:>10} {:>12} {:>12} {:>12} {:>8} {:>12} {:>8}",
+        "MB", "time ms", "algbw GB/s", "busbw GB/s", "raw GB/s", "of raw", "checksummed", "of raw"
     );
     let mut mb = 1;
     while mb <= max_mb {
@@ -517,18 +527,21 @@ fn bench_allreduce(ranks: usize, max_mb: usize) -> Result<()> {
             .map(|_| (vec![7u8; bytes], vec![0u8; bytes]))
             .collect();
         let reps = (256 / mb).clamp(2, 16);
-        let (mut ring_s, mut raw_s) = (f64::INFINITY, f64::INFINITY);
+        let (mut ring_s, mut checked_s, mut raw_s) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
         for _ in 0..allreduce_rounds(mb) {
             ring_s = ring_s.min(time_all_reduce(&mut rings, &mut buffers, reps)?);
+            checked_s = checked_s.min(time_all_reduce(&mut checked_rings, &mut buffers, reps)?);
             raw_s = raw_s.min(time_raw_tcp(&links, &mut raw_buffers, reps)?);
         }
         let algbw = bytes as f64 / ring_s / 1e9;
-        let busbw = algbw * 2.0 * (ranks - 1) as f64 / ranks as f64;
+        let busbw_of = |s: f64| bytes as f64 / s / 1e9 * 2.0 * (ranks - 1) as f64 / ranks as f64;
+        let (busbw, checked) = (busbw_of(ring_s), busbw_of(checked_s));
         let raw = bytes as f64 / raw_s / 1e9;
         println!(
-            "{mb:>6} {:>10.2} {algbw:>12.2} {busbw:>12.2} {raw:>12.2} {:>7.0}%",
+            "{mb:>6} {:>10.2} {algbw:>12.2} {busbw:>12.2} {raw:>12.2} {:>7.0}% {checked:>12.2} {:>7.0}%",
             ring_s * 1e3,
-            100.0 * busbw / raw
+            100.0 * busbw / raw,
+            100.0 * checked / raw
         );
         mb *= 2;
     }

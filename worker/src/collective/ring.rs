@@ -22,7 +22,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use socket2::SockRef;
 
 use super::Collective;
-use super::wire::{SEGMENT_BYTES, read_frame, write_frame};
+use super::wire::{Framing, SEGMENT_BYTES};
 
 /// Identifies a ring connection's opening message.
 const MAGIC: u32 = u32::from_le_bytes(*b"BRNG");
@@ -40,6 +40,9 @@ pub struct RingOptions {
     /// Must be equal on all ranks (e.g. the coordinator's generation): a connection from a
     /// stale ring of an earlier generation is turned away.
     pub session: u64,
+    /// Checksum the frames of loopback links too (they are not by default; see
+    /// [`super::wire`]): for tests, and to measure what a link between machines costs.
+    pub always_checksum: bool,
 }
 
 impl Default for RingOptions {
@@ -48,6 +51,7 @@ impl Default for RingOptions {
             connect_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(600),
             session: 0,
+            always_checksum: false,
         }
     }
 }
@@ -108,10 +112,10 @@ impl RingListener {
         let links = Links {
             next_ctl: next.try_clone()?,
             prev_ctl: prev.try_clone()?,
+            send: Framing::new(options.always_checksum || leaves_machine(&next)?),
+            recv: Framing::new(options.always_checksum || leaves_machine(&prev)?),
             next,
             prev,
-            send_seq: 0,
-            recv_seq: 0,
             next_rank,
             prev_rank,
         };
@@ -123,6 +127,12 @@ impl RingListener {
             scratch: Vec::new(),
         })
     }
+}
+
+/// Whether a connection may cross a wire: frames on it are checksummed unless both of its
+/// ends are loopback addresses (see [`super::wire`]). Both ends see the same two addresses.
+fn leaves_machine(stream: &TcpStream) -> Result<bool> {
+    Ok(!(stream.local_addr()?.ip().is_loopback() && stream.peer_addr()?.ip().is_loopback()))
 }
 
 /// Socket settings shared by the ring and the benchmark's raw-TCP baseline.
@@ -225,8 +235,9 @@ struct Links {
     prev: TcpStream,
     next_ctl: TcpStream,
     prev_ctl: TcpStream,
-    send_seq: u32,
-    recv_seq: u32,
+    /// Framing of what goes to `next` and of what comes from `prev`.
+    send: Framing,
+    recv: Framing,
     next_rank: usize,
     prev_rank: usize,
 }
@@ -300,20 +311,20 @@ impl TcpRing {
             prev,
             next_ctl,
             prev_ctl,
-            send_seq,
-            recv_seq,
+            send,
+            recv,
             next_rank,
             prev_rank,
         } = links;
         thread::scope(|s| {
             let sender = s.spawn(|| {
-                let r = send_segments(next, send_seq, send_part);
+                let r = send_segments(next, send, send_part);
                 if r.is_err() {
                     let _ = prev_ctl.shutdown(Shutdown::Both);
                 }
                 r
             });
-            let received = recv_segments(prev, recv_seq, recv_part, apply, scratch);
+            let received = recv_segments(prev, recv, recv_part, apply, scratch);
             if received.is_err() {
                 let _ = next_ctl.shutdown(Shutdown::Both);
             }
@@ -326,38 +337,34 @@ impl TcpRing {
     }
 }
 
-fn send_segments(stream: &mut TcpStream, seq: &mut u32, data: &[f32]) -> Result<()> {
+fn send_segments(stream: &mut TcpStream, framing: &mut Framing, data: &[f32]) -> Result<()> {
     if data.is_empty() {
         // An empty chunk still sends a frame: every step is a synchronisation point, which
         // is what makes a one-element all-reduce a barrier.
-        return write_frame(stream, seq, &[]);
+        return framing.write(stream, &[]);
     }
     for segment in data.chunks(SEGMENT_FLOATS) {
-        write_frame(stream, seq, bytemuck::cast_slice(segment))?;
+        framing.write(stream, bytemuck::cast_slice(segment))?;
     }
     Ok(())
 }
 
 fn recv_segments(
     stream: &mut TcpStream,
-    seq: &mut u32,
+    framing: &mut Framing,
     into: &mut [f32],
     apply: Apply,
     scratch: &mut Vec<f32>,
 ) -> Result<()> {
     if into.is_empty() {
-        return read_frame(stream, seq, &mut []);
+        return framing.read(stream, &mut []);
     }
     for segment in into.chunks_mut(SEGMENT_FLOATS) {
         match apply {
-            Apply::Copy => read_frame(stream, seq, bytemuck::cast_slice_mut(segment))?,
+            Apply::Copy => framing.read(stream, bytemuck::cast_slice_mut(segment))?,
             Apply::Add | Apply::AddThenDivide(_) => {
                 scratch.resize(segment.len(), 0.0);
-                read_frame(
-                    stream,
-                    seq,
-                    bytemuck::cast_slice_mut(scratch.as_mut_slice()),
-                )?;
+                framing.read(stream, bytemuck::cast_slice_mut(scratch.as_mut_slice()))?;
                 let pairs = segment.iter_mut().zip(scratch.iter());
                 match apply {
                     Apply::AddThenDivide(world) => {
@@ -449,20 +456,16 @@ impl Collective for TcpRing {
             };
             for piece in pieces {
                 if distance > 0 {
-                    read_frame(
-                        &mut links.prev,
-                        &mut links.recv_seq,
-                        bytemuck::cast_slice_mut(piece),
-                    )
-                    .with_context(|| format!("receiving from rank {}", links.prev_rank))?;
+                    links
+                        .recv
+                        .read(&mut links.prev, bytemuck::cast_slice_mut(piece))
+                        .with_context(|| format!("receiving from rank {}", links.prev_rank))?;
                 }
                 if distance < w - 1 {
-                    write_frame(
-                        &mut links.next,
-                        &mut links.send_seq,
-                        bytemuck::cast_slice(piece),
-                    )
-                    .with_context(|| format!("sending to rank {}", links.next_rank))?;
+                    links
+                        .send
+                        .write(&mut links.next, bytemuck::cast_slice(piece))
+                        .with_context(|| format!("sending to rank {}", links.next_rank))?;
                 }
             }
             Ok(())
@@ -488,6 +491,15 @@ mod tests {
 
     /// Starts `world` ranks as threads with real loopback sockets and runs `f` on each.
     fn with_ring<T: Send>(world: usize, f: impl Fn(&mut TcpRing) -> T + Sync) -> Vec<T> {
+        with_checksummed_ring(world, false, f)
+    }
+
+    /// [`with_ring`], with frames checksummed as between machines when `always_checksum`.
+    fn with_checksummed_ring<T: Send>(
+        world: usize,
+        always_checksum: bool,
+        f: impl Fn(&mut TcpRing) -> T + Sync,
+    ) -> Vec<T> {
         let listeners: Vec<RingListener> = (0..world)
             .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
             .collect();
@@ -499,6 +511,7 @@ mod tests {
             connect_timeout: Duration::from_secs(20),
             io_timeout: Duration::from_secs(20),
             session: 5,
+            always_checksum,
         };
         thread::scope(|s| {
             let handles: Vec<_> = listeners
@@ -525,7 +538,7 @@ mod tests {
 
     #[test]
     fn all_reduce_is_the_exact_mean_on_every_rank() {
-        for world in 1..=4 {
+        for (world, always_checksum) in (1..=4).flat_map(|w| [(w, false), (w, true)]) {
             for n in [
                 0,
                 1,
@@ -537,7 +550,7 @@ mod tests {
                 SEGMENT_FLOATS + 3,
                 3 * SEGMENT_FLOATS + 1,
             ] {
-                let results = with_ring(world, |ring| {
+                let results = with_checksummed_ring(world, always_checksum, |ring| {
                     let mut buf = input(ring.rank(), n);
                     ring.all_reduce_mean(&mut buf).unwrap();
                     buf
@@ -552,9 +565,27 @@ mod tests {
                         .iter()
                         .zip(&expected)
                         .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "world {world}, n {n}, rank {rank}");
+                    assert!(
+                        same,
+                        "world {world}, n {n}, rank {rank}, checksums {always_checksum}"
+                    );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn loopback_links_are_checksummed_only_when_asked() {
+        for always_checksum in [false, true] {
+            let flags = with_checksummed_ring(2, always_checksum, |ring| {
+                let links = ring.links.as_ref().unwrap();
+                (links.send.checksums, links.recv.checksums)
+            });
+            assert!(
+                flags
+                    .iter()
+                    .all(|&f| f == (always_checksum, always_checksum))
+            );
         }
     }
 
