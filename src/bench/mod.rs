@@ -104,15 +104,27 @@ enum BenchKind {
         /// Internal: the ring addresses of a `--workers` run.
         #[arg(long, hide = true)]
         peers: Option<String>,
+        /// Measure the reference in the same run: Hugging Face transformers'
+        /// `BertForPreTraining` through `tests/python/hf_train_step.py` with this Python
+        /// (which needs torch and transformers). Without it, the ratio is against the
+        /// figures measured once on this machine ([`ISSUE_REFERENCE`]), which this shared
+        /// machine's speed from day to day makes less fair.
+        #[arg(long, value_name = "PYTHON")]
+        hf_python: Option<PathBuf>,
+        /// Internal: `preset=tokens/s,...` of the reference, for the ranks of a run.
+        #[arg(long, hide = true)]
+        reference: Option<String>,
     },
 }
 
-/// (preset, batch size, HF transformers tokens/s on this machine).
-const REFERENCE: &[(&str, usize, f64)] = &[
-    ("tiny", 32, 3262.0),
-    ("mini", 32, 1949.0),
-    ("base", 8, 284.0),
-];
+/// HF transformers tokens/s on this machine as the issue measured them once (torch 2.15,
+/// 2 threads), as `preset=tokens/s` pairs.
+const ISSUE_REFERENCE: &str = "tiny=3262,mini=1949,base=284";
+
+/// Sequences per step: 32, or 8 for base (as the reference, tests/python/hf_train_step.py).
+fn bench_batch_size(preset: &str) -> usize {
+    if preset == "base" { 8 } else { 32 }
+}
 
 const SEQ_LEN: usize = 128;
 const PREDICTIONS: usize = 20;
@@ -124,20 +136,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
             steps,
             workers,
             rank: None,
+            hf_python,
             ..
-        } => bench_train(&presets, steps, workers),
+        } => bench_train(&presets, steps, workers, hf_python.as_deref()),
         BenchKind::Train {
             presets,
             steps,
             workers,
             rank: Some(rank),
             peers,
+            reference,
+            ..
         } => train_rank(
             &presets,
             steps,
             workers,
             rank,
             peers.as_deref().unwrap_or_default(),
+            reference.as_deref().unwrap_or(ISSUE_REFERENCE),
         ),
         BenchKind::Dataprep { work_dir, threads } => bench_dataprep(&work_dir, &threads),
         BenchKind::Allreduce { ranks, max_mb } => bench_allreduce(ranks, max_mb),
@@ -155,12 +171,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 }
 
-fn bench_train(presets: &str, steps: usize, workers: usize) -> Result<()> {
+fn bench_train(
+    presets: &str,
+    steps: usize,
+    workers: usize,
+    hf_python: Option<&Path>,
+) -> Result<()> {
     if steps == 0 || workers == 0 {
         bail!("--steps and --workers must be at least 1");
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let reference = match hf_python {
+        Some(python) => hf_reference(python, presets, steps, cores)?,
+        None => ISSUE_REFERENCE.to_string(),
+    };
     println!(
-        "training step, seq {SEQ_LEN}, {PREDICTIONS} predictions/seq, AdamW, fp32, CPU (Flex), {workers} worker process(es)"
+        "training step, seq {SEQ_LEN}, {PREDICTIONS} predictions/seq, AdamW, fp32, CPU (Flex), {workers} worker process(es); HF torch: {}",
+        if hf_python.is_some() {
+            "measured just now"
+        } else {
+            "the issue's figures"
+        }
     );
     println!(
         "{:<8} {:>6} {:>10} {:>12} {:>14} {:>10} {:>10} {:>10} {:>10}",
@@ -175,7 +206,7 @@ fn bench_train(presets: &str, steps: usize, workers: usize) -> Result<()> {
         "optim s"
     );
     if workers == 1 {
-        return train_rank(presets, steps, 1, 0, "");
+        return train_rank(presets, steps, 1, 0, "", &reference);
     }
     // N copies of this program, one rank each, sharing the cores.
     let peers: Vec<String> = (0..workers)
@@ -188,7 +219,6 @@ fn bench_train(presets: &str, steps: usize, workers: usize) -> Result<()> {
             ))
         })
         .collect::<Result<_>>()?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for rank in 0..workers {
@@ -208,6 +238,8 @@ fn bench_train(presets: &str, steps: usize, workers: usize) -> Result<()> {
                 &rank.to_string(),
                 "--peers",
                 &peers.join(","),
+                "--reference",
+                &reference,
             ])
             .env("RAYON_NUM_THREADS", (cores / workers).max(1).to_string())
             .spawn()
@@ -226,7 +258,43 @@ fn bench_train(presets: &str, steps: usize, workers: usize) -> Result<()> {
 
 /// One rank's share of `bench train`: the step's batch split over `world` ranks whose
 /// gradients are averaged over the TCP ring. Rank 0 prints the rows.
-fn train_rank(presets: &str, steps: usize, world: usize, rank: usize, peers: &str) -> Result<()> {
+/// Runs the reference script with `python` on `presets`, with `threads` threads, and
+/// returns its tokens/s as `preset=tokens/s,...`.
+fn hf_reference(python: &Path, presets: &str, steps: usize, threads: usize) -> Result<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/hf_train_step.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args([presets, &steps.to_string(), &threads.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed; it needs torch and transformers (pip install torch transformers)",
+            python.display(),
+            script.display()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let measured: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            Some(format!("{}={}", cols.first()?, cols.get(3)?))
+        })
+        .collect();
+    Ok(measured.join(","))
+}
+
+fn train_rank(
+    presets: &str,
+    steps: usize,
+    world: usize,
+    rank: usize,
+    peers: &str,
+    reference: &str,
+) -> Result<()> {
     use bertrain_worker::collective::{Collective, RingListener, RingOptions};
     let mut collective: Box<dyn Collective> = if world == 1 {
         Box::new(LocalCollective)
@@ -237,11 +305,11 @@ fn train_rank(presets: &str, steps: usize, world: usize, rank: usize, peers: &st
     };
     for preset in presets.split(',').map(str::trim) {
         let config = BertConfig::preset(preset)?;
-        let (batch_size, reference) = REFERENCE
-            .iter()
-            .find(|r| r.0 == preset)
-            .map(|r| (r.1, Some(r.2)))
-            .unwrap_or((32, None));
+        let batch_size = bench_batch_size(preset);
+        let reference = reference.split(',').find_map(|pair| {
+            let (name, tokens_per_s) = pair.split_once('=')?;
+            (name == preset).then(|| tokens_per_s.parse::<f64>().ok())?
+        });
         let device = Default::default();
         let model = init_bert::<CpuBackend>(&config, 0, &device);
         let optimizer = OptimizerConfig::bert(OptimizerKind::AdamW, 0.01);
@@ -349,14 +417,14 @@ fn in_work_dir(work_dir: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<(
 
 fn dataprep_table(dir: &Path, threads: &[usize]) -> Result<()> {
     let exe = std::env::current_exe()?;
-    // Long documents (100-180 sentences): 472 of them make the reference's 3.5 MB.
+    // Long documents (90-162 sentences): 472 of them make the reference's 3.5 MB.
     let corpus = |name: &str, docs: usize| -> Result<PathBuf> {
         let path = dir.join(name);
         let options = bertrain_dataprep::SynthOptions {
             docs,
             seed: 1,
-            min_sentences: 100,
-            max_sentences: 180,
+            min_sentences: 90,
+            max_sentences: 162,
         };
         let text: Vec<String> = bertrain_dataprep::synth_corpus_with(options).collect();
         std::fs::write(&path, text.join("\n\n") + "\n")?;
