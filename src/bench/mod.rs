@@ -533,7 +533,7 @@ fn run_measured(command: &mut Command) -> Result<(bool, f64, f64)> {
 /// best round of each is reported, so a burst of noise on this shared machine hits both
 /// alike. Small buffers get more rounds ([`allreduce_rounds`]): a 1 MB round lasts a few
 /// milliseconds, and one scheduler hiccup on two shared cores is then a large part of it.
-const ALLREDUCE_ROUNDS: usize = 5;
+const ALLREDUCE_ROUNDS: usize = 10;
 
 /// Rounds for a buffer of `mb` MB: about the same measuring time for every size up to 16 MB.
 fn allreduce_rounds(mb: usize) -> usize {
