@@ -262,6 +262,12 @@ fn bench_train(
 /// returns its tokens/s as `preset=tokens/s,...`.
 fn hf_reference(python: &Path, presets: &str, steps: usize, threads: usize) -> Result<String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/hf_train_step.py");
+    if !script.exists() {
+        bail!(
+            "--hf-python needs the reference script {} of the checkout this binary was built from",
+            script.display()
+        );
+    }
     let out = Command::new(python)
         .arg(&script)
         .args([presets, &steps.to_string(), &threads.to_string()])
