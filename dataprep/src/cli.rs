@@ -72,7 +72,8 @@ pub struct DataprepArgs {
     /// Rows per Parquet row group (the unit a reader can skip to).
     #[arg(long, default_value_t = 4096)]
     pub row_group_rows: usize,
-    /// Worker threads (default: all cores). The output does not depend on it.
+    /// Threads that tokenise, generate and encode (default: all cores; the main thread reads
+    /// and appends to the files beside them). The output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Fraction of documents held out (whole) into OUTPUT/validation/.
@@ -223,9 +224,28 @@ impl DataprepArgs {
 }
 
 pub fn run_dataprep(args: DataprepArgs) -> Result<()> {
+    keep_freed_memory();
     let report = crate::pipeline::run(&args.to_config())?;
     print_summary(&report);
     Ok(())
+}
+
+/// Makes glibc keep the memory dataprep frees for its next allocations. Every row group
+/// allocates and frees a few MB of buffers; with glibc's defaults, those above its mmap
+/// threshold, and the top of the heap beyond its trim threshold, went back to the kernel
+/// and came back as fresh pages, and the page faults took a fifth of the CPU (measured on
+/// the benchmark's 35 MB corpus: 220,000 faults with defaults, 20,000 with these settings,
+/// and a quarter less time with one thread). Memory stays bounded: the same buffers are
+/// reused, not accumulated (the benchmark's peak at 10x the corpus is still within 20% of
+/// the peak at 1x).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before any thread of the
+    // run starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
 }
 
 fn print_summary(r: &DataprepReport) {

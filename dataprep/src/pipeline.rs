@@ -3,10 +3,15 @@
 //! Streaming and memory: documents are read in *windows* of about `window_bytes` of text
 //! (default 4 MiB, ~1000 Wikipedia-sized documents). A window is tokenised (about 4 bytes
 //! per token) and its text dropped; its instances, five times the tokens with the default
-//! `--dupe-factor`, are made *slice* by slice: runs of documents holding about [`SLICE_TOKENS`] tokens, each
-//! generated, shuffled and written (generation and shard encoding each use every thread)
-//! before the next. Peak memory is one raw window, one tokenised window and one slice of
-//! instances, whatever the corpus size.
+//! `--dupe-factor`, are made *slice* by slice: runs of documents holding about
+//! [`SLICE_TOKENS`] tokens, each generated (on every thread) and shuffled, then cut into row
+//! groups that this thread gathers and the pool encodes and compresses while the next slice
+//! is generated (see [`ShardWriter`]). Peak memory is one raw window, one tokenised window,
+//! one slice of instances and two row groups per thread, whatever the corpus size.
+//!
+//! Threads: `--threads` sets the pool that tokenises, generates and encodes. The calling
+//! thread reads the input, gathers row groups and appends them to the files alongside it,
+//! so even `--threads 1` keeps a second core partly busy.
 //!
 //! NotNext: the "random other document" is drawn uniformly from the other documents of the
 //! same window (and of the same split: validation documents only pair with validation
@@ -29,6 +34,7 @@ use std::collections::VecDeque;
 use std::fs;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -233,11 +239,13 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
     }
     copy_vocab(&vocab, &vocab_bytes, &cfg.output)?;
 
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(cfg.threads)
-        .thread_name(|i| format!("dataprep-{i}"))
-        .build()
-        .context("starting worker threads")?;
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
+            .thread_name(|i| format!("dataprep-{i}"))
+            .build()
+            .context("starting worker threads")?,
+    );
     let gen_opts = GenOptions {
         max_seq_len: cfg.max_seq_len,
         max_predictions: cfg.max_predictions,
@@ -247,12 +255,19 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
     };
 
     let mut windows = WindowReader::new(files.clone(), cfg.window_bytes);
-    let mut train_writer = ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows)?;
-    let mut val_writer = ShardWriter::new(&val_dir, cfg.shard_rows, cfg.row_group_rows)?;
+    let mut train_writer = ShardWriter::new(
+        &cfg.output,
+        cfg.shard_rows,
+        cfg.row_group_rows,
+        pool.clone(),
+    )?;
+    let mut val_writer =
+        ShardWriter::new(&val_dir, cfg.shard_rows, cfg.row_group_rows, pool.clone())?;
     let mut progress = Progress::new(cfg.show_progress, input_bytes);
     let mut train_totals = Totals::default();
     let mut val_totals = Totals::default();
-    // Reading is a few percent of the time; reading ahead would hold a second window.
+    // Reading is a few percent of the time, and the pool goes on encoding the row groups still
+    // pending meanwhile; reading ahead would hold a second window.
     while let Some(w) = windows.next_window()? {
         let docs = pool.install(|| tokenize_window(w, cfg, &tokenizer))?;
         train_totals.empty_documents_skipped += docs.empty;
@@ -271,7 +286,7 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
                     let (b, r) = out.order[i];
                     out.batches[b as usize].row(r as usize)
                 };
-                writer.write_rows(out.order.len(), row, &pool)?;
+                writer.write_rows(out.order.len(), row)?;
             }
         }
         progress.update(
