@@ -78,17 +78,6 @@ impl RowBuffer {
         self.labels.len()
     }
 
-    /// Makes room for `rows` more rows holding `tokens` tokens and `masked` masked positions.
-    fn reserve(&mut self, rows: usize, tokens: usize, masked: usize) {
-        self.input_ids.reserve(tokens);
-        self.input_offsets.reserve(rows + 1);
-        self.token_type_ids.reserve(tokens);
-        self.positions.reserve(masked);
-        self.masked_ids.reserve(masked);
-        self.mask_offsets.reserve(rows + 1);
-        self.labels.reserve(rows);
-    }
-
     /// Appends one row.
     fn push(&mut self, (input_ids, a_len, positions, masked_ids, label): RowRef<'_>) {
         if self.input_offsets.is_empty() {
@@ -186,9 +175,8 @@ pub(crate) struct ShardWriter {
     /// Encodes row groups.
     pool: Arc<rayon::ThreadPool>,
     /// Row groups handed to the pool, oldest first; each holds its rows and then its encoded
-    /// pages until appended. At most `max_in_flight`: two per thread keeps every thread busy.
+    /// pages until appended. At most [`Self::max_in_flight`].
     in_flight: VecDeque<mpsc::Receiver<Result<EncodedGroup>>>,
-    max_in_flight: usize,
     /// Rows given to the current shard so far, including those in `filling`.
     rows_in_shard: usize,
     open: Option<OpenShard>,
@@ -225,7 +213,6 @@ impl ShardWriter {
             props,
             columns: Arc::new(columns),
             filling: RowBuffer::default(),
-            max_in_flight: 2 * pool.current_num_threads(),
             pool,
             in_flight: VecDeque::new(),
             rows_in_shard: 0,
@@ -238,7 +225,7 @@ impl ShardWriter {
     /// group is kept for the next call (or [`ShardWriter::finish`]).
     ///
     /// This thread gathers each row group's rows (a copy) and hands the group to the pool to
-    /// encode; it appends encoded groups in order only when `max_in_flight` of them are
+    /// encode; it appends encoded groups in order only when `max_in_flight()` of them are
     /// pending, and returns with up to that many still encoding. So the pool keeps encoding
     /// while the caller reads and generates what comes next, and the serial parts (gathering,
     /// appending to the file, hashing) overlap the parallel ones instead of stopping every
@@ -249,11 +236,6 @@ impl ShardWriter {
     {
         let mut next = 0;
         while let Some((mut rows, range, ends_shard)) = self.next_group(&mut next, count, &row) {
-            let (tokens, masked) = range.clone().fold((0, 0), |(t, m), i| {
-                let r = row(i);
-                (t + r.0.len(), m + r.2.len())
-            });
-            rows.reserve(range.len(), tokens, masked);
             range.for_each(|i| rows.push(row(i)));
             self.encode_in_background(rows, ends_shard)?;
         }
@@ -263,7 +245,7 @@ impl ShardWriter {
     /// Queues a row group for encoding on the pool, first appending the oldest pending groups
     /// while the queue is full.
     fn encode_in_background(&mut self, rows: RowBuffer, ends_shard: bool) -> Result<()> {
-        while self.in_flight.len() >= self.max_in_flight {
+        while self.in_flight.len() >= self.max_in_flight() {
             self.append_oldest()?;
         }
         let (done, encoded) = mpsc::sync_channel(1);
@@ -280,6 +262,11 @@ impl ShardWriter {
         });
         self.in_flight.push_back(encoded);
         Ok(())
+    }
+
+    /// Row groups pending at most: two per thread keeps every thread busy.
+    fn max_in_flight(&self) -> usize {
+        2 * self.pool.current_num_threads()
     }
 
     /// Waits for the oldest pending row group and appends it.

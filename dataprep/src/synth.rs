@@ -249,7 +249,7 @@ struct Topic {
 /// changed vowels made short words of one region collide with another's ("an" becoming
 /// "in"), and the demo's validation NSP accuracy after 800 steps was 0.67 instead of 0.85.
 struct Dialect {
-    forms: std::collections::HashMap<&'static str, String>,
+    ending: &'static str,
 }
 
 impl Dialect {
@@ -257,12 +257,21 @@ impl Dialect {
         const ENDINGS: &[&str] = &[
             "", "o", "a", "i", "u", "e", "y", "on", "ar", "el", "is", "um",
         ];
-        let ending = ENDINGS[region % ENDINGS.len()];
-        let forms = COMMON_WORDS
-            .iter()
-            .map(|&word| (word, format!("{word}{ending}")))
-            .collect();
-        Dialect { forms }
+        Dialect {
+            ending: ENDINGS[region % ENDINGS.len()],
+        }
+    }
+
+    /// This dialect's form of `word` (lowercase), if it is one of [`COMMON_WORDS`].
+    fn form(&self, word: &str) -> Option<String> {
+        COMMON_WORDS
+            .contains(&word)
+            .then(|| format!("{word}{}", self.ending))
+    }
+
+    /// Every common word in this dialect.
+    fn forms(&self) -> impl Iterator<Item = String> + '_ {
+        COMMON_WORDS.iter().filter_map(|w| self.form(w))
     }
 
     /// `sentence` with its common words in this dialect (capitals and punctuation kept).
@@ -277,9 +286,9 @@ impl Dialect {
                 .unwrap_or(token.len());
             let (word, rest) = token.split_at(end);
             let capital = word.starts_with(|c: char| c.is_ascii_uppercase());
-            match self.forms.get(word.to_ascii_lowercase().as_str()) {
-                Some(form) if capital => out.push_str(&capitalise(form)),
-                Some(form) => out.push_str(form),
+            match self.form(&word.to_ascii_lowercase()) {
+                Some(form) if capital => out.push_str(&capitalise(&form)),
+                Some(form) => out.push_str(&form),
                 None => out.push_str(word),
             }
             out.push_str(rest);
@@ -325,10 +334,8 @@ impl Lexicon {
         let mut rng = Rng::new(0xB0C4_B1A2);
         let dialects: Vec<Dialect> = (0..TOPIC_CORE.len()).map(Dialect::of_region).collect();
         // No made-up word may read as some region's common word.
-        let reserved: std::collections::HashSet<String> = dialects
-            .iter()
-            .flat_map(|d| d.forms.values().cloned())
-            .collect();
+        let reserved: std::collections::HashSet<String> =
+            dialects.iter().flat_map(Dialect::forms).collect();
         let topics = TOPIC_CORE
             .iter()
             .zip(dialects)
@@ -536,10 +543,10 @@ mod tests {
             lexicon.topics[7].dialect.speak("The bread was warm."),
             "Theon bread wason warm."
         );
-        let the: std::collections::HashSet<&str> = lexicon
+        let the: std::collections::HashSet<String> = lexicon
             .topics
             .iter()
-            .map(|t| t.dialect.forms["the"].as_str())
+            .map(|t| t.dialect.form("the").unwrap())
             .collect();
         assert_eq!(
             the.len(),
@@ -553,10 +560,10 @@ mod tests {
     #[test]
     fn a_document_speaks_one_dialect() {
         let lexicon = Lexicon::build();
-        let forms: Vec<&str> = lexicon
+        let forms: Vec<String> = lexicon
             .topics
             .iter()
-            .map(|t| t.dialect.forms["the"].as_str())
+            .map(|t| t.dialect.form("the").unwrap())
             .collect();
         let mut used = std::collections::HashSet::new();
         for doc in synth_corpus(200, 5) {

@@ -256,8 +256,6 @@ fn bench_train(
     Ok(())
 }
 
-/// One rank's share of `bench train`: the step's batch split over `world` ranks whose
-/// gradients are averaged over the TCP ring. Rank 0 prints the rows.
 /// Runs the reference script with `python` on `presets`, with `threads` threads, and
 /// returns its tokens/s as `preset=tokens/s,...`.
 fn hf_reference(python: &Path, presets: &str, steps: usize, threads: usize) -> Result<String> {
@@ -286,6 +284,7 @@ fn hf_reference(python: &Path, presets: &str, steps: usize, threads: usize) -> R
         .lines()
         .skip(1)
         .filter_map(|line| {
+            // model, batch, s/step, tokens/s
             let cols: Vec<&str> = line.split_whitespace().collect();
             Some(format!("{}={}", cols.first()?, cols.get(3)?))
         })
@@ -293,6 +292,8 @@ fn hf_reference(python: &Path, presets: &str, steps: usize, threads: usize) -> R
     Ok(measured.join(","))
 }
 
+/// One rank's share of `bench train`: the step's batch split over `world` ranks whose
+/// gradients are averaged over the TCP ring. Rank 0 prints the rows.
 fn train_rank(
     presets: &str,
     steps: usize,

@@ -9,9 +9,9 @@
 //! Chunks travel in 1 MB segments, and the steps are pipelined: a sender thread sends
 //! each segment as soon as the receiving thread has finished it in the step before, so
 //! each direction is one continuous stream rather than 2(W-1) rounds with a pause between
-//! them (a 1 MB all-reduce went from 74-83% to 84-114% of raw TCP in `bench allreduce`). Sending and receiving
-//! on separate threads also means neither side can fill its socket buffers and wait
-//! forever for the other, however large the buffer.
+//! them (a 1 MB all-reduce went from 74-83% to 84-114% of raw TCP in `bench allreduce`).
+//! Sending and receiving on separate threads also means neither side can fill its socket
+//! buffers and wait forever for the other, however large the buffer.
 //!
 //! Determinism: chunk boundaries and the order in which partial sums travel depend only
 //! on the world size, so results are reproducible at a fixed world size, and because the
