@@ -396,6 +396,11 @@ impl JobConfig {
         if c.world_size == 0 {
             bail!("cluster.world_size = 0; it must be at least 1");
         }
+        if t.precision == Precision::Bf16 && c.backend != Backend::Cuda {
+            bail!(
+                "train.precision = \"bf16\" needs cluster.backend = \"cuda\"; on the CPU use \"fp32\""
+            );
+        }
         let per_pass = u64::from(c.world_size) * t.micro_batch_size;
         if t.global_batch_size % per_pass != 0 {
             let lower = (t.global_batch_size / per_pass).max(1) * per_pass;
@@ -656,6 +661,18 @@ mod tests {
         assert!(!text.contains('\n'), "{text}");
         let err = load(&format!("{MINIMAL}[train]\noptimizer = \"sgd\"\n"), &[]).unwrap_err();
         assert!(format!("{err:#}").contains("train.optimizer"), "{err:#}");
+    }
+
+    #[test]
+    fn bf16_needs_the_cuda_backend() {
+        let err = load(MINIMAL, &["train.precision=bf16"]).unwrap_err();
+        assert!(
+            format!("{err:#}")
+                .contains("train.precision = \"bf16\" needs cluster.backend = \"cuda\""),
+            "{err:#}"
+        );
+        let job = load(MINIMAL, &["train.precision=bf16", "cluster.backend=cuda"]).unwrap();
+        assert_eq!(job.train.precision, Precision::Bf16);
     }
 
     #[test]

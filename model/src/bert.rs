@@ -15,6 +15,7 @@ use burn::nn::{
 };
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, log_softmax, softmax, tanh};
+use burn::tensor::{DType, FloatDType};
 
 use crate::config::BertConfig;
 use crate::dropout;
@@ -253,7 +254,7 @@ impl<B: Backend> BertForPreTraining<B> {
         let batch_size = batch.next_sentence_labels.dims()[0] as f64;
         let mlm_nll =
             negative_log_likelihood(output.mlm_logits.clone(), batch.masked_lm_ids.clone());
-        let mlm_loss = (mlm_nll * batch.masked_lm_weights.clone()).sum() / batch_size;
+        let mlm_loss = (mlm_nll * in_f32(batch.masked_lm_weights.clone())).sum() / batch_size;
         let nsp_nll = negative_log_likelihood(
             output.nsp_logits.clone(),
             batch.next_sentence_labels.clone(),
@@ -267,16 +268,25 @@ impl<B: Backend> BertForPreTraining<B> {
     }
 }
 
-/// `-log softmax(logits)[label]` per row.
+/// `-log softmax(logits)[label]` per row, in f32 whatever the model computes in.
 fn negative_log_likelihood<B: Backend>(
     logits: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
 ) -> Tensor<B, 1> {
-    let log_probs = log_softmax(logits, 1);
+    let log_probs = log_softmax(in_f32(logits), 1);
     log_probs
         .gather(1, labels.unsqueeze_dim(1))
         .squeeze_dim::<1>(1)
         .neg()
+}
+
+/// `t` as f32. A bf16 model's losses are computed in f32: a bf16 softmax over 30k logits
+/// keeps about two significant digits of the loss.
+fn in_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    match t.dtype() {
+        DType::F32 => t,
+        _ => t.cast(FloatDType::F32),
+    }
 }
 
 impl<B: Backend> BertModel<B> {

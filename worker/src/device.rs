@@ -4,8 +4,10 @@
 //! feature; its libraries are loaded at run time, so [`check`] can say in one line what is
 //! missing (the feature, the driver, the GPU) before a worker joins a job it cannot serve.
 
-use anyhow::Result;
-use bertrain_coordinator::job::Backend;
+use anyhow::{Result, anyhow};
+use bertrain_coordinator::job::{Backend, Precision};
+use burn::tensor::backend::{Backend as BurnBackend, DeviceError};
+use burn::tensor::{FloatDType, IntDType};
 
 use crate::CpuBackend;
 use crate::node::{Outcome, TrainRun};
@@ -15,6 +17,30 @@ use crate::node::{Outcome, TrainRun};
 pub struct DeviceChoice {
     pub backend: Backend,
     pub index: usize,
+    pub precision: Precision,
+}
+
+/// Makes `device` compute in `precision`: with bf16 every float tensor created on it from
+/// now on (the model's parameters, activations, gradients) is bf16, while the trainer's
+/// master parameters and optimizer state stay f32 on the host. burn fixes a device's types
+/// at its first tensor, so this must come before the model is built. A later generation in
+/// the same process finds the device already set, which is fine if it is set the same way.
+pub fn set_precision<B: BurnBackend>(device: &B::Device, precision: Precision) -> Result<()> {
+    let float = match precision {
+        Precision::Fp32 => FloatDType::F32,
+        Precision::Bf16 => FloatDType::BF16,
+    };
+    match burn::tensor::set_default_dtypes::<B>(device, float, IntDType::I32) {
+        Ok(()) => Ok(()),
+        Err(DeviceError::AlreadyInitialized { .. })
+            if burn::tensor::get_device_settings::<B>(device).float_dtype == float =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(
+            "train.precision = {precision:?}: the device cannot compute in {float:?}: {e:?}"
+        )),
+    }
 }
 
 /// Fails with one line when `backend` cannot run here.
@@ -28,10 +54,14 @@ pub fn check(backend: Backend, index: usize) -> Result<()> {
 /// Runs `run` on the chosen backend.
 pub fn with_backend(choice: DeviceChoice, run: TrainRun<'_>) -> Result<Outcome> {
     match choice.backend {
-        Backend::Cpu => run.run::<CpuBackend>(Default::default()),
+        Backend::Cpu => {
+            let device = Default::default();
+            set_precision::<CpuBackend>(&device, choice.precision)?;
+            run.run::<CpuBackend>(device)
+        }
         Backend::Cuda => {
             cuda::check(choice.index)?;
-            cuda::run(run, choice.index)
+            cuda::run(run, choice.index, choice.precision)
         }
     }
 }
@@ -39,6 +69,7 @@ pub fn with_backend(choice: DeviceChoice, run: TrainRun<'_>) -> Result<Outcome> 
 #[cfg(feature = "cuda")]
 mod cuda {
     use anyhow::{Result, bail};
+    use bertrain_coordinator::job::Precision;
     use cudarc::driver::result as driver;
 
     use crate::node::{Outcome, TrainRun};
@@ -69,14 +100,17 @@ mod cuda {
         Ok(())
     }
 
-    pub fn run(run: TrainRun<'_>, index: usize) -> Result<Outcome> {
-        run.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(index))
+    pub fn run(run: TrainRun<'_>, index: usize, precision: Precision) -> Result<Outcome> {
+        let device = burn::backend::cuda::CudaDevice::new(index);
+        super::set_precision::<CudaBackend>(&device, precision)?;
+        run.run::<CudaBackend>(device)
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 mod cuda {
     use anyhow::{Result, bail};
+    use bertrain_coordinator::job::Precision;
 
     use crate::node::{Outcome, TrainRun};
 
@@ -87,7 +121,7 @@ mod cuda {
         bail!(NOT_BUILT)
     }
 
-    pub fn run(_run: TrainRun<'_>, _index: usize) -> Result<Outcome> {
+    pub fn run(_run: TrainRun<'_>, _index: usize, _precision: Precision) -> Result<Outcome> {
         bail!(NOT_BUILT)
     }
 }

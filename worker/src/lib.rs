@@ -16,6 +16,7 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
+pub use device::set_precision;
 pub use node::{WorkerArgs, run};
 
 /// The CPU training backend: burn's Flex (pure Rust, measured fastest here) with autodiff.

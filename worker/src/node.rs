@@ -171,6 +171,7 @@ fn generation(
     let choice = DeviceChoice {
         backend: welcome.job.cluster.backend,
         index: args.device.unwrap_or(0),
+        precision: welcome.job.train.precision,
     };
     let outcome = device::with_backend(
         choice,
