@@ -140,6 +140,10 @@ pub struct ClusterSection {
     /// A job in which no step completes for this many seconds is declared hung (first step
     /// included, so allow for model loading). Default: 900.
     pub step_timeout_s: f64,
+    /// Dense peak of one device in TFLOP/s, which the workers' MFU figures are relative to.
+    /// Default: the bf16 dense peak of known NVIDIA data-centre GPUs (H100, H200, A100,
+    /// L40S); none on the CPU, where MFU is then not computed.
+    pub device_peak_tflops: Option<f64>,
     /// Times the worker set may be restarted from the latest checkpoint after a lost, failed
     /// or hung worker before the job is given up. Default: 3.
     pub max_restarts: u32,
@@ -243,6 +247,7 @@ impl Default for ClusterSection {
             heartbeat_interval_s: 1.0,
             heartbeat_timeout_s: 10.0,
             step_timeout_s: 900.0,
+            device_peak_tflops: None,
             max_restarts: 3,
         }
     }
@@ -450,6 +455,11 @@ impl JobConfig {
                 c.heartbeat_timeout_s,
                 c.heartbeat_interval_s
             );
+        }
+        if let Some(peak) = c.device_peak_tflops
+            && !(peak.is_finite() && peak > 0.0)
+        {
+            bail!("cluster.device_peak_tflops = {peak}; it must be a positive number of TFLOP/s");
         }
         check_host_port("cluster.coordinator", &c.coordinator)?;
         if let Some(http) = &c.http {

@@ -2,7 +2,7 @@
 //! the loader thread), so that the training step only uploads ready arrays.
 
 use bertrain_dataprep::Instance;
-use bertrain_model::PretrainingBatch;
+use bertrain_model::{BertConfig, PretrainingBatch};
 use burn::prelude::*;
 
 /// A micro-batch in host memory, padded to its longest sequence (not to max_seq_len:
@@ -77,6 +77,22 @@ impl HostBatch {
         batch
     }
 
+    /// Model FLOPs of a training step on this batch (see
+    /// [`BertConfig::train_flops_per_token`]): each row at its own length, padding excluded.
+    pub fn training_flops(&self, config: &BertConfig) -> f64 {
+        let mut predictions = vec![0; self.rows];
+        for &p in &self.masked_positions {
+            predictions[p as usize / self.seq_len] += 1;
+        }
+        let mask = self.attention_mask.chunks(self.seq_len.max(1));
+        mask.zip(predictions)
+            .map(|(row, predictions)| {
+                let len = row.iter().filter(|&&m| m != 0).count();
+                len as f64 * config.train_flops_per_token(len, predictions)
+            })
+            .sum()
+    }
+
     /// Fraction of the batch's positions that are padding.
     pub fn padding_fraction(&self) -> f64 {
         let total = self.rows * self.seq_len;
@@ -141,5 +157,11 @@ mod tests {
         assert_eq!(batch.masked_lm_weights, vec![0.5, 0.5, 1.0]);
         assert_eq!(batch.next_sentence_labels, vec![0, 1]);
         assert!((batch.padding_fraction() - 0.2).abs() < 1e-12);
+
+        // Each row's FLOPs at its own length and predictions; the padding counts for nothing.
+        let config = BertConfig::preset("tiny").unwrap();
+        let expected =
+            5.0 * config.train_flops_per_token(5, 2) + 3.0 * config.train_flops_per_token(3, 1);
+        assert!((batch.training_flops(&config) / expected - 1.0).abs() < 1e-12);
     }
 }

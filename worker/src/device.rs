@@ -11,6 +11,7 @@ use burn::tensor::{FloatDType, IntDType};
 
 use crate::CpuBackend;
 use crate::node::{Outcome, TrainRun};
+use crate::throughput::Peak;
 
 /// A backend and, for CUDA, the GPU index.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +49,19 @@ pub fn check(backend: Backend, index: usize) -> Result<()> {
     match backend {
         Backend::Cpu => Ok(()),
         Backend::Cuda => cuda::check(index),
+    }
+}
+
+/// The peak that this worker's MFU is relative to: `cluster.device_peak_tflops` when the
+/// job sets it, else the known peak of the GPU, else none.
+pub fn peak(choice: DeviceChoice, configured_tflops: Option<f64>) -> Option<Peak> {
+    match (configured_tflops, choice.backend) {
+        (Some(tflops), _) => Some(Peak {
+            tflops,
+            source: "cluster.device_peak_tflops".into(),
+        }),
+        (None, Backend::Cpu) => None,
+        (None, Backend::Cuda) => cuda::name(choice.index).and_then(|name| Peak::of_gpu(&name)),
     }
 }
 
@@ -100,6 +114,12 @@ mod cuda {
         Ok(())
     }
 
+    /// The name the driver gives GPU `index`.
+    pub fn name(index: usize) -> Option<String> {
+        let device = driver::device::get(index as i32).ok()?;
+        driver::device::get_name(device).ok()
+    }
+
     pub fn run(run: TrainRun<'_>, index: usize, precision: Precision) -> Result<Outcome> {
         let device = burn::backend::cuda::CudaDevice::new(index);
         super::set_precision::<CudaBackend>(&device, precision)?;
@@ -119,6 +139,10 @@ mod cuda {
 
     pub fn check(_index: usize) -> Result<()> {
         bail!(NOT_BUILT)
+    }
+
+    pub fn name(_index: usize) -> Option<String> {
+        None
     }
 
     pub fn run(_run: TrainRun<'_>, _index: usize, _precision: Precision) -> Result<Outcome> {

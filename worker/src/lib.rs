@@ -14,6 +14,7 @@ pub mod loader;
 pub mod node;
 pub mod optim;
 pub mod schedule;
+pub mod throughput;
 pub mod trainer;
 
 pub use device::set_precision;

@@ -31,15 +31,20 @@ use burn::tensor::backend::AutodiffBackend;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, PendingWrite, Snapshot};
-use crate::collective::{Collective, RingListener, RingOptions};
+use crate::collective::{self, Collective, RingListener, RingOptions};
 use crate::device::{self, DeviceChoice};
 use crate::loader::{BatchShape, Prefetcher, SampleSource};
 use crate::optim::{OptimizerConfig, OptimizerKind, OptimizerState};
 use crate::schedule::{Decay, LrSchedule};
+use crate::throughput::{Meter, Peak};
 use crate::trainer::{StepStats, Trainer};
 
 /// Steps the loader may run ahead of training.
 const PREFETCH_STEPS: usize = 4;
+/// Rank 0 prints its throughput and MFU every this many steps and at the end...
+const THROUGHPUT_EVERY_STEPS: u64 = 100;
+/// ...leaving out the first steps of each generation, which compile and autotune kernels.
+const THROUGHPUT_SKIP_STEPS: u64 = 5;
 
 /// `bertrain worker`.
 #[derive(Debug, Clone, clap::Args)]
@@ -179,6 +184,8 @@ fn generation(
             client: &client,
             welcome: &welcome,
             listener,
+            gpu: choice.index,
+            peak: device::peak(choice, welcome.job.cluster.device_peak_tflops),
             prepared,
         },
     );
@@ -334,6 +341,10 @@ pub struct TrainRun<'a> {
     client: &'a WorkerClient,
     welcome: &'a Welcome,
     listener: RingListener,
+    /// The GPU index, for NCCL.
+    gpu: usize,
+    /// What MFU is relative to.
+    peak: Option<Peak>,
     prepared: Prepared,
 }
 
@@ -344,20 +355,32 @@ impl TrainRun<'_> {
             client,
             welcome,
             listener,
+            gpu,
+            peak,
             prepared,
         } = self;
         let job = &welcome.job;
         let (rank, world) = (welcome.rank, welcome.world_size);
-        let options = RingOptions {
-            session: welcome.generation,
-            io_timeout: Duration::from_secs_f64(job.cluster.step_timeout_s),
-            ..RingOptions::default()
+        let timeout = Duration::from_secs_f64(job.cluster.step_timeout_s);
+        let mut collective: Box<dyn Collective> = match job.cluster.backend {
+            job::Backend::Cpu => {
+                let options = RingOptions {
+                    session: welcome.generation,
+                    io_timeout: timeout,
+                    ..RingOptions::default()
+                };
+                Box::new(listener.connect(rank, &welcome.peers, &options)?)
+            }
+            job::Backend::Cuda => {
+                drop(listener);
+                collective::connect_nccl(client, rank, world, gpu, timeout)?
+            }
         };
-        let mut ring = listener.connect(rank, &welcome.peers, &options)?;
+        let ring = collective.as_mut();
 
         let model = BertForPreTraining::<B>::new(&prepared.config, &device);
         let layout = ParamLayout::of(&model);
-        let (params, optimizer_state) = starting_state(&prepared, welcome, &layout, &mut ring)?;
+        let (params, optimizer_state) = starting_state(&prepared, welcome, &layout, ring)?;
         let model = load_flat_params(model, &params, &layout);
         let t = &job.train;
         let kind = match t.optimizer {
@@ -393,6 +416,7 @@ impl TrainRun<'_> {
             .then(|| Saver::new(job, &prepared, world))
             .transpose()?;
         let sample_trace = SampleTrace::from_env(rank)?;
+        let mut meter = Meter::new(THROUGHPUT_SKIP_STEPS);
 
         for step in welcome.start_step..t.max_steps {
             if let Some(stop) = client.stop_requested() {
@@ -406,15 +430,16 @@ impl TrainRun<'_> {
             if let Some(trace) = &sample_trace {
                 trace.record(step, &data.samples)?;
             }
-            let stats = trainer.step(
-                step,
-                rank,
-                &data.micro_batches,
-                lr as f32,
-                stop_vote,
-                &mut ring,
-            )?;
-            let step_time_s = started.elapsed().as_secs_f64();
+            let stats =
+                trainer.step(step, rank, &data.micro_batches, lr as f32, stop_vote, ring)?;
+            let step_time = started.elapsed();
+            let step_time_s = step_time.as_secs_f64();
+            let flops = data
+                .micro_batches
+                .iter()
+                .map(|b| b.training_flops(&prepared.config))
+                .sum();
+            meter.record(step + 1, stats.tokens, flops, step_time);
             client.report_step(&step_metrics(
                 step + 1,
                 lr,
@@ -425,6 +450,12 @@ impl TrainRun<'_> {
 
             let done = step + 1;
             let last = done == t.max_steps;
+            if rank == 0
+                && (done % THROUGHPUT_EVERY_STEPS == 0 || last)
+                && let Some(line) = meter.report(done, peak.as_ref())
+            {
+                tracing::info!("throughput of rank 0, {line}");
+            }
             let eval_due = job.eval.every_steps > 0 && done % job.eval.every_steps == 0;
             if let Some(evaluator) = evaluator.as_mut()
                 && (eval_due || last)

@@ -5,13 +5,44 @@
 //! - [`TcpRing`]: the CPU implementation, a bandwidth-optimal ring over TCP. Each rank
 //!   binds a [`RingListener`] before joining, reports its address to the coordinator, and
 //!   connects the ring once the coordinator has told every rank its peers.
+//! - NCCL (`cuda` feature, [`connect_nccl`]): the GPU implementation; its communicator is
+//!   built from a unique id that rank 0 shares through the coordinator ([`share_unique_id`]).
 
+mod bootstrap;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod ring;
 mod wire;
 
+pub use bootstrap::{UNIQUE_ID_LEN, share_unique_id};
 pub use ring::{RingListener, RingOptions, TcpRing, tune};
 
+use std::time::Duration;
+
 use anyhow::Result;
+use bertrain_coordinator::WorkerClient;
+
+/// This rank's NCCL communicator on GPU `device`, built with the rest of the job's ranks.
+pub fn connect_nccl(
+    client: &WorkerClient,
+    rank: usize,
+    world: usize,
+    device: usize,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    #[cfg(feature = "cuda")]
+    {
+        let nccl = nccl::NcclCollective::connect(client, rank, world, device, timeout)?;
+        Ok(Box::new(nccl))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (client, rank, world, device, timeout);
+        anyhow::bail!(
+            "NCCL: this bertrain was built without GPU support; rebuild with `cargo build --release --features cuda`"
+        )
+    }
+}
 
 /// Operations every rank calls in the same order.
 pub trait Collective: Send {
