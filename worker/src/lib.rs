@@ -13,6 +13,7 @@ mod device;
 pub mod loader;
 pub mod node;
 pub mod optim;
+pub mod resident;
 pub mod schedule;
 pub mod throughput;
 pub mod trainer;

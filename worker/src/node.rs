@@ -390,6 +390,16 @@ impl TrainRun<'_> {
         let optimizer = OptimizerConfig::bert(kind, t.weight_decay as f32);
         let mut trainer = Trainer::new(model, optimizer, t.max_grad_norm as f32, t.seed, device);
         trainer.state = optimizer_state;
+        // On a GPU the optimizer runs where the gradients are. On the CPU the host path is
+        // the device path, and the TCP ring wants host buffers anyway.
+        if job.cluster.backend == job::Backend::Cuda {
+            match kind {
+                OptimizerKind::AdamW => trainer.keep_on_device()?,
+                OptimizerKind::Lamb => tracing::warn!(
+                    "train.optimizer = \"lamb\" runs on the CPU (only AdamW runs on the GPU); expect slow steps"
+                ),
+            }
+        }
         let schedule = LrSchedule {
             peak: t.lr,
             warmup_steps: t.warmup_steps,
@@ -467,6 +477,7 @@ impl TrainRun<'_> {
                 let periodic =
                     job.checkpoint.every_steps > 0 && done % job.checkpoint.every_steps == 0;
                 if periodic || last || stats.stop_agreed {
+                    trainer.sync_host();
                     saver.start(client, &trainer, done, lr)?;
                 }
             }
