@@ -10,13 +10,16 @@
 //! (`do_lower_case`), by `--lowercase`/`--cased`, or by inference: a vocabulary without any
 //! uppercase letter is lowercase.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
+use tokenizers::models::ModelWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainer};
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
@@ -175,8 +178,14 @@ fn resolve_lowercase(path: &Path, tokens: &[String], flag: Option<bool>) -> Resu
         .any(|t| t.chars().any(char::is_uppercase)))
 }
 
+/// Most distinct characters the vocabulary keeps as single-character pieces (HF's default
+/// for BERT); the rarest beyond it become `[UNK]`.
+const ALPHABET_LIMIT: usize = 1000;
+
 /// Trains a WordPiece vocabulary of at most `vocab_size` entries (fewer when the corpus does
 /// not support that many) in the HF bert-base layout. Returns the tokens in id order.
+///
+/// The same texts give the same vocabulary in every run; see [`DeterministicWordPiece`].
 pub(crate) fn train_vocab<I>(texts: I, vocab_size: usize, lowercase: bool) -> Result<Vec<String>>
 where
     I: Iterator<Item = String> + Send,
@@ -185,23 +194,13 @@ where
     if vocab_size <= min {
         bail!("--vocab-size {vocab_size} is too small; it must be more than {min}");
     }
-    let trainer = WordPieceTrainer::builder()
-        .vocab_size(vocab_size - UNUSED_BEFORE_UNK)
-        .min_frequency(2)
-        .limit_alphabet(1000)
-        .show_progress(false)
-        .continuing_subword_prefix("##".into())
-        .special_tokens(
-            SPECIALS
-                .iter()
-                .map(|s| AddedToken::from(*s, true))
-                .collect(),
-        )
-        .build();
     let mut tk = Tokenizer::new(WordPiece::default());
     tk.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
     tk.with_pre_tokenizer(Some(BertPreTokenizer));
-    let mut trainer = tokenizers::models::TrainerWrapper::WordPieceTrainer(trainer);
+    let mut trainer = DeterministicWordPiece {
+        vocab_size: vocab_size - UNUSED_BEFORE_UNK,
+        words: HashMap::new(),
+    };
     tk.train(&mut trainer, texts)
         .map_err(|e| anyhow!("training the WordPiece vocabulary: {e}"))?;
     let mut trained: Vec<(String, u32)> = tk.get_model().get_vocab().into_iter().collect();
@@ -217,6 +216,108 @@ where
             .filter(|t| !SPECIALS.contains(&t.as_str())),
     );
     Ok(out)
+}
+
+/// tokenizers' WordPiece training (its BPE trainer with the `##` prefix), made
+/// deterministic.
+///
+/// The BPE trainer breaks ties between equally frequent merges by the ids of the pieces, and
+/// it numbers each `##c` piece when it first meets it while walking its word-count map:
+/// in hash order, and the hash is seeded differently in every process. So equal corpora
+/// gave different vocabularies. Here the words are counted first (normalised and
+/// pre-tokenised by the tokenizer, as HF's own `feed` does), then every `##c` piece the
+/// trainer will need is handed to it up front, sorted, as a special token: they get fixed
+/// ids and the rest of the training is a function of the counts. The alphabet limit is
+/// applied here too, breaking ties by character, since the trainer breaks them by hash order.
+struct DeterministicWordPiece {
+    vocab_size: usize,
+    words: HashMap<String, u64>,
+}
+
+impl tokenizers::Trainer for DeterministicWordPiece {
+    type Model = ModelWrapper;
+
+    fn should_show_progress(&self) -> bool {
+        false
+    }
+
+    fn feed<I, S, F>(&mut self, iterator: I, process: F) -> tokenizers::Result<()>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+        F: Fn(&str) -> tokenizers::Result<Vec<String>> + Sync,
+    {
+        use rayon::iter::{ParallelBridge, ParallelIterator};
+        let counted: tokenizers::Result<HashMap<String, u64>> = iterator
+            .par_bridge()
+            .map(|text| {
+                let mut words = HashMap::new();
+                for word in process(text.as_ref())? {
+                    *words.entry(word).or_insert(0) += 1;
+                }
+                Ok(words)
+            })
+            .try_reduce(HashMap::new, |mut a, b| {
+                for (word, n) in b {
+                    *a.entry(word).or_insert(0) += n;
+                }
+                Ok(a)
+            });
+        self.words = counted?;
+        Ok(())
+    }
+
+    fn train(&self, model: &mut ModelWrapper) -> tokenizers::Result<Vec<AddedToken>> {
+        let mut chars: BTreeMap<char, u64> = BTreeMap::new();
+        for (word, &n) in &self.words {
+            for c in word.chars() {
+                *chars.entry(c).or_insert(0) += n;
+            }
+        }
+        let mut by_count: Vec<(char, u64)> = chars.into_iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        by_count.truncate(ALPHABET_LIMIT);
+        let alphabet: BTreeSet<char> = by_count.into_iter().map(|(c, _)| c).collect();
+        let continuing: BTreeSet<char> = self
+            .words
+            .keys()
+            .flat_map(|w| w.chars().skip(1))
+            .filter(|c| alphabet.contains(c))
+            .collect();
+        let mut specials: Vec<AddedToken> = SPECIALS
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect();
+        specials.extend(
+            continuing
+                .iter()
+                .map(|c| AddedToken::from(format!("##{c}"), true)),
+        );
+        let mut builder = BpeTrainer::builder()
+            .vocab_size(self.vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .continuing_subword_prefix("##".into())
+            .special_tokens(specials);
+        // Only needed past the limit: every kept character then outranks the dropped ones.
+        if alphabet.len() == ALPHABET_LIMIT {
+            builder = builder
+                .limit_alphabet(ALPHABET_LIMIT)
+                .initial_alphabet(alphabet.iter().copied().collect());
+        }
+        let words: ahash::AHashMap<compact_str::CompactString, u64> = self
+            .words
+            .iter()
+            .map(|(w, &n)| (compact_str::CompactString::from(w.as_str()), n))
+            .collect();
+        let mut bpe = BPE::default();
+        builder.build().do_train(&words, &mut bpe)?;
+        *model = ModelWrapper::WordPiece(WordPiece::from_bpe(&bpe));
+        Ok(SPECIALS
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect())
+    }
 }
 
 /// Writes `tokenizer_config.json` for a vocabulary we produced, so HF tools and our own

@@ -95,6 +95,33 @@ fn vocab_has_hf_special_ids_and_lowercase_config() {
     assert!(enc.get_tokens().contains(&"farm".to_string()));
 }
 
+/// The same corpus gives the same vocabulary byte for byte. (HF's trainer alone does not:
+/// it breaks ties by ids it hands out in hash order, seeded anew for every map.)
+#[test]
+fn vocab_training_is_deterministic() {
+    let f = fixture();
+    let again = f.root.join("vocab-again").join("vocab.txt");
+    run_vocab(VocabArgs {
+        input: vec![f.corpus.clone()],
+        vocab_size: 3000,
+        lowercase: false,
+        cased: false,
+        output: again.clone(),
+        overwrite: false,
+    })
+    .expect("train vocab again");
+    let (a, b) = (fs::read(&f.vocab).unwrap(), fs::read(&again).unwrap());
+    assert!(
+        a == b,
+        "two trainings on one corpus gave different vocabularies"
+    );
+    let text = String::from_utf8(a).unwrap();
+    assert!(
+        text.lines().any(|t| t.starts_with("##") && t.len() > 3),
+        "no merged ## pieces"
+    );
+}
+
 #[test]
 fn output_is_identical_for_any_thread_count_and_rows_read_back() {
     let f = fixture();

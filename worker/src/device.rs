@@ -23,7 +23,7 @@ pub struct DeviceChoice {
 
 /// Makes `device` compute in `precision`: with bf16 every float tensor created on it from
 /// now on (the model's parameters, activations, gradients) is bf16, while the trainer's
-/// master parameters and optimizer state stay f32 on the host. burn fixes a device's types
+/// master parameters and optimizer state stay f32. burn fixes a device's types
 /// at its first tensor, so this must come before the model is built. A later generation in
 /// the same process finds the device already set, which is fine if it is set the same way.
 pub fn set_precision<B: BurnBackend>(device: &B::Device, precision: Precision) -> Result<()> {

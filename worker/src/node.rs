@@ -3,7 +3,8 @@
 //! 1. Check the device, read the job token, bind the collective's listener.
 //! 2. Join the coordinator: receive the job, build the model and open the dataset it names,
 //!    and send their fingerprints (the coordinator refuses a worker that differs).
-//! 3. Once the whole world has joined: connect the ring, take rank 0's parameters.
+//! 3. Once the whole world has joined: connect the collective (the TCP ring, or NCCL on
+//!    GPUs), take rank 0's parameters.
 //! 4. Train: every step takes this rank's micro-batches from the prefetching loader, runs
 //!    forward/backward, all-reduces the gradients and updates; reports go to the coordinator.
 //! 5. Evaluate on the validation split every `eval.every_steps` and at the end; rank 0
@@ -376,11 +377,11 @@ impl TrainRun<'_> {
                 collective::connect_nccl(client, rank, world, gpu, timeout)?
             }
         };
-        let ring = collective.as_mut();
+        let collective = collective.as_mut();
 
         let model = BertForPreTraining::<B>::new(&prepared.config, &device);
         let layout = ParamLayout::of(&model);
-        let (params, optimizer_state) = starting_state(&prepared, welcome, &layout, ring)?;
+        let (params, optimizer_state) = starting_state(&prepared, welcome, &layout, collective)?;
         let model = load_flat_params(model, &params, &layout);
         let t = &job.train;
         let kind = match t.optimizer {
@@ -440,8 +441,14 @@ impl TrainRun<'_> {
             if let Some(trace) = &sample_trace {
                 trace.record(step, &data.samples)?;
             }
-            let stats =
-                trainer.step(step, rank, &data.micro_batches, lr as f32, stop_vote, ring)?;
+            let stats = trainer.step(
+                step,
+                rank,
+                &data.micro_batches,
+                lr as f32,
+                stop_vote,
+                collective,
+            )?;
             let step_time = started.elapsed();
             let step_time_s = step_time.as_secs_f64();
             let flops = data
