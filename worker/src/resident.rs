@@ -213,7 +213,7 @@ impl<B: Backend> DeviceMaster<B> {
                 let mut values = self
                     .flat
                     .clone()
-                    .slice([slot.offset..slot.offset + slot.len])
+                    .slice(slot.offset..slot.offset + slot.len)
                     .reshape(shape);
                 if old.dtype() != DType::F32 {
                     values = values.cast(old.dtype());
