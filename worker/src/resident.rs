@@ -10,10 +10,10 @@
 //! on flat f32 master tensors -> each parameter sliced back into the model (cast to the
 //! model's float type: bf16 compute keeps f32 master weights and moments).
 //!
-//! Only scalars cross to the host each step (the gradient norm), and the whole state only
-//! when a checkpoint asks for it ([`DeviceMaster::download`]). With more than one rank the
-//! gradients still go through the host for the all-reduce; reducing them in place with
-//! NCCL is the next step (see the `collective` module).
+//! Only scalars cross to the host each step (the gradient norm, the stop vote), and the
+//! whole state only when a checkpoint asks for it ([`DeviceMaster::download`]). With more
+//! than one rank, NCCL reduces the flat gradient tensor in place in device memory (one
+//! bucket: the whole model, after the backward pass); other collectives get a host copy.
 
 use anyhow::{Result, bail};
 use bertrain_model::{Accumulation, BertForPreTraining, ParamLayout};
@@ -140,6 +140,19 @@ impl<B: Backend> DeviceMaster<B> {
         if collective.world_size() == 1 {
             self.grads = Some(grads);
             return Ok(stop_vote);
+        }
+        // On a GPU with NCCL: reduce the tensor where it is (burn's CUDA tensors are the
+        // only ones NCCL can take, hence the type test), and the vote on its own.
+        #[cfg(feature = "cuda")]
+        if let Some(nccl) = collective.as_nccl()
+            && let Some(cuda) =
+                (&grads as &dyn std::any::Any).downcast_ref::<crate::collective::CudaTensor>()
+        {
+            nccl.all_reduce_mean_tensor(cuda)?;
+            let mut vote = [if stop_vote { 1.0 } else { 0.0 }];
+            nccl.all_reduce_mean(&mut vote)?;
+            self.grads = Some(grads);
+            return Ok(vote[0] > 0.0);
         }
         let device = grads.device();
         let mut host = to_host(&grads);

@@ -11,6 +11,8 @@
 mod bootstrap;
 #[cfg(feature = "cuda")]
 mod nccl;
+#[cfg(feature = "cuda")]
+pub use nccl::{CudaTensor, NcclCollective};
 mod ring;
 mod wire;
 
@@ -55,6 +57,12 @@ pub trait Collective: Send {
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+    /// This collective as NCCL, which can reduce GPU tensors in place (see
+    /// `resident::DeviceMaster::all_reduce`); `None` for the others.
+    #[cfg(feature = "cuda")]
+    fn as_nccl(&mut self) -> Option<&mut NcclCollective> {
+        None
+    }
 }
 
 /// The collective of a job with one worker: every operation is the identity.

@@ -5,11 +5,13 @@
 //! spans processes and machines: rank 0's unique id reaches every rank through the
 //! coordinator ([`share_unique_id`]).
 //!
-//! The trainer hands over gradients in a host buffer (the flat layout the optimizer and
-//! checkpoints use), so each operation stages the buffer through one device allocation:
-//! copy in, reduce in place on the GPU, copy out. That is correct, and across machines it
-//! already uses NCCL's transports (InfiniBand, NVLink) instead of the TCP ring; the
-//! zero-copy path, reducing burn's gradient tensors where they live, is not built yet.
+//! Two ways in:
+//! - [`NcclCollective::all_reduce_mean_tensor`]: a burn-cuda f32 tensor reduced in place
+//!   in its own device memory, no copy through the host. This is how the device-resident
+//!   optimizer (`crate::resident`) averages each step's gradients.
+//! - The [`Collective`] methods on host buffers (the starting broadcast, the stop vote, the
+//!   host optimizer path) stage through one device allocation: copy in, reduce on the GPU,
+//!   copy out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +122,10 @@ impl Collective for NcclCollective {
     fn barrier(&mut self) -> Result<()> {
         self.all_reduce_mean(&mut [0.0])
     }
+
+    fn as_nccl(&mut self) -> Option<&mut NcclCollective> {
+        Some(self)
+    }
 }
 
 fn create_unique_id() -> Result<[u8; UNIQUE_ID_LEN]> {
@@ -137,4 +143,82 @@ fn check_library() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A 1-D float tensor of `burn::backend::Cuda` without autodiff: what the resident
+/// optimizer's flat gradient tensor is on a GPU.
+pub type CudaTensor = burn::tensor::Tensor<burn::backend::Cuda, 1>;
+
+impl NcclCollective {
+    /// Replaces the f32 tensor `t` with its mean over the ranks, in place in device memory:
+    /// no copy through the host. The kernels that computed `t` are waited for first, and
+    /// NCCL's stream is waited for before anything reads it again.
+    pub fn all_reduce_mean_tensor(&mut self, t: &CudaTensor) -> Result<()> {
+        use burn::tensor::backend::Backend;
+        if t.dtype() != burn::tensor::DType::F32 {
+            bail!(
+                "NCCL all-reduce of a {:?} tensor; the gradients are f32",
+                t.dtype()
+            );
+        }
+        let len = t.dims()[0];
+        // burn's CUDA backend is built without its fusion layer here, so the primitive is
+        // cubecl's tensor: a compute client and a handle to the buffer. A clone shares the
+        // buffer with `t`.
+        let cube = t.clone().into_primitive().tensor();
+        <burn::backend::Cuda as Backend>::sync(&t.device())
+            .map_err(|e| anyhow!("waiting for the gradients on the GPU: {e:?}"))?;
+        let resource = cube
+            .client
+            .get_resource(cube.handle.clone())
+            .map_err(|e| anyhow!("reaching the gradients' device memory: {e:?}"))?;
+        if resource.resource().size < (len * size_of::<f32>()) as u64 {
+            bail!(
+                "the gradients' device buffer holds {} bytes, fewer than {len} f32 values",
+                resource.resource().size
+            );
+        }
+        let mut buffer = BorrowedBuffer {
+            ptr: resource.resource().ptr,
+            len,
+            stream: self.stream.clone(),
+        };
+        self.comm
+            .all_reduce_in_place(&mut buffer, &ReduceOp::Avg)
+            .map_err(|e| anyhow!("NCCL all-reduce failed: {e:?}"))?;
+        self.stream
+            .synchronize()
+            .context("NCCL: waiting for the all-reduce")?;
+        drop(resource);
+        Ok(())
+    }
+}
+
+/// `len` f32 values of device memory that burn owns, lent to NCCL for one call. Ordering
+/// is done by the caller (burn's work is waited for before, NCCL's after).
+struct BorrowedBuffer {
+    ptr: u64,
+    len: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl cudarc::driver::DeviceSlice<f32> for BorrowedBuffer {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl cudarc::driver::DevicePtrMut<f32> for BorrowedBuffer {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a CudaStream,
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
+        (self.ptr, cudarc::driver::SyncOnDrop::Sync(None))
+    }
 }
