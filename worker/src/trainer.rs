@@ -1,7 +1,8 @@
 //! One optimizer step, read top to bottom: forward/backward per micro-batch with the
-//! gradients summed on the host, one all-reduce of the flat gradient buffer, clipping,
-//! the optimizer update on the flat master parameters, and the new parameters written
-//! back into the model.
+//! gradients summed into one flat buffer, one all-reduce of it, clipping, the optimizer
+//! update on the flat master parameters, and the new parameters written back into the
+//! model. The flat buffers are host memory, or device tensors on a GPU (see
+//! [`crate::resident`]).
 
 use std::time::Instant;
 
@@ -233,41 +234,40 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let computed = Instant::now();
 
-        if let Some(resident) = &mut self.resident {
-            if micro_batches.is_empty() {
-                resident.zero_grads(&self.layout);
+        // All-reduce, clip, update, and the new parameters into the model: on the device
+        // when the state lives there, else on the host buffers.
+        let (stop_agreed, communicated, grad_norm) = match &mut self.resident {
+            Some(resident) => {
+                if micro_batches.is_empty() {
+                    resident.zero_grads(&self.layout);
+                }
+                let stop_agreed = resident.all_reduce(collective, stop_vote)?;
+                let communicated = Instant::now();
+                let grad_norm = resident.clip(self.max_grad_norm);
+                resident.adamw(&self.optimizer, &mut self.state, lr);
+                let model = self.model.clone();
+                self.model = resident.write_into(model, &self.layout);
+                (stop_agreed, communicated, grad_norm)
             }
-            let stop_agreed = resident.all_reduce(collective, stop_vote)?;
-            let communicated = Instant::now();
-            let grad_norm = resident.clip(self.max_grad_norm);
-            resident.adamw(&self.optimizer, &mut self.state, lr);
-            let model = self.model.clone();
-            self.model = resident.write_into(model, &self.layout);
-            let mut stats = tally.stats();
-            stats.stop_agreed = stop_agreed;
-            stats.grad_norm = grad_norm as f64;
-            stats.compute_s = (computed - started).as_secs_f64();
-            stats.comm_s = (communicated - computed).as_secs_f64();
-            stats.optimizer_s = communicated.elapsed().as_secs_f64();
-            return Ok(stats);
-        }
-
-        self.grads[total] = if stop_vote { 1.0 } else { 0.0 };
-        collective.all_reduce_mean(&mut self.grads)?;
-        let stop_agreed = self.grads[total] > 0.0;
-        let communicated = Instant::now();
-
-        let grad_norm = optim::clip_grad_norm(&mut self.grads[..total], self.max_grad_norm);
-        optim::update(
-            &self.optimizer,
-            &self.layout,
-            &mut self.state,
-            &mut self.params,
-            &self.grads[..total],
-            lr,
-        );
-        let model = self.model.clone();
-        self.model = load_flat_params(model, &self.params, &self.layout);
+            None => {
+                self.grads[total] = if stop_vote { 1.0 } else { 0.0 };
+                collective.all_reduce_mean(&mut self.grads)?;
+                let stop_agreed = self.grads[total] > 0.0;
+                let communicated = Instant::now();
+                let grad_norm = optim::clip_grad_norm(&mut self.grads[..total], self.max_grad_norm);
+                optim::update(
+                    &self.optimizer,
+                    &self.layout,
+                    &mut self.state,
+                    &mut self.params,
+                    &self.grads[..total],
+                    lr,
+                );
+                let model = self.model.clone();
+                self.model = load_flat_params(model, &self.params, &self.layout);
+                (stop_agreed, communicated, grad_norm)
+            }
+        };
 
         let mut stats = tally.stats();
         stats.stop_agreed = stop_agreed;
