@@ -152,7 +152,8 @@ pub type CudaTensor = burn::tensor::Tensor<burn::backend::Cuda, 1>;
 impl NcclCollective {
     /// Replaces the f32 tensor `t` with its mean over the ranks, in place in device memory:
     /// no copy through the host. The kernels that computed `t` are waited for first, and
-    /// NCCL's stream is waited for before anything reads it again.
+    /// NCCL's stream is waited for before anything reads it again. burn-cuda (cubecl) and
+    /// cudarc both work in the device's primary context, so burn's pointer is valid here.
     pub fn all_reduce_mean_tensor(&mut self, t: &CudaTensor) -> Result<()> {
         use burn::tensor::backend::Backend;
         if t.dtype() != burn::tensor::DType::F32 {
