@@ -7,7 +7,7 @@
 #                                           `cargo build --release --features cuda`)
 #
 # Environment: MODELS (default "tiny base"), STEPS (default 200), PRECISION (default bf16),
-# DEVICE (the GPU index, default 0), BACKEND (default cuda; "cpu" runs the same script on a
+# DEVICE (the GPU to use, through CUDA_VISIBLE_DEVICES; default GPU 0), BACKEND (default cuda; "cpu" runs the same script on a
 # machine without a GPU, which is how CI checks the script itself, with PRECISION=fp32).
 # NCCL must be loadable: put the directory holding libnccl.so.2 on LD_LIBRARY_PATH.
 set -euo pipefail
@@ -17,7 +17,9 @@ models=${MODELS:-tiny base}
 steps=${STEPS:-200}
 precision=${PRECISION:-bf16}
 backend=${BACKEND:-cuda}
-export LOCAL_RANK=${DEVICE:-0}
+if [[ -n ${DEVICE:-} ]]; then
+    export CUDA_VISIBLE_DEVICES=$DEVICE
+fi
 
 work=$(mktemp -d -t bertrain-gpu-smoke.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -65,6 +65,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     bertrain_coordinator::launch::run(LaunchArgs {
         config: job_file,
         workers: None,
+        backend: None,
         overrides,
         resume: false,
     })?;

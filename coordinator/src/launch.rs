@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::job::Override;
+use crate::job::{Backend, Override};
 use crate::server::load_job;
 use crate::signals;
 use crate::token::ensure_token;
@@ -37,6 +37,10 @@ pub struct LaunchArgs {
     /// Worker processes to start [default: the job's cluster.world_size].
     #[arg(long, value_name = "N")]
     pub workers: Option<u32>,
+    /// Compute backend [default: the job's cluster.backend]. With `cuda`, worker i trains
+    /// on GPU i (LOCAL_RANK=i): start at most as many workers as this machine has GPUs.
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
     /// Override a job key, e.g. `--set train.lr=3e-4` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub overrides: Vec<Override>,
@@ -60,6 +64,13 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     let mut overrides = args.overrides.clone();
     if let Some(n) = args.workers {
         overrides.push(format!("cluster.world_size={n}").parse()?);
+    }
+    if let Some(backend) = args.backend {
+        let name = match backend {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+        };
+        overrides.push(format!("cluster.backend={name}").parse()?);
     }
     // Loading here validates the job (and the world size) before anything starts.
     let job = load_job(&args.config, &overrides, args.resume)?;
@@ -87,14 +98,8 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         workers, coordinator = %coordinator_addr, status = %format!("http://127.0.0.1:{http_port}/"),
         "launching a coordinator and {workers} worker(s)"
     );
-    // Workers share this machine's cores instead of each assuming it has them all (as
-    // torchrun sets OMP_NUM_THREADS); a value the user set is kept.
-    let mut worker_env = Vec::new();
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = thread::available_parallelism().map_or(1, |n| n.get());
-        let per_worker = (cores / workers as usize).max(1);
-        worker_env.push(("RAYON_NUM_THREADS".to_string(), per_worker.to_string()));
-    }
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let rayon_set = std::env::var_os("RAYON_NUM_THREADS").is_some();
     let mut procs = vec![start("coord", coordinator, Vec::new())?];
     for i in 0..workers {
         let worker = vec![
@@ -104,7 +109,8 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             "--token-file".into(),
             token_file.display().to_string(),
         ];
-        match start(&format!("w{i}"), worker, worker_env.clone()) {
+        let env = worker_env(i, workers, job.cluster.backend, cores, rayon_set);
+        match start(&format!("w{i}"), worker, env) {
             Ok(p) => procs.push(p),
             Err(e) => {
                 stop_all(&mut procs, libc::SIGTERM);
@@ -113,6 +119,27 @@ pub fn run(args: LaunchArgs) -> Result<()> {
         }
     }
     supervise(&mut procs, job.cluster.max_restarts)
+}
+
+/// The environment of worker `i` of `workers`. Workers share this machine's cores instead of
+/// each assuming it has them all (as torchrun sets OMP_NUM_THREADS), unless the user set
+/// RAYON_NUM_THREADS; on GPUs, worker `i` takes GPU `i` (LOCAL_RANK, as torchrun sets it).
+fn worker_env(
+    i: u32,
+    workers: u32,
+    backend: Backend,
+    cores: usize,
+    rayon_set: bool,
+) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if !rayon_set {
+        let per_worker = (cores / workers as usize).max(1);
+        env.push(("RAYON_NUM_THREADS".to_string(), per_worker.to_string()));
+    }
+    if backend == Backend::Cuda {
+        env.push(("LOCAL_RANK".to_string(), i.to_string()));
+    }
+    env
 }
 
 /// Two distinct free loopback ports (coordinator, HTTP). Both listeners are held until
@@ -289,5 +316,29 @@ fn describe(status: ExitStatus) -> String {
         (Some(code), _) => format!("exited with status {code}"),
         (None, Some(signal)) => format!("was killed by signal {signal}"),
         _ => "ended".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_share_the_cores_and_each_gpu_worker_has_its_own_gpu() {
+        let env = |i, backend, rayon_set| worker_env(i, 4, backend, 16, rayon_set);
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            env(2, Backend::Cpu, false),
+            vec![pair("RAYON_NUM_THREADS", "4")]
+        );
+        assert_eq!(env(2, Backend::Cpu, true), vec![]);
+        assert_eq!(
+            env(3, Backend::Cuda, false),
+            vec![pair("RAYON_NUM_THREADS", "4"), pair("LOCAL_RANK", "3")]
+        );
+        assert_eq!(
+            worker_env(0, 3, Backend::Cpu, 2, false),
+            vec![pair("RAYON_NUM_THREADS", "1")]
+        );
     }
 }
