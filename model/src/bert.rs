@@ -280,9 +280,9 @@ fn negative_log_likelihood<B: Backend>(
         .neg()
 }
 
-/// `t` as f32. A bf16 model's losses are computed in f32: a bf16 softmax over 30k logits
-/// keeps about two significant digits of the loss.
-fn in_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+/// `t` as f32 (itself when it already is). A bf16 model's losses are computed in f32: a
+/// bf16 softmax over 30k logits keeps about two significant digits of the loss.
+pub fn in_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     match t.dtype() {
         DType::F32 => t,
         _ => t.cast(FloatDType::F32),

@@ -16,11 +16,11 @@
 //! bucket: the whole model, after the backward pass); other collectives get a host copy.
 
 use anyhow::{Result, bail};
-use bertrain_model::{Accumulation, BertForPreTraining, ParamLayout};
+use bertrain_model::{Accumulation, BertForPreTraining, ParamLayout, in_f32};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, FloatDType};
 
 use crate::collective::Collective;
 use crate::optim::{OptimizerConfig, OptimizerKind, OptimizerState};
@@ -243,12 +243,5 @@ impl<B: Backend> DeviceMaster<B> {
             layout,
             index: 0,
         })
-    }
-}
-
-fn in_f32<B: Backend>(t: Tensor<B, 1>) -> Tensor<B, 1> {
-    match t.dtype() {
-        DType::F32 => t,
-        _ => t.cast(FloatDType::F32),
     }
 }
