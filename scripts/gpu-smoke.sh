@@ -6,15 +6,18 @@
 #   scripts/gpu-smoke.sh [BERTRAIN]        (default: target/release/bertrain, built with
 #                                           `cargo build --release --features cuda`)
 #
-# Environment: MODELS (default "tiny base"), STEPS (default 200), PRECISION (default bf16),
-# DEVICE (the GPU to use, through CUDA_VISIBLE_DEVICES; default GPU 0), BACKEND (default cuda; "cpu" runs the same script on a
-# machine without a GPU, which is how CI checks the script itself, with PRECISION=fp32).
+# Environment: MODELS (default "tiny base"), STEPS (default 200), BATCH (sequences per step,
+# default 32), PRECISION (default bf16), DEVICE (the GPU to use, through CUDA_VISIBLE_DEVICES;
+# default GPU 0), BACKEND (default cuda; "cpu" runs the same script on a machine without a GPU,
+# which is how CI checks the script itself, with PRECISION=fp32), KEEP (a directory: each job's
+# log and metrics.jsonl are copied there before the work directory is removed).
 # NCCL must be loadable: put the directory holding libnccl.so.2 on LD_LIBRARY_PATH.
 set -euo pipefail
 
 bin=$(realpath "${1:-target/release/bertrain}")
 models=${MODELS:-tiny base}
 steps=${STEPS:-200}
+batch=${BATCH:-32}
 precision=${PRECISION:-bf16}
 backend=${BACKEND:-cuda}
 if [[ -n ${DEVICE:-} ]]; then
@@ -57,8 +60,8 @@ preset = "$model"
 manifest = "$work/data/manifest.json"
 
 [train]
-global_batch_size = 32
-micro_batch_size = 32
+global_batch_size = $batch
+micro_batch_size = $batch
 max_steps = $steps
 lr = $lr
 warmup_steps = $((steps / 10))
@@ -74,7 +77,7 @@ coordinator = "127.0.0.1:$port"
 world_size = 1
 backend = "$backend"
 JOB
-    echo "== $model: $steps steps, batch 32, seq 128, $precision, backend $backend"
+    echo "== $model: $steps steps, batch $batch, seq 128, $precision, backend $backend"
     status=ok
     "$bin" launch --config "$work/$model.toml" 2>&1 | tee "$work/$model.log" || status="job failed"
     metrics="$run/metrics.jsonl"
@@ -90,11 +93,16 @@ JOB
         status="loss did not fall"
     fi
     [[ $status == ok ]] || failed=1
+    if [[ -n ${KEEP:-} ]]; then
+        mkdir -p "$KEEP"
+        cp "$work/$model.log" "$KEEP/$model.log"
+        if [[ -f $metrics ]]; then cp "$metrics" "$KEEP/$model.metrics.jsonl"; fi
+    fi
     results+=("$(printf '%-6s %10s %8s %12s %12s   %s' "$model" "${tokens:--}" "${mfu:--}" "$first" "$last" "$status")")
 done
 
 echo
-echo "== gpu-smoke: $steps steps per model, batch 32, seq 128, $precision, backend $backend"
+echo "== gpu-smoke: $steps steps per model, batch $batch, seq 128, $precision, backend $backend"
 printf '%-6s %10s %8s %12s %12s   %s\n' model tokens/s MFU "loss 1-5" "loss last 5" result
 printf '%s\n' "${results[@]}"
 exit $failed

@@ -1,6 +1,7 @@
 //! `scripts/gpu-smoke.sh` is meant for a machine with a GPU, which CI does not have. Its
 //! logic (data, job file, launch, parsing the throughput line and the losses, the verdict)
-//! is the same on the CPU backend, so this runs it there on the tiny model.
+//! is the same on the CPU backend, so this runs it there on the tiny model. `bertrain bench
+//! step`, the other GPU check, is run on the CPU here too.
 
 mod common;
 
@@ -9,22 +10,26 @@ use std::time::Duration;
 
 use common::*;
 
-fn smoke(precision: &str) -> std::process::Output {
+fn smoke(precision: &str, keep: &std::path::Path) -> std::process::Output {
     let mut c = Command::new("bash");
     c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu-smoke.sh"))
         .arg(env!("CARGO_BIN_EXE_bertrain"))
         .env("BACKEND", "cpu")
         .env("MODELS", "tiny")
         .env("STEPS", "20")
+        .env("BATCH", "16")
+        .env("KEEP", keep)
         .env("PRECISION", precision);
     run_bounded(c, Duration::from_secs(300))
 }
 
 #[test]
 fn gpu_smoke_script_runs_on_the_cpu_backend() {
-    let out = smoke("fp32");
+    let keep = TempDir::new("smoke-keep");
+    let out = smoke("fp32", keep.path());
     ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("20 steps, batch 16,"), "{stdout}");
     let row = stdout
         .lines()
         .find(|l| l.starts_with("tiny "))
@@ -36,13 +41,58 @@ fn gpu_smoke_script_runs_on_the_cpu_backend() {
     let (first, last): (f64, f64) = (fields[3].parse().unwrap(), fields[4].parse().unwrap());
     assert!(last < first, "{row}");
     assert_eq!(fields[5], "ok", "{row}");
+    // KEEP holds the job's log and its metrics, a line per step.
+    assert!(keep.path().join("tiny.log").is_file());
+    assert_eq!(metrics_lines(&keep.path().join("tiny.metrics.jsonl")), 20);
 
     // A job that cannot run (bf16 needs the cuda backend) fails the script.
-    let out = smoke("bf16");
+    let out = smoke("bf16", keep.path());
     assert!(!out.status.success(), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("job failed"),
         "{}",
         describe(&out)
     );
+}
+
+fn metrics_lines(path: &std::path::Path) -> usize {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter(|l| l.contains("\"step_time_s\""))
+        .count()
+}
+
+#[test]
+fn bench_step_prints_where_a_step_goes() {
+    let mut c = bertrain();
+    c.args([
+        "bench", "step", "--preset", "tiny", "--batch", "2,4", "--iters", "1",
+    ]);
+    let out = run_bounded(c, Duration::from_secs(300));
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for batch in ["2", "4"] {
+        let rows: Vec<Vec<&str>> = stdout
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some(batch))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        // matmul, forward, forward + backward, trainer step and its two parts
+        assert_eq!(rows.len(), 6, "{stdout}");
+        let ms = |row: &Vec<&str>| row[row.len() - 3].parse::<f64>().unwrap();
+        assert!(rows.iter().all(|r| ms(r) > 0.0), "{stdout}");
+        // The backward pass costs more than the forward pass alone.
+        assert!(ms(&rows[2]) > ms(&rows[1]), "{stdout}");
+    }
+
+    // Without the cuda feature the GPU variant says so in one line.
+    if !cfg!(feature = "cuda") {
+        let mut c = bertrain();
+        c.args(["bench", "step", "--backend", "cuda", "--preset", "tiny"]);
+        let out = run_bounded(c, Duration::from_secs(60));
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("built without GPU support"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
 }

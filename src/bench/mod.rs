@@ -28,16 +28,19 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use bertrain_coordinator::job::{Backend, Precision};
 use bertrain_dataprep::Instance;
 use bertrain_model::init::SplitMix64;
 use bertrain_model::{BertConfig, init_bert};
 use bertrain_worker::CpuBackend;
 use bertrain_worker::batch::HostBatch;
 use bertrain_worker::collective::LocalCollective;
+use bertrain_worker::device::DeviceChoice;
 use bertrain_worker::optim::{OptimizerConfig, OptimizerKind};
 use bertrain_worker::trainer::Trainer;
 
 mod scaling;
+mod step;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -64,6 +67,30 @@ enum BenchKind {
         /// Largest buffer in MB (sizes double from 1 MB).
         #[arg(long, default_value_t = 256)]
         max_mb: usize,
+    },
+    /// Where a training step's time goes, on the CPU or a GPU: one matrix product, the
+    /// forward pass, forward + backward, and the trainer's step, in ms and TFLOP/s.
+    Step {
+        /// Model preset.
+        #[arg(long, default_value = "base")]
+        preset: String,
+        /// Sequences per step, comma-separated (each of length 128).
+        #[arg(long, default_value = "32,128")]
+        batch: String,
+        /// Measured runs per row (after 2 warm-up runs).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+        /// GPU index for `--backend cuda`.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        #[arg(long, value_enum, default_value = "fp32")]
+        precision: Precision,
+        /// The device's dense peak in TFLOP/s for the MFU column [default: known GPUs' bf16
+        /// peak; none on the CPU].
+        #[arg(long)]
+        peak_tflops: Option<f64>,
     },
     /// Checkpoint cost: the training stall (copying the state off) and the background write.
     Checkpoint {
@@ -158,6 +185,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Dataprep { work_dir, threads } => bench_dataprep(&work_dir, &threads),
         BenchKind::Allreduce { ranks, max_mb } => bench_allreduce(ranks, max_mb),
         BenchKind::Checkpoint { presets, dir } => bench_checkpoint(&presets, &dir),
+        BenchKind::Step {
+            preset,
+            batch,
+            iters,
+            backend,
+            device,
+            precision,
+            peak_tflops,
+        } => {
+            if iters == 0 {
+                bail!("--iters must be at least 1");
+            }
+            let choice = DeviceChoice {
+                backend,
+                index: device,
+                precision,
+            };
+            let bench = step::StepBench {
+                preset,
+                batches: parse_list(&batch, "--batch")?,
+                iters,
+                precision,
+                peak_tflops: bertrain_worker::device::peak(choice, peak_tflops).map(|p| p.tflops),
+            };
+            match backend {
+                Backend::Cpu => step::run::<CpuBackend>(&bench, Default::default(), "cpu"),
+                Backend::Cuda => step_on_gpu(&bench, device),
+            }
+        }
         BenchKind::Scaling {
             workers,
             steps,
@@ -169,6 +225,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn step_on_gpu(bench: &step::StepBench, index: usize) -> Result<()> {
+    bertrain_worker::device::check(Backend::Cuda, index)?;
+    let device = burn::backend::cuda::CudaDevice::new(index);
+    let name = format!("GPU {index}");
+    step::run::<burn::backend::Autodiff<burn::backend::Cuda>>(bench, device, &name)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn step_on_gpu(_bench: &step::StepBench, index: usize) -> Result<()> {
+    // Says that this binary has no GPU support, in the worker's words.
+    bertrain_worker::device::check(Backend::Cuda, index)
 }
 
 fn bench_train(

@@ -116,6 +116,8 @@ mod cuda {
 
     /// The name the driver gives GPU `index`.
     pub fn name(index: usize) -> Option<String> {
+        // The worker may ask before anything else has started the driver.
+        driver::init().ok()?;
         let device = driver::device::get(index as i32).ok()?;
         driver::device::get_name(device).ok()
     }

@@ -9,7 +9,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod collective;
-mod device;
+pub mod device;
 pub mod loader;
 pub mod node;
 pub mod optim;

@@ -1,0 +1,135 @@
+//! `bertrain bench step`: where one training step's time goes, on the CPU or a GPU.
+//!
+//! A step is forward, backward and the optimizer. This times, at the model's own shapes,
+//! one feed-forward matrix product (what a tuned step spends most of its time in), the
+//! forward pass alone, forward + backward, and the trainer's whole step, each as the mean
+//! of `--iters` runs after warm-up runs that leave kernel compilation and autotuning out.
+//! Comparing the rows' TFLOP/s says whether a slow step is slow matrix products (the
+//! backend's kernels) or time spent between them.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use bertrain_coordinator::job::Precision;
+use bertrain_model::{BertConfig, BertForPreTraining, init_bert};
+use bertrain_worker::collective::LocalCollective;
+use bertrain_worker::optim::{OptimizerConfig, OptimizerKind};
+use bertrain_worker::set_precision;
+use bertrain_worker::trainer::Trainer;
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::backend::AutodiffBackend;
+
+use super::{SEQ_LEN, random_batch};
+
+/// What to measure.
+pub struct StepBench {
+    pub preset: String,
+    pub batches: Vec<usize>,
+    pub iters: usize,
+    pub precision: Precision,
+    /// Dense peak of the device in TFLOP/s, for the MFU column.
+    pub peak_tflops: Option<f64>,
+}
+
+/// Runs the benchmark on the backend `B` (with autodiff) on `device`.
+pub fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device, label: &str) -> Result<()> {
+    set_precision::<B>(&device, bench.precision)?;
+    let config = BertConfig::preset(&bench.preset)?;
+    println!(
+        "bench step: {} ({} parameters), seq {SEQ_LEN}, {:?}, {label}, mean of {} runs after 2 warm-up runs",
+        bench.preset,
+        config.num_parameters(),
+        bench.precision,
+        bench.iters
+    );
+    println!(
+        "{:<7} {:<34} {:>10} {:>10} {:>8}",
+        "batch", "what", "ms", "TFLOP/s", "MFU"
+    );
+    for &rows in &bench.batches {
+        let batch = random_batch(&config, rows, rows as u64);
+        let step_flops = batch.training_flops(&config);
+        let row = |what: &str, seconds: f64, flops: f64| {
+            let tflops = flops / seconds / 1e12;
+            let (tflops, mfu) = match (flops > 0.0, bench.peak_tflops) {
+                (false, _) => ("-".to_string(), "-".to_string()),
+                (true, None) => (format!("{tflops:.2}"), "-".to_string()),
+                (true, Some(peak)) => (
+                    format!("{tflops:.2}"),
+                    format!("{:.1}%", 100.0 * tflops / peak),
+                ),
+            };
+            println!(
+                "{rows:<7} {what:<34} {:>10.2} {tflops:>10} {mfu:>8}",
+                seconds * 1e3
+            );
+        };
+
+        // One feed-forward product: [tokens, hidden] x [hidden, intermediate].
+        let tokens = rows * SEQ_LEN;
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let a = Tensor::<B::InnerBackend, 2>::random([tokens, h], Distribution::Default, &device);
+        let w = Tensor::<B::InnerBackend, 2>::random([h, i], Distribution::Default, &device);
+        let seconds = time::<B>(&device, bench.iters, || {
+            let _ = a.clone().matmul(w.clone());
+        });
+        let name = format!("matmul [{tokens}x{h}]x[{h}x{i}]");
+        row(&name, seconds, 2.0 * (tokens * h * i) as f64);
+
+        let model: BertForPreTraining<B> = init_bert(&config, 0, &device);
+        let inference = model.valid();
+        let seconds = time::<B>(&device, bench.iters, || {
+            let on_device = batch.to_device::<B::InnerBackend>(&device);
+            let _ = inference.forward(&on_device);
+        });
+        row("forward (no autodiff)", seconds, step_flops / 3.0);
+
+        let seconds = time::<B>(&device, bench.iters, || {
+            let on_device = batch.to_device::<B>(&device);
+            let output = model.forward(&on_device);
+            let _ = model.loss(&output, &on_device).loss.backward();
+        });
+        row("forward + backward", seconds, step_flops);
+
+        let optimizer = OptimizerConfig::bert(OptimizerKind::AdamW, 0.01);
+        let mut trainer = Trainer::new(model, optimizer, 1.0, 0, device.clone());
+        if label != "cpu" {
+            trainer.keep_on_device()?;
+        }
+        let mut collective = LocalCollective;
+        let micro = std::slice::from_ref(&batch);
+        let mut step = 0;
+        let mut split = [0.0f64; 2];
+        let seconds = time::<B>(&device, bench.iters, || {
+            step += 1;
+            let stats = trainer.step(step, 0, micro, 1e-4, false, &mut collective);
+            if let (Ok(stats), true) = (stats, step > WARMUP as u64) {
+                split[0] += stats.compute_s / bench.iters as f64;
+                split[1] += stats.optimizer_s / bench.iters as f64;
+            }
+        });
+        row("trainer step", seconds, step_flops);
+        row("  of which forward+backward+loss", split[0], step_flops);
+        row("  of which clip+AdamW (queued)", split[1], 0.0);
+    }
+    Ok(())
+}
+
+const WARMUP: usize = 2;
+
+/// Mean seconds of `f` over `iters` runs after [`WARMUP`] runs, the device drained before
+/// and after (its work is asynchronous).
+fn time<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..WARMUP {
+        f();
+    }
+    let _ = B::sync(device);
+    let started = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    let _ = B::sync(device);
+    started.elapsed().as_secs_f64() / iters.max(1) as f64
+}
