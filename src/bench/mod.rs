@@ -208,6 +208,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 iters,
                 precision,
                 peak_tflops: bertrain_worker::device::peak(choice, peak_tflops).map(|p| p.tflops),
+                state_on_device: backend == Backend::Cuda,
             };
             match backend {
                 Backend::Cpu => step::run::<CpuBackend>(&bench, Default::default(), "cpu"),

@@ -31,6 +31,9 @@ pub struct StepBench {
     pub precision: Precision,
     /// Dense peak of the device in TFLOP/s, for the MFU column.
     pub peak_tflops: Option<f64>,
+    /// Keep the optimizer state on the device, as a GPU worker does (see
+    /// `bertrain_worker::resident`); the CPU worker keeps it on the host.
+    pub state_on_device: bool,
 }
 
 /// Runs the benchmark on the backend `B` (with autodiff) on `device`.
@@ -74,7 +77,8 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device, label: &str
         let w = Tensor::<B::InnerBackend, 2>::random([h, i], Distribution::Default, &device);
         let seconds = time::<B>(&device, bench.iters, || {
             let _ = a.clone().matmul(w.clone());
-        });
+            Ok(())
+        })?;
         let name = format!("matmul [{tokens}x{h}]x[{h}x{i}]");
         row(&name, seconds, 2.0 * (tokens * h * i) as f64);
 
@@ -83,19 +87,21 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device, label: &str
         let seconds = time::<B>(&device, bench.iters, || {
             let on_device = batch.to_device::<B::InnerBackend>(&device);
             let _ = inference.forward(&on_device);
-        });
+            Ok(())
+        })?;
         row("forward (no autodiff)", seconds, step_flops / 3.0);
 
         let seconds = time::<B>(&device, bench.iters, || {
             let on_device = batch.to_device::<B>(&device);
             let output = model.forward(&on_device);
             let _ = model.loss(&output, &on_device).loss.backward();
-        });
+            Ok(())
+        })?;
         row("forward + backward", seconds, step_flops);
 
         let optimizer = OptimizerConfig::bert(OptimizerKind::AdamW, 0.01);
         let mut trainer = Trainer::new(model, optimizer, 1.0, 0, device.clone());
-        if label != "cpu" {
+        if bench.state_on_device {
             trainer.keep_on_device()?;
         }
         let mut collective = LocalCollective;
@@ -104,12 +110,13 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device, label: &str
         let mut split = [0.0f64; 2];
         let seconds = time::<B>(&device, bench.iters, || {
             step += 1;
-            let stats = trainer.step(step, 0, micro, 1e-4, false, &mut collective);
-            if let (Ok(stats), true) = (stats, step > WARMUP as u64) {
+            let stats = trainer.step(step, 0, micro, 1e-4, false, &mut collective)?;
+            if step > WARMUP as u64 {
                 split[0] += stats.compute_s / bench.iters as f64;
                 split[1] += stats.optimizer_s / bench.iters as f64;
             }
-        });
+            Ok(())
+        })?;
         row("trainer step", seconds, step_flops);
         row("  of which forward+backward+loss", split[0], step_flops);
         row("  of which clip+AdamW (queued)", split[1], 0.0);
@@ -121,15 +128,20 @@ const WARMUP: usize = 2;
 
 /// Mean seconds of `f` over `iters` runs after [`WARMUP`] runs, the device drained before
 /// and after (its work is asynchronous).
-fn time<B: Backend>(device: &B::Device, iters: usize, mut f: impl FnMut()) -> f64 {
+fn time<B: Backend>(
+    device: &B::Device,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("waiting for the device: {e:?}"));
     for _ in 0..WARMUP {
-        f();
+        f()?;
     }
-    let _ = B::sync(device);
+    sync()?;
     let started = Instant::now();
     for _ in 0..iters {
-        f();
+        f()?;
     }
-    let _ = B::sync(device);
-    started.elapsed().as_secs_f64() / iters.max(1) as f64
+    sync()?;
+    Ok(started.elapsed().as_secs_f64() / iters.max(1) as f64)
 }
