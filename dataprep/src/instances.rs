@@ -126,6 +126,18 @@ impl InstanceBatch {
         }
     }
 
+    /// Gives back the room the columns grew into but did not use: a slice holds its batches
+    /// until its rows are encoded.
+    pub fn shrink_to_fit(&mut self) {
+        self.input_ids.shrink_to_fit();
+        self.offsets.shrink_to_fit();
+        self.a_lens.shrink_to_fit();
+        self.positions.shrink_to_fit();
+        self.masked_ids.shrink_to_fit();
+        self.mask_offsets.shrink_to_fit();
+        self.labels.shrink_to_fit();
+    }
+
     pub fn rows(&self) -> usize {
         self.labels.len()
     }

@@ -15,6 +15,7 @@ mod progress;
 mod rng;
 mod shards;
 mod synth;
+mod tasks;
 mod vocab;
 mod wordpiece;
 

@@ -1,17 +1,20 @@
 //! The dataprep run: corpus stream -> windows -> tokenise + generate in parallel -> shards.
 //!
 //! Streaming and memory: documents are read in *windows* of about `window_bytes` of text
-//! (default 4 MiB, ~1000 Wikipedia-sized documents). A window is tokenised (about 4 bytes
-//! per token) and its text dropped; its instances, five times the tokens with the default
-//! `--dupe-factor`, are made *slice* by slice: runs of documents holding about
-//! [`SLICE_TOKENS`] tokens, each generated (on every thread) and shuffled, then cut into row
-//! groups that this thread gathers and the pool encodes and compresses while the next slice
-//! is generated (see [`ShardWriter`]). Peak memory is one raw window, one tokenised window,
-//! one slice of instances and two row groups per thread, whatever the corpus size.
+//! (default 4 MiB, ~1000 Wikipedia-sized documents), and tokenised on the pool in small
+//! batches while the rest of the window is read (about 4 bytes per token). A window's
+//! instances, five times its tokens with the default `--dupe-factor`, are made *slice* by
+//! slice: runs of documents holding about [`SLICE_TOKENS`] tokens, each generated (on every
+//! thread) and shuffled, then cut into row groups that pool tasks gather, encode and
+//! compress while the next slice is generated (see [`ShardWriter`]). Peak memory is one
+//! tokenised window, the raw text of the batches being tokenised, two slices of instances
+//! (one being generated, one being encoded) and one row group's encoder per thread, whatever
+//! the corpus size.
 //!
-//! Threads: `--threads` sets the pool that tokenises, generates and encodes. The calling
-//! thread reads the input, gathers row groups and appends them to the files alongside it,
-//! so even `--threads 1` keeps a second core partly busy.
+//! Threads: `--threads` sets the pool that does all the work. One of its threads runs the
+//! loop of [`run`] (reads the input, hands out tasks, appends encoded row groups to the
+//! files) and joins in the parallel work whenever it would otherwise wait (see
+//! [`crate::tasks`]), so `--threads 1` uses one core and `--threads N` at most N.
 //!
 //! NotNext: the "random other document" is drawn uniformly from the other documents of the
 //! same window (and of the same split: validation documents only pair with validation
@@ -41,7 +44,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
-use crate::input::{DocumentReader, expand_inputs};
+use crate::input::{DocumentReader, InputStats, expand_inputs};
 use crate::instances::{
     GenOptions, InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document,
 };
@@ -50,7 +53,8 @@ use crate::manifest::{
 };
 use crate::progress::Progress;
 use crate::rng::{Rng, derive_seed};
-use crate::shards::ShardWriter;
+use crate::shards::{RowRef, RowSource, ShardWriter};
+use crate::tasks::{self, Task};
 use crate::vocab::{TOKENIZER_CONFIG, Vocab, tokenizer_config_json};
 use crate::wordpiece::SentenceTokenizer;
 
@@ -170,14 +174,15 @@ pub struct DataprepReport {
     pub seconds: f64,
 }
 
+/// A window's documents, tokenised, in corpus order.
 struct Window {
     index: u64,
     first_doc: u64,
-    docs: Vec<RawDoc>,
+    docs: Vec<TokenizedDoc>,
 }
 
-/// A document's sentences in one buffer: a window holds one allocation per document rather
-/// than one per sentence.
+/// A document's sentences in one buffer: one allocation per document rather than one per
+/// sentence, while it waits to be tokenised.
 struct RawDoc {
     text: String,
     ends: Vec<u32>,
@@ -216,6 +221,13 @@ struct SliceOutput {
     order: Vec<(u32, u32)>,
 }
 
+impl RowSource for SliceOutput {
+    fn row(&self, i: usize) -> RowRef<'_> {
+        let (b, r) = self.order[i];
+        self.batches[b as usize].row(r as usize)
+    }
+}
+
 /// Runs dataprep end to end. The output directory gets its shards, then (validation split
 /// first) the manifests, last.
 pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
@@ -239,13 +251,11 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
     }
     copy_vocab(&vocab, &vocab_bytes, &cfg.output)?;
 
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.threads)
-            .thread_name(|i| format!("dataprep-{i}"))
-            .build()
-            .context("starting worker threads")?,
-    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.threads)
+        .thread_name(|i| format!("dataprep-{i}"))
+        .build()
+        .context("starting worker threads")?;
     let gen_opts = GenOptions {
         max_seq_len: cfg.max_seq_len,
         max_predictions: cfg.max_predictions,
@@ -254,51 +264,23 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         whole_word_mask: cfg.whole_word_mask,
     };
 
-    let mut windows = WindowReader::new(files.clone(), cfg.window_bytes);
-    let mut train_writer = ShardWriter::new(
-        &cfg.output,
-        cfg.shard_rows,
-        cfg.row_group_rows,
-        pool.clone(),
-    )?;
-    let mut val_writer =
-        ShardWriter::new(&val_dir, cfg.shard_rows, cfg.row_group_rows, pool.clone())?;
-    let mut progress = Progress::new(cfg.show_progress, input_bytes);
-    let mut train_totals = Totals::default();
-    let mut val_totals = Totals::default();
-    // Reading is a few percent of the time, and the pool goes on encoding the row groups still
-    // pending meanwhile; reading ahead would hold a second window.
-    while let Some(w) = windows.next_window()? {
-        let docs = pool.install(|| tokenize_window(w, cfg, &tokenizer))?;
-        train_totals.empty_documents_skipped += docs.empty;
-        for (split, split_docs, writer, totals) in [
-            (0, &docs.train, &mut train_writer, &mut train_totals),
-            (1, &docs.validation, &mut val_writer, &mut val_totals),
-        ] {
-            add_document_totals(totals, split_docs);
-            for (slice, units) in slices(split_docs, cfg.slice_tokens).into_iter().enumerate() {
-                let key = [docs.index, split, slice as u64];
-                let out = pool.install(|| {
-                    generate_slice(split_docs, units, key, cfg, &gen_opts, &mask_vocab)
-                });
-                add_instance_totals(totals, &out.batches);
-                let row = |i: usize| {
-                    let (b, r) = out.order[i];
-                    out.batches[b as usize].row(r as usize)
-                };
-                writer.write_rows(out.order.len(), row)?;
-            }
-        }
-        progress.update(
-            windows.reader.bytes_read.load(Ordering::Relaxed),
-            train_totals.documents + val_totals.documents,
-            train_totals.instances + val_totals.instances,
-        );
-    }
-    let train_shards = train_writer.finish()?;
-    let val_shards = val_writer.finish()?;
-    progress.finish();
-    let stats = windows.reader.stats.clone();
+    // The whole loop runs on the pool, reading and appending included, so `--threads` is the
+    // number of threads at work: with one, everything happens on that thread.
+    let tokenizer = Arc::new(tokenizer);
+    let written = pool.install(|| {
+        write_splits(
+            cfg,
+            &files,
+            tokenizer,
+            &gen_opts,
+            &mask_vocab,
+            &val_dir,
+            input_bytes,
+        )
+    })?;
+    let (train_shards, mut train_totals) = written.train;
+    let (val_shards, val_totals) = written.validation;
+    let stats = written.input_stats;
 
     train_totals.input_bytes = input_bytes;
     train_totals.invalid_utf8_lines_skipped = stats.invalid_utf8_lines;
@@ -379,6 +361,61 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
     })
 }
 
+/// What [`write_splits`] wrote: each split's shards and totals.
+struct Written {
+    train: (Vec<ShardEntry>, Totals),
+    validation: (Vec<ShardEntry>, Totals),
+    input_stats: InputStats,
+}
+
+/// Reads, tokenises, generates and writes both splits. Runs on the dataprep pool.
+fn write_splits(
+    cfg: &DataprepConfig,
+    files: &[PathBuf],
+    tokenizer: Arc<SentenceTokenizer>,
+    gen_opts: &GenOptions,
+    mask_vocab: &MaskVocab,
+    val_dir: &Path,
+    input_bytes: u64,
+) -> Result<Written> {
+    let mut windows = WindowReader::new(files.to_vec(), cfg.window_bytes, tokenizer);
+    let mut train_writer = ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows)?;
+    let mut val_writer = ShardWriter::new(val_dir, cfg.shard_rows, cfg.row_group_rows)?;
+    let mut progress = Progress::new(cfg.show_progress, input_bytes);
+    let mut train_totals = Totals::default();
+    let mut val_totals = Totals::default();
+    while let Some(w) = windows.next_window()? {
+        let docs = split_window(w, cfg);
+        train_totals.empty_documents_skipped += docs.empty;
+        for (split, split_docs, writer, totals) in [
+            (0, &docs.train, &mut train_writer, &mut train_totals),
+            (1, &docs.validation, &mut val_writer, &mut val_totals),
+        ] {
+            add_document_totals(totals, split_docs);
+            for (slice, units) in slices(split_docs, cfg.slice_tokens).into_iter().enumerate() {
+                let key = [docs.index, split, slice as u64];
+                let out = generate_slice(split_docs, units, key, cfg, gen_opts, mask_vocab);
+                add_instance_totals(totals, &out.batches);
+                let count = out.order.len();
+                writer.write_rows(Arc::new(out), count)?;
+            }
+        }
+        progress.update(
+            windows.reader.bytes_read.load(Ordering::Relaxed),
+            train_totals.documents + val_totals.documents,
+            train_totals.instances + val_totals.instances,
+        );
+    }
+    let train = (train_writer.finish()?, train_totals);
+    let validation = (val_writer.finish()?, val_totals);
+    progress.finish();
+    Ok(Written {
+        train,
+        validation,
+        input_stats: windows.reader.stats.clone(),
+    })
+}
+
 fn add_document_totals(into: &mut Totals, docs: &[TokenizedDoc]) {
     into.documents += docs.len() as u64;
     into.sentences += docs.iter().map(|d| d.sentences() as u64).sum::<u64>();
@@ -395,9 +432,10 @@ fn add_instance_totals(into: &mut Totals, batches: &[InstanceBatch]) {
     }
 }
 
-/// Cuts the document stream into windows.
+/// Cuts the document stream into windows, tokenised as they are read.
 struct WindowReader {
     reader: DocumentReader,
+    tokenizer: Arc<SentenceTokenizer>,
     window_bytes: usize,
     pieces: VecDeque<Vec<String>>,
     /// Documents read past the end of the last window, so that a tail too small to draw
@@ -409,9 +447,14 @@ struct WindowReader {
 }
 
 impl WindowReader {
-    fn new(files: Vec<PathBuf>, window_bytes: usize) -> WindowReader {
+    fn new(
+        files: Vec<PathBuf>,
+        window_bytes: usize,
+        tokenizer: Arc<SentenceTokenizer>,
+    ) -> WindowReader {
         WindowReader {
             reader: DocumentReader::new(files, window_bytes),
+            tokenizer,
             window_bytes,
             pieces: VecDeque::new(),
             ahead: VecDeque::new(),
@@ -428,7 +471,7 @@ impl WindowReader {
     }
 
     fn next_window(&mut self) -> Result<Option<Window>> {
-        let mut docs = Vec::new();
+        let mut docs = TokenizingDocs::new(Arc::clone(&self.tokenizer));
         let mut bytes = 0;
         while bytes < self.window_bytes {
             let doc = match self.ahead.pop_front() {
@@ -440,7 +483,7 @@ impl WindowReader {
                 },
             };
             bytes += doc.text.len();
-            docs.push(doc);
+            docs.push(doc)?;
         }
         while !self.ended && self.ahead.len() < MIN_WINDOW_DOCS {
             if let Some(d) = self.read_document()? {
@@ -448,8 +491,11 @@ impl WindowReader {
             }
         }
         if self.ended && self.ahead.len() < MIN_WINDOW_DOCS {
-            docs.extend(self.ahead.drain(..));
+            while let Some(d) = self.ahead.pop_front() {
+                docs.push(d)?;
+            }
         }
+        let docs = docs.finish()?;
         if docs.is_empty() {
             return Ok(None);
         }
@@ -461,6 +507,74 @@ impl WindowReader {
         self.index += 1;
         self.first_doc += window.docs.len() as u64;
         Ok(Some(window))
+    }
+}
+
+/// Text per batch of documents handed to the pool to tokenise.
+const TOKENIZE_BATCH_BYTES: usize = 64 << 10;
+
+/// Tokenises documents on the pool while the reader goes on reading. Raw text is held only
+/// for the batches still pending (at most [`tasks::max_pending`]), not for a whole window.
+struct TokenizingDocs {
+    tokenizer: Arc<SentenceTokenizer>,
+    batch: Vec<RawDoc>,
+    batch_bytes: usize,
+    pending: VecDeque<Task<Vec<TokenizedDoc>>>,
+    done: Vec<TokenizedDoc>,
+}
+
+impl TokenizingDocs {
+    fn new(tokenizer: Arc<SentenceTokenizer>) -> TokenizingDocs {
+        TokenizingDocs {
+            tokenizer,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            pending: VecDeque::new(),
+            done: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, doc: RawDoc) -> Result<()> {
+        self.batch_bytes += doc.text.len();
+        self.batch.push(doc);
+        if self.batch_bytes >= TOKENIZE_BATCH_BYTES {
+            self.send_batch()?;
+        }
+        Ok(())
+    }
+
+    fn send_batch(&mut self) -> Result<()> {
+        while self.pending.len() >= tasks::max_pending() {
+            self.collect_oldest()?;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let tokenizer = Arc::clone(&self.tokenizer);
+        self.pending.push_back(tasks::spawn(move || {
+            batch
+                .iter()
+                .map(|d| tokenize_document(&tokenizer, d))
+                .collect()
+        }));
+        Ok(())
+    }
+
+    fn collect_oldest(&mut self) -> Result<()> {
+        if let Some(task) = self.pending.pop_front() {
+            self.done.extend(tasks::wait(&task)?);
+        }
+        Ok(())
+    }
+
+    /// The documents pushed, tokenised, in order.
+    fn finish(mut self) -> Result<Vec<TokenizedDoc>> {
+        if !self.batch.is_empty() {
+            self.send_batch()?;
+        }
+        while !self.pending.is_empty() {
+            self.collect_oldest()?;
+        }
+        Ok(self.done)
     }
 }
 
@@ -481,23 +595,15 @@ fn tokenize_document(tokenizer: &SentenceTokenizer, raw: &RawDoc) -> Result<Toke
     Ok(doc)
 }
 
-fn tokenize_window(
-    w: Window,
-    cfg: &DataprepConfig,
-    tokenizer: &SentenceTokenizer,
-) -> Result<WindowDocs> {
-    let tokenized: Vec<TokenizedDoc> = w
-        .docs
-        .par_iter()
-        .map(|d| tokenize_document(tokenizer, d))
-        .collect::<Result<_>>()?;
+/// Splits a window's documents into training and validation, dropping empty ones.
+fn split_window(w: Window, cfg: &DataprepConfig) -> WindowDocs {
     let mut out = WindowDocs {
         index: w.index,
         train: Vec::new(),
         validation: Vec::new(),
         empty: 0,
     };
-    for (i, doc) in tokenized.into_iter().enumerate() {
+    for (i, doc) in w.docs.into_iter().enumerate() {
         if doc.sentences() == 0 {
             out.empty += 1;
         } else if is_validation(cfg.seed, w.first_doc + i as u64, cfg.validation_fraction) {
@@ -506,7 +612,7 @@ fn tokenize_window(
             out.train.push(doc);
         }
     }
-    Ok(out)
+    out
 }
 
 /// Cuts a split's units (runs of [`UNIT_DOCS`] documents) into slices of about
@@ -551,6 +657,7 @@ fn generate_slice(
             for d in first..(first + UNIT_DOCS).min(docs.len()) {
                 instances_from_document(docs, d, gen_opts, vocab, &mut rng, &mut batch);
             }
+            batch.shrink_to_fit();
             batch
         })
         .collect();

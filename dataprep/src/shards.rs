@@ -15,9 +15,8 @@ use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::ops::Range;
-use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::cast::AsArray;
@@ -34,6 +33,7 @@ use parquet::file::writer::SerializedFileWriter;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{ShardEntry, hex, sync_dir, temp_name};
+use crate::tasks::{self, Task};
 
 /// One training example as stored in a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,10 +159,12 @@ struct OpenShard {
 /// Writes rows into `shard-NNNNN.parquet` files of at most `shard_rows` rows each. Every shard
 /// is written under a temporary name and renamed once complete and synced.
 ///
-/// [`ShardWriter::write_rows`] cuts the rows into row groups and gathers each one's rows; a
-/// pool encodes and compresses them in parallel (the expensive part) and they are appended
-/// to the files in order (a copy). Where row groups and shards end depends only on row counts, so the bytes do not
-/// depend on the number of threads.
+/// [`ShardWriter::write_rows`] cuts the rows into row groups and gathers each one's rows; the
+/// rayon pool it runs on encodes and compresses them in parallel (the expensive part) and
+/// they are appended to the files in order (a copy). Where row groups and shards end depends
+/// only on row counts, so the bytes do not depend on the number of threads.
+///
+/// It must be used from a thread of a rayon pool (see [`crate::tasks`]).
 pub(crate) struct ShardWriter {
     dir: PathBuf,
     shard_rows: usize,
@@ -172,11 +174,9 @@ pub(crate) struct ShardWriter {
     columns: Arc<ArrowRowGroupWriterFactory>,
     /// The start of the next row group: rows left over from the previous call.
     filling: RowBuffer,
-    /// Encodes row groups.
-    pool: Arc<rayon::ThreadPool>,
     /// Row groups handed to the pool, oldest first; each holds its rows and then its encoded
-    /// pages until appended. At most [`Self::max_in_flight`].
-    in_flight: VecDeque<mpsc::Receiver<Result<EncodedGroup>>>,
+    /// pages until appended. At most [`tasks::max_pending`].
+    in_flight: VecDeque<Task<EncodedGroup>>,
     /// Rows given to the current shard so far, including those in `filling`.
     rows_in_shard: usize,
     open: Option<OpenShard>,
@@ -184,12 +184,7 @@ pub(crate) struct ShardWriter {
 }
 
 impl ShardWriter {
-    pub(crate) fn new(
-        dir: &Path,
-        shard_rows: usize,
-        row_group_rows: usize,
-        pool: Arc<rayon::ThreadPool>,
-    ) -> Result<ShardWriter> {
+    pub(crate) fn new(dir: &Path, shard_rows: usize, row_group_rows: usize) -> Result<ShardWriter> {
         let shard_rows = shard_rows.max(1);
         let row_group_rows = row_group_rows.max(1).min(shard_rows);
         let props = Arc::new(
@@ -213,7 +208,6 @@ impl ShardWriter {
             props,
             columns: Arc::new(columns),
             filling: RowBuffer::default(),
-            pool,
             in_flight: VecDeque::new(),
             rows_in_shard: 0,
             open: None,
@@ -221,22 +215,25 @@ impl ShardWriter {
         })
     }
 
-    /// Writes rows `row(0)..row(count)` after those of earlier calls. A trailing partial row
+    /// Writes rows `0..count` of `source` after those of earlier calls. A trailing partial row
     /// group is kept for the next call (or [`ShardWriter::finish`]).
     ///
-    /// This thread gathers each row group's rows (a copy) and hands the group to the pool to
-    /// encode; it appends encoded groups in order only when `max_in_flight()` of them are
-    /// pending, and returns with up to that many still encoding. So the pool keeps encoding
-    /// while the caller reads and generates what comes next, and the serial parts (gathering,
-    /// appending to the file, hashing) overlap the parallel ones instead of stopping every
-    /// thread at the end of each call.
-    pub(crate) fn write_rows<'a, F>(&mut self, count: usize, row: F) -> Result<()>
-    where
-        F: Fn(usize) -> RowRef<'a>,
-    {
+    /// Each row group becomes a task on the pool that gathers its rows from `source` (a copy)
+    /// and encodes them. This thread appends encoded groups in order only when
+    /// `tasks::max_pending()` of them are pending, and returns with up to that many still encoding.
+    /// So the pool keeps encoding while the caller reads and generates what comes next, and
+    /// the serial part (appending to the file, hashing) overlaps the parallel ones instead of
+    /// stopping every thread at the end of each call.
+    pub(crate) fn write_rows(&mut self, source: Arc<dyn RowSource>, count: usize) -> Result<()> {
+        // The previous call's groups have had the whole generation of this call's rows to
+        // encode, so this rarely waits; it bounds what is alive to two slices of rows.
+        self.drain()?;
         let mut next = 0;
-        while let Some((mut rows, range, ends_shard)) = self.next_group(&mut next, count, &row) {
-            range.for_each(|i| rows.push(row(i)));
+        while let Some((carried, range, ends_shard)) = self.next_group(&mut next, count, &*source) {
+            let rows = GroupRows {
+                carried,
+                source: Some((Arc::clone(&source), range)),
+            };
             self.encode_in_background(rows, ends_shard)?;
         }
         Ok(())
@@ -244,29 +241,14 @@ impl ShardWriter {
 
     /// Queues a row group for encoding on the pool, first appending the oldest pending groups
     /// while the queue is full.
-    fn encode_in_background(&mut self, rows: RowBuffer, ends_shard: bool) -> Result<()> {
-        while self.in_flight.len() >= self.max_in_flight() {
+    fn encode_in_background(&mut self, rows: GroupRows, ends_shard: bool) -> Result<()> {
+        while self.in_flight.len() >= tasks::max_pending() {
             self.append_oldest()?;
         }
-        let (done, encoded) = mpsc::sync_channel(1);
         let columns = Arc::clone(&self.columns);
-        self.pool.spawn(move || {
-            // A panic in a spawned task would abort the process; make it an error instead.
-            let result =
-                panic::catch_unwind(AssertUnwindSafe(|| encode(&columns, rows, ends_shard)))
-                    .unwrap_or_else(|_| {
-                        Err(anyhow!("internal error: encoding a row group panicked"))
-                    });
-            // The receiver is gone only when the writer was dropped after an error.
-            let _ = done.send(result);
-        });
-        self.in_flight.push_back(encoded);
+        let task = tasks::spawn(move || encode(&columns, rows, ends_shard));
+        self.in_flight.push_back(task);
         Ok(())
-    }
-
-    /// Row groups pending at most: two per thread keeps every thread busy.
-    fn max_in_flight(&self) -> usize {
-        2 * self.pool.current_num_threads()
     }
 
     /// Waits for the oldest pending row group and appends it.
@@ -274,25 +256,19 @@ impl ShardWriter {
         let Some(encoded) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let group = encoded
-            .recv()
-            .map_err(|_| anyhow!("internal error: a row-group encoder stopped"))??;
-        self.append(group)
+        self.append(tasks::wait(&encoded)?)
     }
 
     /// Plans the next row group from rows `next..count`: its start (the rows carried from the
     /// previous call, for the first), the range of new rows that completes it, and whether it
     /// ends its shard. Rows that only start a group are kept in `filling`, and then there is
     /// no group to encode.
-    fn next_group<'a, F>(
+    fn next_group(
         &mut self,
         next: &mut usize,
         count: usize,
-        row: &F,
-    ) -> Option<(RowBuffer, Range<usize>, bool)>
-    where
-        F: Fn(usize) -> RowRef<'a>,
-    {
+        source: &dyn RowSource,
+    ) -> Option<(RowBuffer, Range<usize>, bool)> {
         if *next >= count {
             return None;
         }
@@ -303,7 +279,7 @@ impl ShardWriter {
         self.rows_in_shard += range.len();
         let ends_shard = self.rows_in_shard == self.shard_rows;
         if carried + range.len() < self.row_group_rows && !ends_shard {
-            range.for_each(|i| self.filling.push(row(i)));
+            range.for_each(|i| self.filling.push(source.row(i)));
             return None;
         }
         if ends_shard {
@@ -392,11 +368,22 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Appends every row group still encoding.
+    pub(crate) fn drain(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.append_oldest()?;
+        }
+        Ok(())
+    }
+
     /// Writes the rows still held, completes the open shard and returns the entries of all
     /// shards, in order.
     pub(crate) fn finish(mut self) -> Result<Vec<ShardEntry>> {
         if self.filling.rows() > 0 {
-            let rows = std::mem::take(&mut self.filling);
+            let rows = GroupRows {
+                carried: std::mem::take(&mut self.filling),
+                source: None,
+            };
             self.encode_in_background(rows, true)?;
         }
         while !self.in_flight.is_empty() {
@@ -423,32 +410,63 @@ struct EncodedGroup {
     ends_shard: bool,
 }
 
-/// Encodes and compresses one row group's columns.
+/// Rows a [`ShardWriter`] reads while it encodes them on the pool.
+pub(crate) trait RowSource: Send + Sync {
+    fn row(&self, i: usize) -> RowRef<'_>;
+}
+
+/// One row group's rows: those carried over from the previous call, then a range of a source.
+struct GroupRows {
+    carried: RowBuffer,
+    source: Option<(Arc<dyn RowSource>, Range<usize>)>,
+}
+
+/// Rows gathered and turned into Arrow arrays at a time while encoding a row group. The
+/// encoders keep only their encoded pages, so a group's rows are never all copied at once,
+/// nor its Parquet levels (two i16 per token) all computed at once.
+const ENCODE_ROWS: usize = 1024;
+
+/// Gathers, encodes and compresses one row group's columns.
 fn encode(
     columns: &ArrowRowGroupWriterFactory,
-    rows: RowBuffer,
+    rows: GroupRows,
     ends_shard: bool,
 ) -> Result<EncodedGroup> {
-    let (tokens, rows_n) = (rows.input_ids.len() as u64, rows.rows() as u64);
-    let batch = rows.into_batch()?;
     let schema = schema();
     // One encoder per Parquet leaf column, in schema order.
     let mut writers = columns
         .create_column_writers(0)
         .context("creating Parquet column encoders")?;
-    let mut leaves = Vec::with_capacity(writers.len());
-    for (array, field) in batch.columns().iter().zip(schema.fields()) {
-        leaves.extend(compute_leaves(field, array).context("encoding a row group")?);
+    let (mut tokens, mut rows_n) = (0u64, 0u64);
+    let mut write = |buffer: RowBuffer| -> Result<()> {
+        tokens += buffer.input_ids.len() as u64;
+        rows_n += buffer.rows() as u64;
+        let batch = buffer.into_batch()?;
+        let mut leaves = Vec::with_capacity(writers.len());
+        for (array, field) in batch.columns().iter().zip(schema.fields()) {
+            leaves.extend(compute_leaves(field, array).context("encoding a row group")?);
+        }
+        if leaves.len() != writers.len() {
+            bail!(
+                "internal error: {} Parquet leaves for {} column encoders",
+                leaves.len(),
+                writers.len()
+            );
+        }
+        for (writer, leaf) in writers.iter_mut().zip(&leaves) {
+            writer.write(leaf).context("encoding a row group")?;
+        }
+        Ok(())
+    };
+    if rows.carried.rows() > 0 {
+        write(rows.carried)?;
     }
-    if leaves.len() != writers.len() {
-        bail!(
-            "internal error: {} Parquet leaves for {} column encoders",
-            leaves.len(),
-            writers.len()
-        );
-    }
-    for (writer, leaf) in writers.iter_mut().zip(&leaves) {
-        writer.write(leaf).context("encoding a row group")?;
+    if let Some((source, range)) = rows.source {
+        for start in range.clone().step_by(ENCODE_ROWS) {
+            let mut buffer = RowBuffer::default();
+            (start..(start + ENCODE_ROWS).min(range.end)).for_each(|i| buffer.push(source.row(i)));
+            write(buffer)?;
+        }
     }
     let chunks = writers
         .into_iter()

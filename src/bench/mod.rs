@@ -23,6 +23,7 @@
 //! `BertForPreTraining` on torch 2.15 measured on the same 2-core machine (fp32, 2
 //! threads, batch 32, or 8 for base, seq 128, AdamW).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -58,6 +59,9 @@ enum BenchKind {
         /// Thread counts to time, comma-separated.
         #[arg(long, default_value = "1,2")]
         threads: String,
+        /// Runs of each row, alternating between thread counts; the table gives the median.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Ring all-reduce bus bandwidth on loopback against raw TCP, 1 MB to 256 MB.
     Allreduce {
@@ -182,7 +186,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             peers.as_deref().unwrap_or_default(),
             reference.as_deref().unwrap_or(ISSUE_REFERENCE),
         ),
-        BenchKind::Dataprep { work_dir, threads } => bench_dataprep(&work_dir, &threads),
+        BenchKind::Dataprep {
+            work_dir,
+            threads,
+            rounds,
+        } => bench_dataprep(&work_dir, &threads, rounds),
         BenchKind::Allreduce { ranks, max_mb } => bench_allreduce(ranks, max_mb),
         BenchKind::Checkpoint { presets, dir } => bench_checkpoint(&presets, &dir),
         BenchKind::Step {
@@ -461,9 +469,12 @@ const DATAPREP_REFERENCE_S: f64 = 13.2;
 const DATAPREP_REFERENCE_MB: f64 = 188.0;
 const DATAPREP_DOCS: usize = 472;
 
-fn bench_dataprep(work_dir: &Path, threads: &str) -> Result<()> {
+fn bench_dataprep(work_dir: &Path, threads: &str, rounds: usize) -> Result<()> {
     let threads: Vec<usize> = parse_list(threads, "--threads")?;
-    in_work_dir(work_dir, |dir| dataprep_table(dir, &threads))
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    in_work_dir(work_dir, |dir| dataprep_table(dir, &threads, rounds))
 }
 
 /// A comma-separated list of numbers given to `flag`.
@@ -493,7 +504,7 @@ fn in_work_dir(work_dir: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<(
     result
 }
 
-fn dataprep_table(dir: &Path, threads: &[usize]) -> Result<()> {
+fn dataprep_table(dir: &Path, threads: &[usize], rounds: usize) -> Result<()> {
     let exe = std::env::current_exe()?;
     // Long documents (90-162 sentences): 472 of them make the reference's 3.5 MB.
     let corpus = |name: &str, docs: usize| -> Result<PathBuf> {
@@ -504,14 +515,24 @@ fn dataprep_table(dir: &Path, threads: &[usize]) -> Result<()> {
             min_sentences: 90,
             max_sentences: 162,
         };
-        let text: Vec<String> = bertrain_dataprep::synth_corpus_with(options).collect();
-        std::fs::write(&path, text.join("\n\n") + "\n")?;
+        // Streamed to the file: a child's peak RSS as `wait4` reports it starts from this
+        // process's RSS (the child is spawned from its memory image), so this process must
+        // never hold a corpus.
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for (i, doc) in bertrain_dataprep::synth_corpus_with(options).enumerate() {
+            if i > 0 {
+                out.write_all(b"\n\n")?;
+            }
+            out.write_all(doc.as_bytes())?;
+        }
+        out.write_all(b"\n")?;
+        out.flush()?;
         Ok(path)
     };
     let small = corpus("corpus-1x.txt", DATAPREP_DOCS)?;
     let large = corpus("corpus-10x.txt", 10 * DATAPREP_DOCS)?;
     let vocab = dir.join("vocab.txt");
-    let (status, _, _) = run_measured(
+    let (status, _) = run_measured(
         Command::new(&exe)
             .args(["vocab", "--vocab-size", "30522", "--input"])
             .arg(&small)
@@ -528,38 +549,44 @@ fn dataprep_table(dir: &Path, threads: &[usize]) -> Result<()> {
         DATAPREP_REFERENCE_S, DATAPREP_REFERENCE_MB
     );
     println!(
-        "{:<10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>10} {:>10}",
-        "corpus", "MB", "threads", "wall s", "MB/s", "vs Python", "scaling", "peak MB"
+        "{:<8} {:>6} {:>8} {:>9} {:>7} {:>8} {:>10} {:>9} {:>8}",
+        "corpus", "MB", "threads", "wall s", "cores", "MB/s", "vs Python", "scaling", "peak MB"
     );
     let mut peaks = Vec::new();
     for (name, path) in [("1x", &small), ("10x", &large)] {
-        // Wall time at the first thread count, for the scaling column.
-        let mut first_wall = None;
-        for &t in threads {
-            let out = dir.join(format!("out-{name}-{t}"));
-            let (ok, wall, peak) = run_measured(
-                Command::new(&exe)
-                    .args([
-                        "dataprep",
-                        "--quiet",
-                        "--dupe-factor",
-                        "5",
-                        "--max-seq-len",
-                        "128",
-                        "--threads",
-                    ])
-                    .arg(t.to_string())
-                    .arg("--input")
-                    .arg(path)
-                    .arg("--vocab")
-                    .arg(&vocab)
-                    .arg("--output")
-                    .arg(&out),
-            )?;
-            if !ok {
-                bail!("dataprep on the {name} corpus failed");
+        // Rounds alternate between thread counts, so that a slow spell of this noisy machine
+        // does not land on one row only.
+        let mut runs: Vec<Vec<ChildRun>> = threads.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            for (&t, runs) in threads.iter().zip(&mut runs) {
+                let out = dir.join(format!("out-{name}-{t}"));
+                let (ok, run) = run_measured(
+                    Command::new(&exe)
+                        .args(["dataprep", "--quiet", "--dupe-factor", "5"])
+                        .args(["--max-seq-len", "128", "--threads", &t.to_string()])
+                        .arg("--input")
+                        .arg(path)
+                        .arg("--vocab")
+                        .arg(&vocab)
+                        .arg("--output")
+                        .arg(&out),
+                )?;
+                if !ok {
+                    bail!("dataprep on the {name} corpus failed");
+                }
+                runs.push(run);
+                std::fs::remove_dir_all(&out).ok();
             }
-            let size = mb(path)?;
+        }
+        let size = mb(path)?;
+        // The median run by wall time, and the wall time at the first thread count for the
+        // scaling column.
+        let mut first_wall = None;
+        for (&t, mut runs) in threads.iter().zip(runs) {
+            runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+            let peak = runs.iter().map(|r| r.peak_mb).fold(0.0, f64::max);
+            let run = &runs[runs.len() / 2];
+            let wall = run.wall_s;
             let speedup = if name == "1x" {
                 format!("{:.0}x", DATAPREP_REFERENCE_S / wall)
             } else {
@@ -567,13 +594,16 @@ fn dataprep_table(dir: &Path, threads: &[usize]) -> Result<()> {
             };
             let scaling = *first_wall.get_or_insert(wall) / wall;
             println!(
-                "{name:<10} {size:>8.1} {t:>8} {wall:>9.3} {:>10.1} {speedup:>12} {scaling:>9.2}x {peak:>10.0}",
+                "{name:<8} {size:>6.1} {t:>8} {wall:>9.3} {:>7.2} {:>8.1} {speedup:>10} {scaling:>8.2}x {peak:>8.0}",
+                run.cpu_s / wall,
                 size / wall
             );
             peaks.push((name, t, peak));
-            std::fs::remove_dir_all(&out).ok();
         }
     }
+    println!(
+        "median of {rounds} runs per row; cores = CPU time / wall time; peak MB = the highest max RSS of the row's runs"
+    );
     let last = *threads.last().unwrap_or(&2);
     let peak_of = |n: &str| peaks.iter().find(|p| p.0 == n && p.1 == last).map(|p| p.2);
     if let (Some(a), Some(b)) = (peak_of("1x"), peak_of("10x")) {
@@ -585,8 +615,17 @@ fn dataprep_table(dir: &Path, threads: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Runs a child to its end: (success, wall seconds, peak resident memory in MB).
-fn run_measured(command: &mut Command) -> Result<(bool, f64, f64)> {
+/// What a benchmark child used.
+struct ChildRun {
+    wall_s: f64,
+    /// User plus system CPU time.
+    cpu_s: f64,
+    /// Peak resident memory.
+    peak_mb: f64,
+}
+
+/// Runs a child to its end: whether it succeeded, and what it used.
+fn run_measured(command: &mut Command) -> Result<(bool, ChildRun)> {
     command.stdout(std::process::Stdio::null());
     let started = Instant::now();
     let child = command.spawn().context("starting a benchmark child")?;
@@ -603,8 +642,16 @@ fn run_measured(command: &mut Command) -> Result<(bool, f64, f64)> {
         );
     }
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    // ru_maxrss is in KiB on Linux.
-    Ok((ok, wall, usage.ru_maxrss as f64 * 1024.0 / 1e6))
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((
+        ok,
+        ChildRun {
+            wall_s: wall,
+            cpu_s: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+            // ru_maxrss is in KiB on Linux.
+            peak_mb: usage.ru_maxrss as f64 * 1024.0 / 1e6,
+        },
+    ))
 }
 
 /// Timing rounds per size (at least); each round times the ring and then raw TCP, and the
