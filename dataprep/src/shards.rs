@@ -219,11 +219,11 @@ impl ShardWriter {
     /// group is kept for the next call (or [`ShardWriter::finish`]).
     ///
     /// Each row group becomes a task on the pool that gathers its rows from `source` (a copy)
-    /// and encodes them. This thread appends encoded groups in order only when
-    /// `tasks::max_pending()` of them are pending, and returns with up to that many still encoding.
-    /// So the pool keeps encoding while the caller reads and generates what comes next, and
-    /// the serial part (appending to the file, hashing) overlaps the parallel ones instead of
-    /// stopping every thread at the end of each call.
+    /// and encodes them. This call returns with them still encoding, and the next call (or
+    /// [`ShardWriter::finish`]) appends them in order. So the pool keeps encoding while the
+    /// caller generates what comes next, and the serial part (appending to the file,
+    /// hashing) overlaps the parallel ones instead of stopping every thread at the end of
+    /// each call.
     pub(crate) fn write_rows(&mut self, source: Arc<dyn RowSource>, count: usize) -> Result<()> {
         // The previous call's groups have had the whole generation of this call's rows to
         // encode, so this rarely waits; it bounds what is alive to two slices of rows.
@@ -369,7 +369,7 @@ impl ShardWriter {
     }
 
     /// Appends every row group still encoding.
-    pub(crate) fn drain(&mut self) -> Result<()> {
+    fn drain(&mut self) -> Result<()> {
         while !self.in_flight.is_empty() {
             self.append_oldest()?;
         }
@@ -386,9 +386,7 @@ impl ShardWriter {
             };
             self.encode_in_background(rows, true)?;
         }
-        while !self.in_flight.is_empty() {
-            self.append_oldest()?;
-        }
+        self.drain()?;
         self.close_shard()?;
         Ok(self.done)
     }
