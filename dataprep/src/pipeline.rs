@@ -7,9 +7,9 @@
 //! slice: runs of documents holding about [`SLICE_TOKENS`] tokens, each generated (on every
 //! thread) and shuffled, then cut into row groups that pool tasks gather, encode and
 //! compress while the next slice is generated (see [`ShardWriter`]). Peak memory is one
-//! tokenised window, the raw text of the batches being tokenised, two slices of instances
-//! (one being generated, one being encoded) and one row group's encoder per thread, whatever
-//! the corpus size.
+//! tokenised window, the raw text of the batches being tokenised, the slice being generated,
+//! the slices whose row groups are still pending (at most two groups per thread) and one row
+//! group's encoder per thread, whatever the corpus size.
 //!
 //! Threads: `--threads` sets the pool that does all the work. One of its threads runs the
 //! loop of [`run`] (reads the input, hands out tasks, appends encoded row groups to the
