@@ -122,9 +122,10 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// dataprep's buffers change size from slice to slice; with one glibc arena per thread the
-/// heaps fragment and the peak creeps up with the corpus. Two shared arenas keep it flat
-/// (measured with `bench dataprep`: 10x the corpus peaks 2-5% above 1x, at the same speed).
+/// glibc gives each thread an arena of its own (up to 8 per core), and each arena keeps its
+/// own high-water mark, so dataprep's peak grows with its thread count. Two arenas bound
+/// that whatever `--threads` is; one arena would be tighter still, but measured 20% slower
+/// with two threads (the threads then wait on its lock).
 fn share_two_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; called before any thread

@@ -112,7 +112,7 @@ impl DataprepConfig {
             whole_word_mask: false,
             seed: 12345,
             shard_rows: 100_000,
-            row_group_rows: 4096,
+            row_group_rows: 1024,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             validation_fraction: 0.0,
             window_bytes: 4 << 20,

@@ -549,52 +549,91 @@ fn dataprep_table(dir: &Path, threads: &[usize], rounds: usize) -> Result<()> {
         DATAPREP_REFERENCE_S, DATAPREP_REFERENCE_MB
     );
     println!(
-        "{:<8} {:>6} {:>8} {:>9} {:>7} {:>8} {:>10} {:>9} {:>8}",
-        "corpus", "MB", "threads", "wall s", "cores", "MB/s", "vs Python", "scaling", "peak MB"
+        "{:<8} {:>6} {:>8} {:>9} {:>7} {:>8} {:>10} {:>9} {:>8} {:>8}",
+        "corpus",
+        "MB",
+        "threads",
+        "wall s",
+        "cores",
+        "MB/s",
+        "vs Python",
+        "scaling",
+        "ceiling",
+        "peak MB"
     );
+    let dataprep = |path: &Path, threads: usize, out: &Path| {
+        let mut command = Command::new(&exe);
+        command
+            .args(["dataprep", "--quiet", "--dupe-factor", "5"])
+            .args(["--max-seq-len", "128", "--threads", &threads.to_string()])
+            .arg("--input")
+            .arg(path)
+            .arg("--vocab")
+            .arg(&vocab)
+            .arg("--output")
+            .arg(out);
+        command
+    };
     let mut peaks = Vec::new();
     for (name, path) in [("1x", &small), ("10x", &large)] {
         // Rounds alternate between thread counts, so that a slow spell of this noisy machine
         // does not land on one row only.
         let mut runs: Vec<Vec<ChildRun>> = threads.iter().map(|_| Vec::new()).collect();
+        // For each thread count t above 1: wall times of t one-thread runs at once.
+        let mut together: Vec<Vec<f64>> = threads.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
-            for (&t, runs) in threads.iter().zip(&mut runs) {
+            for ((&t, runs), together) in threads.iter().zip(&mut runs).zip(&mut together) {
                 let out = dir.join(format!("out-{name}-{t}"));
-                let (ok, run) = run_measured(
-                    Command::new(&exe)
-                        .args(["dataprep", "--quiet", "--dupe-factor", "5"])
-                        .args(["--max-seq-len", "128", "--threads", &t.to_string()])
-                        .arg("--input")
-                        .arg(path)
-                        .arg("--vocab")
-                        .arg(&vocab)
-                        .arg("--output")
-                        .arg(&out),
-                )?;
+                let (ok, run) = run_measured(&mut dataprep(path, t, &out))?;
                 if !ok {
                     bail!("dataprep on the {name} corpus failed");
                 }
                 runs.push(run);
                 std::fs::remove_dir_all(&out).ok();
+                if t > 1 {
+                    let outs: Vec<PathBuf> = (0..t)
+                        .map(|i| dir.join(format!("out-{name}-{t}-copy{i}")))
+                        .collect();
+                    let commands = outs.iter().map(|out| dataprep(path, 1, out)).collect();
+                    together.push(run_together(commands)?);
+                    for out in &outs {
+                        std::fs::remove_dir_all(out).ok();
+                    }
+                }
             }
         }
         let size = mb(path)?;
         // The median run by wall time, and the wall time at the first thread count for the
         // scaling column.
+        let median = |mut walls: Vec<f64>| {
+            walls.sort_by(f64::total_cmp);
+            walls[walls.len() / 2]
+        };
         let mut first_wall = None;
-        for (&t, mut runs) in threads.iter().zip(runs) {
+        let mut one_thread_wall = None;
+        for ((&t, mut runs), together) in threads.iter().zip(runs).zip(together) {
             runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
             let peak = runs.iter().map(|r| r.peak_mb).fold(0.0, f64::max);
             let run = &runs[runs.len() / 2];
             let wall = run.wall_s;
+            if t == 1 {
+                one_thread_wall = Some(wall);
+            }
             let speedup = if name == "1x" {
                 format!("{:.0}x", DATAPREP_REFERENCE_S / wall)
             } else {
                 "-".into()
             };
             let scaling = *first_wall.get_or_insert(wall) / wall;
+            // What this machine gives t independent one-thread runs: the scaling that
+            // perfect parallel code would reach here (shared caches, memory bandwidth and
+            // neighbours on the host all count).
+            let ceiling = match one_thread_wall {
+                Some(one) if t > 1 => format!("{:.2}x", t as f64 * one / median(together)),
+                _ => "-".into(),
+            };
             println!(
-                "{name:<8} {size:>6.1} {t:>8} {wall:>9.3} {:>7.2} {:>8.1} {speedup:>10} {scaling:>8.2}x {peak:>8.0}",
+                "{name:<8} {size:>6.1} {t:>8} {wall:>9.3} {:>7.2} {:>8.1} {speedup:>10} {scaling:>8.2}x {ceiling:>8} {peak:>8.0}",
                 run.cpu_s / wall,
                 size / wall
             );
@@ -602,7 +641,8 @@ fn dataprep_table(dir: &Path, threads: &[usize], rounds: usize) -> Result<()> {
         }
     }
     println!(
-        "median of {rounds} runs per row; cores = CPU time / wall time; peak MB = the highest max RSS of the row's runs"
+        "median of {rounds} runs per row; cores = CPU time / wall time; ceiling = N one-thread runs at once against one alone, \
+         what this machine allows N threads; peak MB = the highest max RSS of the row's runs"
     );
     let last = *threads.last().unwrap_or(&2);
     let peak_of = |n: &str| peaks.iter().find(|p| p.0 == n && p.1 == last).map(|p| p.2);
@@ -622,6 +662,41 @@ struct ChildRun {
     cpu_s: f64,
     /// Peak resident memory.
     peak_mb: f64,
+}
+
+/// Runs the commands at once and returns the wall time until the last one ends. Every child
+/// started is waited for, also when another fails to start.
+fn run_together(commands: Vec<Command>) -> Result<f64> {
+    let started = Instant::now();
+    let mut children = Vec::new();
+    let mut failure = None;
+    for mut command in commands {
+        match command.stdout(std::process::Stdio::null()).spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                failure = Some(anyhow::Error::new(e).context("starting a benchmark child"));
+                break;
+            }
+        }
+    }
+    for child in &mut children {
+        if failure.is_some() {
+            child.kill().ok();
+        }
+        match child.wait() {
+            Ok(status) if !status.success() && failure.is_none() => {
+                failure = Some(anyhow::anyhow!(
+                    "a concurrent dataprep run failed ({status})"
+                ));
+            }
+            Err(e) if failure.is_none() => failure = Some(e.into()),
+            _ => {}
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(started.elapsed().as_secs_f64()),
+    }
 }
 
 /// Runs a child to its end: whether it succeeded, and what it used.
@@ -912,4 +987,29 @@ fn bench_checkpoint(presets: &str, dir: &Path) -> Result<()> {
     })();
     std::fs::remove_dir_all(dir).ok();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.args(["-c", script]);
+        command
+    }
+
+    #[test]
+    fn run_together_waits_for_every_child_and_reports_a_failure() {
+        let wall = run_together(vec![shell("sleep 0.2"), shell("true")]).unwrap();
+        assert!(
+            wall >= 0.2,
+            "returned after {wall} s, before the slowest child ended"
+        );
+        let err = run_together(vec![shell("exit 3"), shell("true")]).unwrap_err();
+        assert!(err.to_string().contains("failed"), "{err}");
+        let missing = Command::new("/nonexistent/bertrain-bench-child");
+        let err = run_together(vec![shell("sleep 5"), missing]).unwrap_err();
+        assert!(format!("{err:#}").contains("starting"), "{err:#}");
+    }
 }
