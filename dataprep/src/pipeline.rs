@@ -54,7 +54,7 @@ use crate::manifest::{
 use crate::progress::Progress;
 use crate::rng::{Rng, derive_seed};
 use crate::shards::{RowRef, RowSource, ShardWriter};
-use crate::tasks::{self, Task};
+use crate::tasks::InOrder;
 use crate::vocab::{TOKENIZER_CONFIG, Vocab, tokenizer_config_json};
 use crate::wordpiece::SentenceTokenizer;
 
@@ -514,12 +514,13 @@ impl WindowReader {
 const TOKENIZE_BATCH_BYTES: usize = 64 << 10;
 
 /// Tokenises documents on the pool while the reader goes on reading. Raw text is held only
-/// for the batches still pending (at most [`tasks::max_pending`]), not for a whole window.
+/// for the batches still pending (at most [`crate::tasks::max_pending`]), not for a whole
+/// window.
 struct TokenizingDocs {
     tokenizer: Arc<SentenceTokenizer>,
     batch: Vec<RawDoc>,
     batch_bytes: usize,
-    pending: VecDeque<Task<Vec<TokenizedDoc>>>,
+    pending: InOrder<Vec<TokenizedDoc>>,
     done: Vec<TokenizedDoc>,
 }
 
@@ -529,7 +530,7 @@ impl TokenizingDocs {
             tokenizer,
             batch: Vec::new(),
             batch_bytes: 0,
-            pending: VecDeque::new(),
+            pending: InOrder::new(),
             done: Vec::new(),
         }
     }
@@ -544,25 +545,18 @@ impl TokenizingDocs {
     }
 
     fn send_batch(&mut self) -> Result<()> {
-        while self.pending.len() >= tasks::max_pending() {
-            self.collect_oldest()?;
+        while let Some(docs) = self.pending.make_room()? {
+            self.done.extend(docs);
         }
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         let tokenizer = Arc::clone(&self.tokenizer);
-        self.pending.push_back(tasks::spawn(move || {
+        self.pending.spawn(move || {
             batch
                 .iter()
                 .map(|d| tokenize_document(&tokenizer, d))
                 .collect()
-        }));
-        Ok(())
-    }
-
-    fn collect_oldest(&mut self) -> Result<()> {
-        if let Some(task) = self.pending.pop_front() {
-            self.done.extend(tasks::wait(&task)?);
-        }
+        });
         Ok(())
     }
 
@@ -571,8 +565,8 @@ impl TokenizingDocs {
         if !self.batch.is_empty() {
             self.send_batch()?;
         }
-        while !self.pending.is_empty() {
-            self.collect_oldest()?;
+        while let Some(docs) = self.pending.oldest()? {
+            self.done.extend(docs);
         }
         Ok(self.done)
     }

@@ -11,7 +11,6 @@
 //! Files are zstd-compressed with row groups of a few thousand rows so a reader can seek to a
 //! row by skipping whole row groups through the footer metadata.
 
-use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::ops::Range;
@@ -33,7 +32,7 @@ use parquet::file::writer::SerializedFileWriter;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{ShardEntry, hex, sync_dir, temp_name};
-use crate::tasks::{self, Task};
+use crate::tasks::InOrder;
 
 /// One training example as stored in a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,8 +174,8 @@ pub(crate) struct ShardWriter {
     /// The start of the next row group: rows left over from the previous call.
     filling: RowBuffer,
     /// Row groups handed to the pool, oldest first; each holds its rows and then its encoded
-    /// pages until appended. At most [`tasks::max_pending`].
-    in_flight: VecDeque<Task<EncodedGroup>>,
+    /// pages until appended. At most [`crate::tasks::max_pending`].
+    in_flight: InOrder<EncodedGroup>,
     /// Rows given to the current shard so far, including those in `filling`.
     rows_in_shard: usize,
     open: Option<OpenShard>,
@@ -208,7 +207,7 @@ impl ShardWriter {
             props,
             columns: Arc::new(columns),
             filling: RowBuffer::default(),
-            in_flight: VecDeque::new(),
+            in_flight: InOrder::new(),
             rows_in_shard: 0,
             open: None,
             done: Vec::new(),
@@ -220,8 +219,8 @@ impl ShardWriter {
     ///
     /// Each row group becomes a task on the pool that gathers its rows from `source` (a copy)
     /// and encodes them. Encoded groups are appended in order, only once
-    /// [`tasks::max_pending`] of them are pending, so this returns with up to that many still
-    /// encoding (each holding its `source`). So the pool keeps encoding while the caller
+    /// [`crate::tasks::max_pending`] of them are pending, so this returns with up to that
+    /// many still encoding (each holding its `source`). So the pool keeps encoding while the caller
     /// generates what comes next, and the serial part (appending to the file, hashing)
     /// overlaps the parallel ones instead of stopping every thread at the end of each call.
     /// (Waiting here for the previous call's groups instead cost 10% of the time.)
@@ -240,21 +239,13 @@ impl ShardWriter {
     /// Queues a row group for encoding on the pool, first appending the oldest pending groups
     /// while the queue is full.
     fn encode_in_background(&mut self, rows: GroupRows, ends_shard: bool) -> Result<()> {
-        while self.in_flight.len() >= tasks::max_pending() {
-            self.append_oldest()?;
+        while let Some(encoded) = self.in_flight.make_room()? {
+            self.append(encoded)?;
         }
         let columns = Arc::clone(&self.columns);
-        let task = tasks::spawn(move || encode(&columns, rows, ends_shard));
-        self.in_flight.push_back(task);
+        self.in_flight
+            .spawn(move || encode(&columns, rows, ends_shard));
         Ok(())
-    }
-
-    /// Waits for the oldest pending row group and appends it.
-    fn append_oldest(&mut self) -> Result<()> {
-        let Some(encoded) = self.in_flight.pop_front() else {
-            return Ok(());
-        };
-        self.append(tasks::wait(&encoded)?)
     }
 
     /// Plans the next row group from rows `next..count`: its start (the rows carried from the
@@ -368,8 +359,8 @@ impl ShardWriter {
 
     /// Appends every row group still encoding.
     fn drain(&mut self) -> Result<()> {
-        while !self.in_flight.is_empty() {
-            self.append_oldest()?;
+        while let Some(encoded) = self.in_flight.oldest()? {
+            self.append(encoded)?;
         }
         Ok(())
     }

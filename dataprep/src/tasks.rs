@@ -3,8 +3,11 @@
 //! The pipeline's loop runs on one of the pool's threads and hands work to the others as
 //! tasks: documents to tokenise while it reads on, row groups to encode while it generates
 //! on. When it needs a task's result it runs pending tasks itself rather than block, so with
-//! `--threads 1` everything happens, in order, on that one thread.
+//! `--threads 1` everything happens, in order, on that one thread. [`InOrder`] holds each
+//! kind of work's tasks, a bounded number at a time, and gives their results back in the
+//! order they were handed out.
 
+use std::collections::VecDeque;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc;
 
@@ -55,6 +58,47 @@ pub(crate) fn max_pending() -> usize {
     2 * rayon::current_num_threads()
 }
 
+/// Tasks whose results are taken in the order they were spawned, at most [`max_pending`] at
+/// a time. The loop uses one per kind of work it hands out (documents to tokenise, row
+/// groups to encode), and handles each result itself, in order.
+pub(crate) struct InOrder<T> {
+    pending: VecDeque<Task<T>>,
+}
+
+impl<T: Send + 'static> InOrder<T> {
+    pub(crate) fn new() -> InOrder<T> {
+        InOrder {
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// While the queue is full: waits for the oldest task and returns its result, for the
+    /// caller to handle before asking again. `None` once there is room for [`Self::spawn`].
+    pub(crate) fn make_room(&mut self) -> Result<Option<T>> {
+        if self.pending.len() < max_pending() {
+            return Ok(None);
+        }
+        self.oldest()
+    }
+
+    /// Runs `work` on the pool; call [`Self::make_room`] until it returns `None` first.
+    pub(crate) fn spawn<F>(&mut self, work: F)
+    where
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        debug_assert!(self.pending.len() < max_pending(), "spawn without room");
+        self.pending.push_back(spawn(work));
+    }
+
+    /// Waits for the oldest task and returns its result; `None` when none is pending.
+    pub(crate) fn oldest(&mut self) -> Result<Option<T>> {
+        match self.pending.pop_front() {
+            Some(task) => wait(&task).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +129,34 @@ mod tests {
             tasks.iter().map(|t| wait(t).unwrap()).collect::<Vec<_>>()
         });
         assert_eq!(results, (0..6).map(|i| (i, true)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn in_order_bounds_the_pending_tasks_and_returns_results_in_spawn_order() {
+        let (results, most_pending) = on_pool(2, || {
+            let mut queue = InOrder::new();
+            let (mut results, mut most_pending) = (Vec::new(), 0);
+            for i in 0..20u64 {
+                while let Some(r) = queue.make_room().unwrap() {
+                    results.push(r);
+                }
+                // Later tasks are quicker, so they would finish first if order were lost.
+                queue.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20 - i));
+                    Ok(i)
+                });
+                most_pending = most_pending.max(queue.pending.len());
+            }
+            while let Some(r) = queue.oldest().unwrap() {
+                results.push(r);
+            }
+            (results, most_pending)
+        });
+        assert_eq!(results, (0..20).collect::<Vec<_>>());
+        assert_eq!(
+            most_pending, 4,
+            "two threads keep at most four tasks pending"
+        );
     }
 
     #[test]
