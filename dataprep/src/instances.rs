@@ -104,7 +104,8 @@ impl MaskVocab {
 }
 
 /// Instances in column form, as produced by one unit of work.
-#[derive(Debug, Default)]
+/// `clone` gives a copy with no spare capacity.
+#[derive(Debug, Default, Clone)]
 pub struct InstanceBatch {
     pub input_ids: Vec<u32>,
     /// `offsets[i]..offsets[i + 1]` are row i's ids; starts with 0.
@@ -126,16 +127,15 @@ impl InstanceBatch {
         }
     }
 
-    /// Gives back the room the columns grew into but did not use: a slice holds its batches
-    /// until its rows are encoded.
-    pub fn shrink_to_fit(&mut self) {
-        self.input_ids.shrink_to_fit();
-        self.offsets.shrink_to_fit();
-        self.a_lens.shrink_to_fit();
-        self.positions.shrink_to_fit();
-        self.masked_ids.shrink_to_fit();
-        self.mask_offsets.shrink_to_fit();
-        self.labels.shrink_to_fit();
+    /// Empties the batch, keeping its capacity.
+    pub fn clear(&mut self) {
+        self.input_ids.clear();
+        self.offsets.truncate(1);
+        self.a_lens.clear();
+        self.positions.clear();
+        self.masked_ids.clear();
+        self.mask_offsets.truncate(1);
+        self.labels.clear();
     }
 
     pub fn rows(&self) -> usize {
@@ -201,7 +201,25 @@ pub fn instances_from_document(
     rng: &mut Rng,
     out: &mut InstanceBatch,
 ) {
-    let mut scratch = Scratch::default();
+    SCRATCH.with_borrow_mut(|scratch| {
+        document_instances(docs, doc_index, opts, vocab, rng, scratch, out)
+    })
+}
+
+thread_local! {
+    /// Per thread rather than per call: generation then allocates nothing but its output.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+fn document_instances(
+    docs: &[TokenizedDoc],
+    doc_index: usize,
+    opts: &GenOptions,
+    vocab: &MaskVocab,
+    rng: &mut Rng,
+    scratch: &mut Scratch,
+    out: &mut InstanceBatch,
+) {
     let doc = &docs[doc_index];
     let max_tokens = opts.max_seq_len - 3;
     let target = if rng.f64() < opts.short_seq_prob {
@@ -273,7 +291,7 @@ pub fn instances_from_document(
                 opts,
                 vocab,
                 rng,
-                &mut scratch,
+                scratch,
                 out,
             );
             chunk_start = next_i;
@@ -379,4 +397,59 @@ fn push_instance(
     out.mask_offsets.push(out.positions.len() as u32);
     out.a_lens.push(a_len as u32);
     out.labels.push(u8::from(is_random_next));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cleared_batch_generates_what_a_new_one_does_and_its_clone_has_no_spare_room() {
+        let docs: Vec<TokenizedDoc> = (0..4u32)
+            .map(|d| {
+                let mut doc = TokenizedDoc::default();
+                for s in 0..6u32 {
+                    let ids: Vec<u32> = (0..9).map(|p| 1000 + d * 100 + s * 10 + p).collect();
+                    doc.push_sentence(&ids);
+                }
+                doc
+            })
+            .collect();
+        let opts = GenOptions {
+            max_seq_len: 32,
+            max_predictions: 5,
+            masked_lm_prob: 0.15,
+            short_seq_prob: 0.1,
+            whole_word_mask: false,
+        };
+        let vocab = MaskVocab {
+            cls: 1,
+            sep: 2,
+            mask: 3,
+            replaceable: (1000..1500).collect(),
+            is_continuation: vec![false; 1500],
+        };
+        let generate = |seed: u64, out: &mut InstanceBatch| {
+            let mut rng = Rng::from_parts(&[seed]);
+            for d in 0..docs.len() {
+                instances_from_document(&docs, d, &opts, &vocab, &mut rng, out);
+            }
+        };
+        let mut fresh = InstanceBatch::new();
+        generate(7, &mut fresh);
+        assert!(fresh.rows() > 4);
+
+        let mut reused = InstanceBatch::new();
+        generate(8, &mut reused);
+        generate(9, &mut reused);
+        reused.clear();
+        generate(7, &mut reused);
+        assert_eq!(format!("{reused:?}"), format!("{fresh:?}"));
+
+        let copy = reused.clone();
+        assert_eq!(format!("{copy:?}"), format!("{fresh:?}"));
+        assert_eq!(copy.input_ids.capacity(), copy.input_ids.len());
+        assert_eq!(copy.positions.capacity(), copy.positions.len());
+        assert_eq!(copy.offsets.capacity(), copy.offsets.len());
+    }
 }

@@ -77,6 +77,27 @@ impl RowBuffer {
         self.labels.len()
     }
 
+    /// Empty, with room for exactly `rows`: one allocation per column rather than a series of
+    /// doublings, whose freed sizes would stay behind in the allocator (see `GROWING_BATCH` in
+    /// the pipeline).
+    fn with_capacity<'a>(rows: impl Iterator<Item = RowRef<'a>>) -> RowBuffer {
+        let (mut n, mut tokens, mut masked) = (0, 0, 0);
+        for (input_ids, _, positions, _, _) in rows {
+            n += 1;
+            tokens += input_ids.len();
+            masked += positions.len();
+        }
+        RowBuffer {
+            input_ids: Vec::with_capacity(tokens),
+            input_offsets: Vec::with_capacity(n + 1),
+            token_type_ids: Vec::with_capacity(tokens),
+            positions: Vec::with_capacity(masked),
+            masked_ids: Vec::with_capacity(masked),
+            mask_offsets: Vec::with_capacity(n + 1),
+            labels: Vec::with_capacity(n),
+        }
+    }
+
     /// Appends one row.
     fn push(&mut self, (input_ids, a_len, positions, masked_ids, label): RowRef<'_>) {
         if self.input_offsets.is_empty() {
@@ -450,8 +471,9 @@ fn encode(
     }
     if let Some((source, range)) = rows.source {
         for start in range.clone().step_by(ENCODE_ROWS) {
-            let mut buffer = RowBuffer::default();
-            (start..(start + ENCODE_ROWS).min(range.end)).for_each(|i| buffer.push(source.row(i)));
+            let rows = start..(start + ENCODE_ROWS).min(range.end);
+            let mut buffer = RowBuffer::with_capacity(rows.clone().map(|i| source.row(i)));
+            rows.for_each(|i| buffer.push(source.row(i)));
             write(buffer)?;
         }
     }
@@ -666,5 +688,55 @@ impl Iterator for RowIter {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capacities(b: &RowBuffer) -> [usize; 7] {
+        [
+            b.input_ids.capacity(),
+            b.input_offsets.capacity(),
+            b.token_type_ids.capacity(),
+            b.positions.capacity(),
+            b.masked_ids.capacity(),
+            b.mask_offsets.capacity(),
+            b.labels.capacity(),
+        ]
+    }
+
+    fn lengths(b: &RowBuffer) -> [usize; 7] {
+        [
+            b.input_ids.len(),
+            b.input_offsets.len(),
+            b.token_type_ids.len(),
+            b.positions.len(),
+            b.masked_ids.len(),
+            b.mask_offsets.len(),
+            b.labels.len(),
+        ]
+    }
+
+    #[test]
+    fn a_row_buffer_sized_from_its_rows_holds_them_without_growing() {
+        let rows: Vec<(Vec<u32>, u32, Vec<u32>, Vec<u32>, u8)> = (0..50u32)
+            .map(|i| {
+                let masked = (i % 4) as usize;
+                let ids: Vec<u32> = (0..5 + i % 7).collect();
+                (ids, 2, vec![1; masked], vec![9; masked], (i % 2) as u8)
+            })
+            .collect();
+        let refs = || {
+            rows.iter()
+                .map(|(ids, a, pos, masked, label)| (&ids[..], *a, &pos[..], &masked[..], *label))
+        };
+        let mut buffer = RowBuffer::with_capacity(refs());
+        let room = capacities(&buffer);
+        refs().for_each(|row| buffer.push(row));
+        assert_eq!(buffer.rows(), 50);
+        assert_eq!(capacities(&buffer), room);
+        assert_eq!(lengths(&buffer), room);
     }
 }
