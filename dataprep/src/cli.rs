@@ -71,7 +71,7 @@ pub struct DataprepArgs {
     pub shard_rows: usize,
     /// Rows per Parquet row group (the unit a reader can skip to). Each pending row group
     /// holds its rows and its encoders until written, so this sets most of dataprep's peak
-    /// memory: 1024 peaks 13-35% lower than 4096 and runs 2-5% slower (README, dataprep
+    /// memory: 1024 peaks 25-32% lower than 4096, at the same speed (README, dataprep
     /// figures).
     #[arg(long, default_value_t = 1024)]
     pub row_group_rows: usize,

@@ -6,10 +6,10 @@
 //! instances, five times its tokens with the default `--dupe-factor`, are made *slice* by
 //! slice: runs of documents holding about [`SLICE_TOKENS`] tokens, each generated (on every
 //! thread) and shuffled, then cut into row groups that pool tasks gather, encode and
-//! compress while the next slice is generated (see [`ShardWriter`]). Peak memory is one
-//! tokenised window, the raw text of the batches being tokenised, the slice being generated,
-//! the slices whose row groups are still pending (at most two groups per thread) and one row
-//! group's encoder per thread, whatever the corpus size.
+//! compress (see [`ShardWriter`]); the next slice is made once they are written. Peak memory
+//! is one tokenised window, the raw text of the batches being tokenised, one slice of
+//! instances, one row group's buffers and encoders per thread and the encoded groups waiting
+//! to be appended (at most two per thread), whatever the corpus size.
 //!
 //! Threads: `--threads` sets the pool that does all the work. One of its threads runs the
 //! loop of [`run`] (reads the input, hands out tasks, appends encoded row groups to the
@@ -61,11 +61,10 @@ use crate::wordpiece::SentenceTokenizer;
 
 /// Documents per unit of parallel work.
 pub const UNIT_DOCS: usize = 8;
-/// Default tokens of the documents a slice of instances is made from (about 512 KiB of text).
-/// A slice's instances (five times its tokens) stay alive until its last row group is encoded,
-/// while the next slice is generated, so this sets most of the peak: 128 Ki rather than
-/// 256 Ki measured 3 MB lower on the 10x corpus, at the same speed.
-pub const SLICE_TOKENS: usize = 128 * 1024;
+/// Default tokens of the documents a slice of instances is made from (about 1 MiB of text).
+/// A slice's instances (five times its tokens) stay alive until its last row group is
+/// encoded, so this sets most of the peak.
+pub const SLICE_TOKENS: usize = 256 * 1024;
 /// A final window smaller than this is merged into the previous one.
 pub const MIN_WINDOW_DOCS: usize = 64;
 /// Subdirectory holding the validation split.
@@ -383,33 +382,40 @@ fn write_splits(
     input_bytes: u64,
 ) -> Result<Written> {
     let mut windows = WindowReader::new(files.to_vec(), cfg.window_bytes, tokenizer);
-    let mut train_writer = ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows)?;
-    let mut val_writer = ShardWriter::new(val_dir, cfg.shard_rows, cfg.row_group_rows)?;
+    let mut writers = [
+        ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows)?,
+        ShardWriter::new(val_dir, cfg.shard_rows, cfg.row_group_rows)?,
+    ];
     let mut progress = Progress::new(cfg.show_progress, input_bytes);
-    let mut train_totals = Totals::default();
-    let mut val_totals = Totals::default();
+    let mut totals = [Totals::default(), Totals::default()];
     while let Some(w) = windows.next_window()? {
         let docs = split_window(w, cfg);
-        train_totals.empty_documents_skipped += docs.empty;
-        for (split, split_docs, writer, totals) in [
-            (0, &docs.train, &mut train_writer, &mut train_totals),
-            (1, &docs.validation, &mut val_writer, &mut val_totals),
-        ] {
-            add_document_totals(totals, split_docs);
+        totals[0].empty_documents_skipped += docs.empty;
+        for (split, split_docs) in [&docs.train, &docs.validation].into_iter().enumerate() {
+            add_document_totals(&mut totals[split], split_docs);
             for (slice, units) in slices(split_docs, cfg.slice_tokens).into_iter().enumerate() {
-                let key = [docs.index, split, slice as u64];
+                // Only one slice's instances at a time: the previous slice's last row groups
+                // are encoded (by every thread) before the next slice is made. Letting them
+                // overlap ran no faster and held two slices, the largest item of the peak.
+                // The next window is still read while the last slice's groups encode.
+                for writer in &mut writers {
+                    writer.drain()?;
+                }
+                let key = [docs.index, split as u64, slice as u64];
                 let out = generate_slice(split_docs, units, key, cfg, gen_opts, mask_vocab);
-                add_instance_totals(totals, &out.batches);
+                add_instance_totals(&mut totals[split], &out.batches);
                 let count = out.order.len();
-                writer.write_rows(Arc::new(out), count)?;
+                writers[split].write_rows(Arc::new(out), count)?;
             }
         }
         progress.update(
             windows.reader.bytes_read.load(Ordering::Relaxed),
-            train_totals.documents + val_totals.documents,
-            train_totals.instances + val_totals.instances,
+            totals[0].documents + totals[1].documents,
+            totals[0].instances + totals[1].instances,
         );
     }
+    let [train_writer, val_writer] = writers;
+    let [train_totals, val_totals] = totals;
     let train = (train_writer.finish()?, train_totals);
     let validation = (val_writer.finish()?, val_totals);
     progress.finish();
@@ -674,7 +680,7 @@ thread_local! {
     /// Each thread grows a unit's instances here, then hands on an exact-size copy. Growing
     /// every unit's own columns by doubling (and shrinking them after) left each glibc arena
     /// holding the freed intermediate sizes, in holes that later slices did not fit: with two
-    /// threads the 10x corpus peaked 1.3x as high as the 1x corpus, against 1.1x this way.
+    /// threads the 10x corpus peaked 1.3x as high as the 1x corpus, against 1.15x this way.
     static GROWING_BATCH: RefCell<InstanceBatch> = RefCell::new(InstanceBatch::new());
 }
 

@@ -241,10 +241,9 @@ impl ShardWriter {
     /// Each row group becomes a task on the pool that gathers its rows from `source` (a copy)
     /// and encodes them. Encoded groups are appended in order, only once
     /// [`crate::tasks::max_pending`] of them are pending, so this returns with up to that
-    /// many still encoding (each holding its `source`). So the pool keeps encoding while the caller
-    /// generates what comes next, and the serial part (appending to the file, hashing)
-    /// overlaps the parallel ones instead of stopping every thread at the end of each call.
-    /// (Waiting here for the previous call's groups instead cost 10% of the time.)
+    /// many still encoding (each holding its `source`), and the serial part (appending to the
+    /// file, hashing) overlaps the parallel ones. The caller decides how long they may run
+    /// on: [`ShardWriter::drain`] waits for them.
     pub(crate) fn write_rows(&mut self, source: Arc<dyn RowSource>, count: usize) -> Result<()> {
         let mut next = 0;
         while let Some((carried, range, ends_shard)) = self.next_group(&mut next, count, &*source) {
@@ -378,8 +377,8 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Appends every row group still encoding.
-    fn drain(&mut self) -> Result<()> {
+    /// Appends every row group still encoding, which frees their sources.
+    pub(crate) fn drain(&mut self) -> Result<()> {
         while let Some(encoded) = self.in_flight.oldest()? {
             self.append(encoded)?;
         }
