@@ -694,33 +694,28 @@ impl Iterator for RowIter {
 mod tests {
     use super::*;
 
-    fn capacities(b: &RowBuffer) -> [usize; 7] {
-        [
-            b.input_ids.capacity(),
-            b.input_offsets.capacity(),
-            b.token_type_ids.capacity(),
-            b.positions.capacity(),
-            b.masked_ids.capacity(),
-            b.mask_offsets.capacity(),
-            b.labels.capacity(),
-        ]
-    }
+    /// A row as `RowRef` borrows it.
+    type OwnedRow = (Vec<u32>, u32, Vec<u32>, Vec<u32>, u8);
 
-    fn lengths(b: &RowBuffer) -> [usize; 7] {
+    /// (length, capacity) of each column.
+    fn sizes(b: &RowBuffer) -> [(usize, usize); 7] {
+        fn of<T>(v: &Vec<T>) -> (usize, usize) {
+            (v.len(), v.capacity())
+        }
         [
-            b.input_ids.len(),
-            b.input_offsets.len(),
-            b.token_type_ids.len(),
-            b.positions.len(),
-            b.masked_ids.len(),
-            b.mask_offsets.len(),
-            b.labels.len(),
+            of(&b.input_ids),
+            of(&b.input_offsets),
+            of(&b.token_type_ids),
+            of(&b.positions),
+            of(&b.masked_ids),
+            of(&b.mask_offsets),
+            of(&b.labels),
         ]
     }
 
     #[test]
     fn a_row_buffer_sized_from_its_rows_holds_them_without_growing() {
-        let rows: Vec<(Vec<u32>, u32, Vec<u32>, Vec<u32>, u8)> = (0..50u32)
+        let rows: Vec<OwnedRow> = (0..50u32)
             .map(|i| {
                 let masked = (i % 4) as usize;
                 let ids: Vec<u32> = (0..5 + i % 7).collect();
@@ -732,10 +727,10 @@ mod tests {
                 .map(|(ids, a, pos, masked, label)| (&ids[..], *a, &pos[..], &masked[..], *label))
         };
         let mut buffer = RowBuffer::with_capacity(refs());
-        let room = capacities(&buffer);
+        let room = sizes(&buffer).map(|(_, capacity)| capacity);
         refs().for_each(|row| buffer.push(row));
         assert_eq!(buffer.rows(), 50);
-        assert_eq!(capacities(&buffer), room);
-        assert_eq!(lengths(&buffer), room);
+        assert_eq!(sizes(&buffer).map(|(_, capacity)| capacity), room);
+        assert_eq!(sizes(&buffer).map(|(len, _)| len), room);
     }
 }
