@@ -43,10 +43,13 @@ pub fn run(args: ExportArgs) -> Result<()> {
     ));
     let weights = hf::load_dir(&dir, &layout, 0)?;
     hf::save_dir(&args.output, &config, &layout, &weights.flat, Some(&vocab))?;
-    let tokenizer_config = dir.join("tokenizer_config.json");
-    if tokenizer_config.is_file() {
-        std::fs::copy(&tokenizer_config, args.output.join("tokenizer_config.json"))?;
-    }
+    // The casing as every other command decides it (the checkpoint's tokenizer_config.json,
+    // or an inference for checkpoints without one), written out so HF tools use it too.
+    let casing = bertrain_dataprep::Vocab::load(&vocab, None)?.casing;
+    hf::write_atomically(
+        &args.output.join(hf::TOKENIZER_CONFIG_FILE),
+        casing.tokenizer_config_json().as_bytes(),
+    )?;
     println!(
         "exported step {} ({:.1}M parameters) from {} to {}",
         state.step,

@@ -63,10 +63,27 @@ pub fn fill_mask(model_dir: &std::path::Path, text: &str, k: usize) -> Result<Ve
         resolved.as_path()
     };
     let vocab = model_dir.join(VOCAB_FILE);
-    let tokenizer = bertrain_dataprep::bert_tokenizer(&vocab, None)?;
+    let words = bertrain_dataprep::Vocab::load(&vocab, None)?;
+    let tokenizer = words.tokenizer()?;
     let encoding = tokenizer
         .encode(text, false)
         .map_err(|e| anyhow::anyhow!("cannot tokenise the text: {e}"))?;
+    let unknown: Vec<&str> = encoding
+        .get_ids()
+        .iter()
+        .zip(encoding.get_offsets())
+        .filter(|(id, _)| **id == words.unk)
+        .filter_map(|(_, &(start, end))| text.get(start..end))
+        .filter(|word| *word != "[UNK]")
+        .collect();
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "the vocabulary of {} cannot spell {:?}: the model sees [UNK] there (it reads text {})",
+            model_dir.display(),
+            unknown,
+            words.casing
+        );
+    }
     let mask_id = tokenizer
         .token_to_id("[MASK]")
         .with_context(|| format!("{} has no [MASK] token", vocab.display()))?;

@@ -97,7 +97,7 @@ impl WorkerClient {
         // longer than the coordinator's silence limit.
         let stop = Arc::new(Mutex::new(None));
         let finished = Arc::new(AtomicBool::new(false));
-        let interval = Duration::from_secs_f64(job.cluster.heartbeat_interval_s);
+        let interval = crate::watchdog::Watchdog::from_job(&job.cluster).heartbeat;
         let heartbeat = spawn_heartbeat(writer.clone(), interval, stop.clone(), finished.clone());
         let mut client = WorkerClient {
             writer,

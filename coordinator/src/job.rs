@@ -512,6 +512,14 @@ fn check_host_port<'a>(name: &str, addr: &'a str) -> Result<(&'a str, u16)> {
     Ok((host, port))
 }
 
+/// Every key of the job file, as `section.key`.
+pub fn keys() -> Vec<String> {
+    known_keys()
+        .into_iter()
+        .flat_map(|(section, keys)| keys.into_iter().map(move |k| format!("{section}.{k}")))
+        .collect()
+}
+
 /// Every `section -> keys` the job file accepts, read off the structs themselves so that
 /// the list cannot drift from them.
 fn known_keys() -> BTreeMap<String, Vec<String>> {

@@ -5,6 +5,7 @@ pub mod checkpoints;
 pub mod client;
 mod http;
 pub mod job;
+pub mod job_keys;
 mod journal;
 pub mod launch;
 mod metrics;
@@ -14,6 +15,7 @@ pub mod server;
 mod signals;
 mod status;
 mod token;
+mod watchdog;
 
 pub use client::{Fingerprint, JoinInfo, StopRequest, WorkerClient, hostname};
 pub use job::{JobConfig, Override};

@@ -37,6 +37,7 @@ use crate::protocol::{
 use crate::signals;
 use crate::status::{StatusBoard, WorkerView};
 use crate::token::{ensure_token, tokens_equal};
+use crate::watchdog::Watchdog;
 
 /// How often the state loop wakes without events to check timeouts and signals.
 const TICK: Duration = Duration::from_millis(200);
@@ -64,11 +65,25 @@ pub struct CoordinatorArgs {
 pub fn run(args: CoordinatorArgs) -> Result<()> {
     signals::install()?;
     let job = load_job(&args.config, &args.overrides, args.resume)?;
-    let listen = args
-        .listen
-        .unwrap_or_else(|| job.cluster.coordinator.clone());
+    let listen = listen_address(args.listen, &job);
     let coordinator = Coordinator::bind(job, &listen)?;
     coordinator.run()
+}
+
+/// Where the coordinator listens for workers: `--listen`, else `cluster.coordinator`.
+pub(crate) fn listen_address(listen: Option<String>, job: &JobConfig) -> String {
+    listen.unwrap_or_else(|| job.cluster.coordinator.clone())
+}
+
+/// Removes the checkpoints beyond `checkpoint.keep_last` from the run's `checkpoints/`.
+pub(crate) fn prune_checkpoints(job: &JobConfig) -> Result<Vec<PathBuf>> {
+    let dir = checkpoints::checkpoints_dir(&job.job.run_dir);
+    checkpoints::prune(&dir, job.checkpoint.keep_last as usize)
+}
+
+/// Workers the job waits for before it starts (`cluster.world_size`).
+pub(crate) fn world_size(job: &JobConfig) -> usize {
+    job.cluster.world_size as usize
 }
 
 /// Loads the job file with `--set` overrides and `--resume` applied.
@@ -163,7 +178,7 @@ impl Coordinator {
         ));
         let shutdown = Arc::new(AtomicBool::new(false));
         let (events, inbox) = mpsc::channel();
-        let silence = Duration::from_secs_f64(self.job.cluster.heartbeat_timeout_s);
+        let silence = Watchdog::from_job(&self.job.cluster).silence;
         let listener = self
             .listener
             .try_clone()
@@ -214,7 +229,7 @@ impl Coordinator {
 /// earlier metrics or checkpoints are mixed up with the new run's. With `resume = "auto"`
 /// a damaged or incomplete newest checkpoint is reported and the previous one used; a
 /// checkpoint of other training data, or of another global batch, is refused.
-fn resume_point(job: &JobConfig, dataset_hash: &str) -> Result<Option<Found>> {
+pub(crate) fn resume_point(job: &JobConfig, dataset_hash: &str) -> Result<Option<Found>> {
     let run_dir = &job.job.run_dir;
     let ckpt_dir = checkpoints::checkpoints_dir(run_dir);
     let has_run =
@@ -472,6 +487,7 @@ struct Machine {
     resume_from: Option<PathBuf>,
     /// Generations restarted by this coordinator process.
     restarts: u32,
+    watchdog: Watchdog,
     /// Set once the job was interrupted: the workers are checkpointing before they stop.
     stopping: Option<String>,
 }
@@ -483,7 +499,7 @@ impl Machine {
         metrics_path: PathBuf,
         board: Arc<StatusBoard>,
     ) -> Result<Machine> {
-        let world = c.job.cluster.world_size as usize;
+        let world = world_size(&c.job);
         let history = journal::read(&c.job.job.run_dir)?;
         if let Some(committed) = journal::last_committed(&history)
             && committed > c.start_step
@@ -528,12 +544,13 @@ impl Machine {
             journal,
             resume_from: c.resume_from.clone(),
             restarts,
+            watchdog: Watchdog::from_job(&c.job.cluster),
             stopping: None,
         })
     }
 
     fn world_size(&self) -> usize {
-        self.job.cluster.world_size as usize
+        world_size(&self.job)
     }
 
     fn run(&mut self, inbox: &Receiver<Event>) -> Result<()> {
@@ -913,7 +930,7 @@ impl Machine {
         if let Err(e) = checkpoints::set_latest(&ckpt_dir, step) {
             tracing::error!("cannot update {}/latest: {e:#}", ckpt_dir.display());
         }
-        match checkpoints::prune(&ckpt_dir, self.job.checkpoint.keep_last as usize) {
+        match prune_checkpoints(&self.job) {
             Ok(removed) => {
                 for old in removed {
                     tracing::debug!(dir = %old.display(), "removed an old checkpoint");
@@ -946,8 +963,8 @@ impl Machine {
         if let Some(stopping) = &self.stopping {
             return Flow::End(Err(anyhow::anyhow!("{stopping}; then {reason}")));
         }
-        let limit = self.job.cluster.max_restarts;
-        if self.restarts >= limit {
+        let limit = self.watchdog.max_restarts;
+        if !self.watchdog.may_restart(self.restarts) {
             let _ = self.journal.append(&Entry::JobStopped {
                 reason: reason.clone(),
             });
@@ -1027,8 +1044,8 @@ impl Machine {
             }
         }
         if matches!(self.phase, Phase::Running) {
-            let limit = self.job.cluster.step_timeout_s;
-            if self.last_progress.elapsed().as_secs_f64() > limit {
+            let limit = self.watchdog.step_timeout.as_secs_f64();
+            if self.watchdog.stalled(self.last_progress.elapsed()) {
                 let behind: Vec<String> = self
                     .members
                     .iter()
@@ -1048,8 +1065,8 @@ impl Machine {
         } else if self.generation > 0 {
             // After a failed generation the job waits for its workers to come back, but
             // not forever: nobody may be left to restart them.
-            let limit = self.job.cluster.step_timeout_s;
-            if self.last_progress.elapsed().as_secs_f64() > limit {
+            let limit = self.watchdog.step_timeout.as_secs_f64();
+            if self.watchdog.stalled(self.last_progress.elapsed()) {
                 return Flow::End(Err(anyhow::anyhow!(
                     "only {} of {} workers rejoined within {limit} s (cluster.step_timeout_s) after the last restart; \
                      restart the missing workers and run the coordinator again with --resume",

@@ -12,7 +12,7 @@ use crate::input::{DocumentReader, expand_inputs};
 use crate::manifest::{Totals, temp_name, write_file_atomically};
 use crate::pipeline::{DataprepConfig, DataprepReport};
 use crate::synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus_with};
-use crate::vocab::{TOKENIZER_CONFIG, tokenizer_config_json, train_vocab};
+use crate::vocab::{Casing, CasingSource, TOKENIZER_CONFIG, train_vocab};
 
 /// Train a WordPiece vocabulary (HF BERT layout: [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102,
 /// [MASK]=103) and write vocab.txt plus tokenizer_config.json beside it.
@@ -182,7 +182,11 @@ pub fn run_vocab(args: VocabArgs) -> Result<()> {
     let mut text = tokens.join("\n");
     text.push('\n');
     write_file_atomically(&args.output, text.as_bytes())?;
-    write_file_atomically(&config, tokenizer_config_json(lowercase).as_bytes())?;
+    let casing = Casing {
+        lowercase,
+        source: CasingSource::Trained,
+    };
+    write_file_atomically(&config, casing.tokenizer_config_json().as_bytes())?;
     println!(
         "wrote {} ({} tokens{}; {}) and {}",
         args.output.display(),
@@ -275,6 +279,13 @@ fn print_summary(r: &DataprepReport) {
     row("single-sentence documents", &|t| {
         t.single_sentence_documents
     });
+    let share = |t: &Totals| format!("{:.3}%", 100.0 * t.unk_share());
+    println!(
+        "  {:<28} {:>14} {:>14}",
+        "[UNK] share of the text",
+        share(t),
+        v.map(share).unwrap_or_else(|| "-".into())
+    );
     println!(
         "  {:<28} {:>14} {:>14}",
         "shard files",
@@ -308,6 +319,10 @@ fn print_summary(r: &DataprepReport) {
     println!("  input        {:.2} MB", mb);
     println!("  output       {}", r.train.dir().display());
     println!("  content hash {}", r.train.content_hash());
+    println!("  casing       {}", r.train.options.casing);
+    if let Some(warning) = r.unk_warning() {
+        tracing::warn!("{warning}");
+    }
     if let Some(vm) = &r.validation
         && vm.totals.instances == 0
     {

@@ -21,9 +21,14 @@ pub struct ShardStats {
     pub masked_kept: u64,
     pub masked_random: u64,
     pub not_next: u64,
+    /// Tokens that were `[UNK]` before masking (counted when the vocabulary is known).
+    pub unk: u64,
 }
 
-pub fn shard_stats(shard: &Path, mask_id: Option<u32>) -> Result<ShardStats> {
+/// Statistics of `shard`; `vocab` gives the ids of `[MASK]` and `[UNK]` when known.
+pub fn shard_stats(shard: &Path, vocab: Option<&Vocab>) -> Result<ShardStats> {
+    let mask_id = vocab.map(|v| v.mask);
+    let unk_id = vocab.map(|v| v.unk);
     let groups = row_group_rows(shard)?;
     let total: u64 = groups.iter().sum();
     let mut s = ShardStats {
@@ -36,6 +41,17 @@ pub fn shard_stats(shard: &Path, mask_id: Option<u32>) -> Result<ShardStats> {
         s.tokens += r.input_ids.len() as u64;
         s.max_len = s.max_len.max(r.input_ids.len());
         s.not_next += u64::from(r.next_sentence_label);
+        if let Some(unk) = unk_id {
+            // The text's own token at each position: the original where it was masked.
+            let shown_unk = r.input_ids.iter().filter(|&&t| t == unk).count() as u64;
+            let masked_shown_unk = r
+                .masked_lm_positions
+                .iter()
+                .filter(|&&p| r.input_ids.get(p as usize) == Some(&unk))
+                .count() as u64;
+            let masked_orig_unk = r.masked_lm_ids.iter().filter(|&&t| t == unk).count() as u64;
+            s.unk += shown_unk - masked_shown_unk + masked_orig_unk;
+        }
         for (&p, &orig) in r.masked_lm_positions.iter().zip(&r.masked_lm_ids) {
             s.masked += 1;
             let shown = r.input_ids.get(p as usize).copied();
@@ -118,7 +134,7 @@ pub fn run(path: &Path, rows: usize, as_json: bool, vocab_override: Option<&Path
     let total: u64 = groups.iter().sum();
     let shown: Vec<Instance> =
         read_rows(&shard, 0, (rows as u64).min(total))?.collect::<Result<_>>()?;
-    let stats = shard_stats(&shard, vocab.as_ref().map(|v| v.mask))?;
+    let stats = shard_stats(&shard, vocab.as_ref())?;
     if as_json {
         let rows_json: Vec<_> = shown
             .iter()
@@ -149,6 +165,7 @@ pub fn run(path: &Path, rows: usize, as_json: bool, vocab_override: Option<&Path
                 "max_predictions": m.max_predictions,
                 "content_hash": m.content_hash(),
                 "totals": m.totals,
+                "unk_share": m.totals.unk_share(),
                 "options": m.options,
             })),
         });
@@ -206,12 +223,28 @@ pub fn run(path: &Path, rows: usize, as_json: bool, vocab_override: Option<&Path
         "  NotNext              {:.1}%",
         pct(stats.not_next, stats.rows)
     );
+    if vocab.is_some() {
+        println!(
+            "  [UNK]                {:.3}% of tokens",
+            pct(stats.unk, stats.tokens)
+        );
+    }
     if let Some(m) = &manifest {
         println!("\ndataset {} ({} split)", m.dir().display(), m.split);
         println!("  shards               {}", m.shards.len());
         println!("  rows                 {}", m.total_rows());
         println!("  tokens               {}", m.total_tokens());
         println!("  documents            {}", m.totals.documents);
+        if m.totals.text_tokens > 0 {
+            println!(
+                "  [UNK]                {:.3}% of the text's {} tokens",
+                100.0 * m.totals.unk_share(),
+                m.totals.text_tokens
+            );
+        }
+        if !m.options.casing.is_empty() {
+            println!("  casing               {}", m.options.casing);
+        }
         println!(
             "  vocab                {} tokens, sha256 {}",
             m.vocab_size,

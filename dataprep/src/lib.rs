@@ -27,7 +27,7 @@ pub use manifest::{
 pub use pipeline::{DataprepConfig, DataprepReport};
 pub use shards::{Instance, read_rows, row_group_rows};
 pub use synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus, synth_corpus_with};
-pub use vocab::{Vocab, bert_tokenizer};
+pub use vocab::{Casing, CasingSource, Vocab, bert_tokenizer};
 
 /// Seeded RNG used by the generator, exposed so tests can drive [`instances`] directly.
 pub use rng::Rng as SeededRng;

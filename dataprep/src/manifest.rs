@@ -36,6 +36,9 @@ pub struct DataprepOptions {
     pub slice_tokens: usize,
     pub validation_fraction: f64,
     pub lowercase: bool,
+    /// What decided `lowercase` (absent in manifests from before it was recorded).
+    #[serde(default)]
+    pub casing: String,
 }
 
 /// Counts over the whole run, also printed as the final summary table.
@@ -56,6 +59,19 @@ pub struct Totals {
     pub malformed_records_skipped: u64,
     pub long_documents_split: u64,
     pub validation_documents: u64,
+    /// WordPiece tokens of the split's documents (each counted once, before duplication
+    /// into instances), and how many of them are `[UNK]` (absent in older manifests).
+    #[serde(default)]
+    pub text_tokens: u64,
+    #[serde(default)]
+    pub unk_tokens: u64,
+}
+
+impl Totals {
+    /// The share of the text's tokens that are `[UNK]`: words the vocabulary cannot spell.
+    pub fn unk_share(&self) -> f64 {
+        self.unk_tokens as f64 / self.text_tokens.max(1) as f64
+    }
 }
 
 /// One Parquet file of the dataset; `file` is relative to the manifest's directory.

@@ -56,7 +56,7 @@ use crate::progress::Progress;
 use crate::rng::{Rng, derive_seed};
 use crate::shards::{RowRef, RowSource, ShardWriter};
 use crate::tasks::InOrder;
-use crate::vocab::{TOKENIZER_CONFIG, Vocab, tokenizer_config_json};
+use crate::vocab::{TOKENIZER_CONFIG, Vocab};
 use crate::wordpiece::SentenceTokenizer;
 
 /// Documents per unit of parallel work.
@@ -175,6 +175,41 @@ pub struct DataprepReport {
     pub train: Manifest,
     pub validation: Option<Manifest>,
     pub seconds: f64,
+}
+
+/// Above this share of `[UNK]` tokens the vocabulary does not fit the corpus: BERT's own
+/// vocabularies leave well under 0.1% of English text unknown.
+pub const UNK_WARNING_SHARE: f64 = 0.01;
+
+impl DataprepReport {
+    /// One line saying that the vocabulary leaves too much of the text `[UNK]`, the likely
+    /// causes and the fix; None when it is below [`UNK_WARNING_SHARE`].
+    pub fn unk_warning(&self) -> Option<String> {
+        let mut t = self.train.totals.clone();
+        if let Some(v) = &self.validation {
+            t.text_tokens += v.totals.text_tokens;
+            t.unk_tokens += v.totals.unk_tokens;
+        }
+        let share = t.unk_share();
+        if share <= UNK_WARNING_SHARE {
+            return None;
+        }
+        let o = &self.train.options;
+        let flag = if o.lowercase {
+            "--cased"
+        } else {
+            "--lowercase"
+        };
+        Some(format!(
+            "{:.1}% of the corpus's tokens are [UNK] (more than {:.0}%): the vocabulary {} does not fit it. \
+             Likely causes: its casing (it was used {}; if that is wrong, rerun with {flag}), or a vocabulary \
+             made for another language or script (train one on this corpus with `bertrain vocab`)",
+            100.0 * share,
+            100.0 * UNK_WARNING_SHARE,
+            self.train.dir().join(&self.train.vocab_file).display(),
+            o.casing
+        ))
+    }
 }
 
 /// A window's documents, tokenised, in corpus order.
@@ -314,7 +349,8 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         window_bytes: cfg.window_bytes,
         slice_tokens: cfg.slice_tokens,
         validation_fraction: cfg.validation_fraction,
-        lowercase: vocab.lowercase,
+        lowercase: vocab.casing.lowercase,
+        casing: vocab.casing.to_string(),
     };
     let inputs: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let manifest =
@@ -381,6 +417,7 @@ fn write_splits(
     val_dir: &Path,
     input_bytes: u64,
 ) -> Result<Written> {
+    let unk = tokenizer.unk();
     let mut windows = WindowReader::new(files.to_vec(), cfg.window_bytes, tokenizer);
     let mut writers = [
         ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows)?,
@@ -392,7 +429,7 @@ fn write_splits(
         let docs = split_window(w, cfg);
         totals[0].empty_documents_skipped += docs.empty;
         for (split, split_docs) in [&docs.train, &docs.validation].into_iter().enumerate() {
-            add_document_totals(&mut totals[split], split_docs);
+            add_document_totals(&mut totals[split], split_docs, unk);
             for (slice, units) in slices(split_docs, cfg.slice_tokens).into_iter().enumerate() {
                 // Only one slice's instances at a time: the previous slice's last row groups
                 // are encoded (by every thread) before the next slice is made. Letting them
@@ -426,8 +463,12 @@ fn write_splits(
     })
 }
 
-fn add_document_totals(into: &mut Totals, docs: &[TokenizedDoc]) {
+fn add_document_totals(into: &mut Totals, docs: &[TokenizedDoc], unk: u32) {
     into.documents += docs.len() as u64;
+    for d in docs {
+        into.text_tokens += d.tokens.len() as u64;
+        into.unk_tokens += d.tokens.iter().filter(|&&t| t == unk).count() as u64;
+    }
     into.sentences += docs.iter().map(|d| d.sentences() as u64).sum::<u64>();
     into.single_sentence_documents += docs.iter().filter(|d| d.sentences() == 1).count() as u64;
 }
@@ -780,6 +821,6 @@ fn copy_vocab(vocab: &Vocab, bytes: &[u8], dir: &Path) -> Result<()> {
     write_file_atomically(&dir.join("vocab.txt"), bytes)?;
     write_file_atomically(
         &dir.join(TOKENIZER_CONFIG),
-        tokenizer_config_json(vocab.lowercase).as_bytes(),
+        vocab.casing.tokenizer_config_json().as_bytes(),
     )
 }

@@ -6,11 +6,14 @@
 //! `[MASK]`=103, and the trained pieces from 104 on. (HF also has ~900 more `[unused]` tokens
 //! after 103; we do not spend vocabulary on them.)
 //!
-//! Lowercasing of a `vocab.txt` is decided, in order, by a `tokenizer_config.json` beside it
-//! (`do_lower_case`), by `--lowercase`/`--cased`, or by inference: a vocabulary without any
-//! uppercase letter is lowercase.
+//! Whether a `vocab.txt` lowercases is decided here, once, for every command that
+//! tokenises ([`Casing::decide`]), in the order HF's own loaders use: `do_lower_case` of a
+//! `tokenizer_config.json` beside it, else the normaliser of a `tokenizer.json` beside it,
+//! else an inference from the vocabulary itself. `--lowercase`/`--cased` override the
+//! inference and must agree with a file that says otherwise.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +33,208 @@ use crate::manifest::hex;
 pub(crate) const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 const UNUSED_BEFORE_UNK: usize = 99;
 pub(crate) const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+const TOKENIZER_JSON: &str = "tokenizer.json";
+
+/// A vocabulary is taken as cased when more than this share of its ordinary tokens holds
+/// an uppercase letter. Real uncased vocabularies hold a few such tokens (bert-base-uncased
+/// has `ℝ` and `##ℝ` among 29,523: letters without a lowercase form), cased ones thousands
+/// (bert-base-cased 29%, bert-base-multilingual-cased 16%).
+const CASED_UPPERCASE_SHARE: f64 = 0.02;
+/// ...and also when fewer than this share of its tokens hold a letter that has case at all:
+/// a vocabulary mostly of a script without case, such as bert-base-chinese (19% of its
+/// tokens; the English and multilingual ones 70-94%), which HF configures cased.
+const CASELESS_SCRIPT_SHARE: f64 = 0.5;
+
+/// Whether text is lowercased (and accent-stripped, as HF's BERT normaliser does with
+/// `strip_accents` unset) before WordPiece, and what decided it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Casing {
+    pub lowercase: bool,
+    pub source: CasingSource,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CasingSource {
+    /// `--lowercase` or `--cased`.
+    Flag,
+    /// `do_lower_case` in the `tokenizer_config.json` beside the vocabulary.
+    TokenizerConfig,
+    /// The normaliser of the `tokenizer.json` beside the vocabulary.
+    TokenizerJson,
+    /// The vocabulary itself: these shares of its ordinary tokens hold an uppercase letter
+    /// and a letter that has case.
+    Inferred {
+        uppercase_share: f64,
+        cased_letter_share: f64,
+    },
+    /// `bertrain vocab` trained the vocabulary this way (`--cased`, or its default).
+    Trained,
+}
+
+impl fmt::Display for Casing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let case = if self.lowercase { "lowercase" } else { "cased" };
+        match &self.source {
+            CasingSource::Flag => write!(
+                f,
+                "{case} (--{})",
+                if self.lowercase { "lowercase" } else { "cased" }
+            ),
+            CasingSource::TokenizerConfig => {
+                write!(f, "{case} (do_lower_case in {TOKENIZER_CONFIG})")
+            }
+            CasingSource::TokenizerJson => write!(f, "{case} (the normaliser in {TOKENIZER_JSON})"),
+            CasingSource::Trained => write!(f, "{case} (as `bertrain vocab` trained it)"),
+            CasingSource::Inferred {
+                uppercase_share,
+                cased_letter_share,
+            } => write!(
+                f,
+                "{case} (inferred from the vocabulary: {:.2}% of its tokens hold an uppercase letter, \
+                 {:.0}% a letter with case; pass --lowercase or --cased to decide otherwise)",
+                100.0 * uppercase_share,
+                100.0 * cased_letter_share
+            ),
+        }
+    }
+}
+
+impl Casing {
+    /// Decides the casing of `vocab_txt` (whose tokens are `tokens`), as the module docs say.
+    pub fn decide(vocab_txt: &Path, tokens: &[String], flag: Option<bool>) -> Result<Casing> {
+        let config = vocab_txt.with_file_name(TOKENIZER_CONFIG);
+        let json = vocab_txt.with_file_name(TOKENIZER_JSON);
+        // The first file that says something decides; one that says nothing is passed by.
+        let mut said = None;
+        if config.is_file()
+            && let Some(lower) = config_lowercase(&config)?
+        {
+            said = Some((config, lower, CasingSource::TokenizerConfig));
+        }
+        if said.is_none()
+            && json.is_file()
+            && let Some(lower) = tokenizer_json_lowercase(&json)?
+        {
+            said = Some((json, lower, CasingSource::TokenizerJson));
+        }
+        if let Some((path, lower, source)) = said {
+            if let Some(f) = flag
+                && f != lower
+            {
+                bail!(
+                    "{} says {} but {} was given; drop the flag or fix the file",
+                    path.display(),
+                    if lower {
+                        "do_lower_case=true"
+                    } else {
+                        "do_lower_case=false"
+                    },
+                    if f { "--lowercase" } else { "--cased" }
+                );
+            }
+            return Ok(Casing {
+                lowercase: lower,
+                source,
+            });
+        }
+        if let Some(lowercase) = flag {
+            return Ok(Casing {
+                lowercase,
+                source: CasingSource::Flag,
+            });
+        }
+        let (uppercase_share, cased_letter_share) = letter_shares(tokens);
+        Ok(Casing {
+            lowercase: uppercase_share <= CASED_UPPERCASE_SHARE
+                && cased_letter_share >= CASELESS_SCRIPT_SHARE,
+            source: CasingSource::Inferred {
+                uppercase_share,
+                cased_letter_share,
+            },
+        })
+    }
+
+    /// `tokenizer_config.json` for a vocabulary of this casing, so that HF tools and our own
+    /// loader agree on it; `bertrain_casing` records what decided it.
+    pub fn tokenizer_config_json(&self) -> String {
+        let v = serde_json::json!({
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": self.lowercase,
+            "strip_accents": null,
+            "tokenize_chinese_chars": true,
+            "unk_token": "[UNK]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+            "bertrain_casing": self.to_string(),
+        });
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+    }
+}
+
+/// The shares of ordinary tokens (not `[...]` specials) that hold an uppercase letter, and
+/// that hold a letter with case (upper or lower).
+fn letter_shares(tokens: &[String]) -> (f64, f64) {
+    let ordinary: Vec<&String> = tokens
+        .iter()
+        .filter(|t| !(t.starts_with('[') && t.ends_with(']')))
+        .collect();
+    let share = |has: fn(char) -> bool| {
+        let n = ordinary.iter().filter(|t| t.chars().any(has)).count();
+        n as f64 / ordinary.len().max(1) as f64
+    };
+    (
+        share(char::is_uppercase),
+        share(|c| c.is_uppercase() || c.is_lowercase()),
+    )
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// `do_lower_case` of a `tokenizer_config.json`, if it has one.
+fn config_lowercase(path: &Path) -> Result<Option<bool>> {
+    match read_json(path)?.get("do_lower_case") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+            anyhow!(
+                "{}: do_lower_case must be true or false, found {v}",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// Whether a `tokenizer.json`'s normaliser lowercases: a `BertNormalizer`'s `lowercase`, a
+/// `Lowercase` step (also inside a `Sequence`); None when it has no normaliser we know.
+fn tokenizer_json_lowercase(path: &Path) -> Result<Option<bool>> {
+    fn lowercases(n: &serde_json::Value) -> Option<bool> {
+        match n.get("type")?.as_str()? {
+            "BertNormalizer" => n.get("lowercase")?.as_bool(),
+            "Lowercase" => Some(true),
+            "Sequence" => {
+                let steps: Vec<Option<bool>> = n
+                    .get("normalizers")?
+                    .as_array()?
+                    .iter()
+                    .map(lowercases)
+                    .collect();
+                match steps.iter().any(|s| *s == Some(true)) {
+                    true => Some(true),
+                    false => steps.iter().all(Option::is_some).then_some(false),
+                }
+            }
+            // Unicode normal forms, stripping, replacing: none of them changes case.
+            "NFC" | "NFD" | "NFKC" | "NFKD" | "Strip" | "StripAccents" | "Replace" | "Prepend"
+            | "Nmt" => Some(false),
+            _ => None,
+        }
+    }
+    Ok(read_json(path)?.get("normalizer").and_then(lowercases))
+}
 
 /// A vocabulary file as read from disk.
 #[derive(Debug, Clone)]
@@ -37,7 +242,7 @@ pub struct Vocab {
     pub path: PathBuf,
     pub tokens: Vec<String>,
     pub sha256: String,
-    pub lowercase: bool,
+    pub casing: Casing,
     pub pad: u32,
     pub unk: u32,
     pub cls: u32,
@@ -46,7 +251,9 @@ pub struct Vocab {
 }
 
 impl Vocab {
-    /// Reads `vocab.txt` (one token per line, id = line number) and decides lowercasing.
+    /// Reads `vocab.txt` (one token per line, id = line number, read as HF `tokenizers`
+    /// reads it: `\n` or `\r\n` line ends, trailing white space dropped) and decides its
+    /// casing ([`Casing::decide`]).
     pub fn load(path: &Path, lowercase_flag: Option<bool>) -> Result<Vocab> {
         let bytes = fs::read(path).with_context(|| {
             format!(
@@ -54,22 +261,36 @@ impl Vocab {
                 path.display()
             )
         })?;
-        let text = String::from_utf8(bytes.clone()).map_err(|_| {
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
             anyhow!(
-                "vocabulary {} is not UTF-8 text; pass a WordPiece vocab.txt",
+                "vocabulary {} is not UTF-8 text (line {line}); pass a WordPiece vocab.txt",
                 path.display()
             )
         })?;
+        if text.starts_with('\u{feff}') {
+            bail!(
+                "vocabulary {} starts with a byte-order mark, which HF tokenizers read as part of its first token; \
+                 remove it (sed -i '1s/^\\xEF\\xBB\\xBF//' {})",
+                path.display(),
+                path.display()
+            );
+        }
         let tokens: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
-        let find =
-            |name: &str| -> Result<u32> {
-                tokens.iter().position(|t| t == name).map(|i| i as u32).ok_or_else(|| {
+        let ids = token_ids(path, &tokens)?;
+        let find = |name: &str| -> Result<u32> {
+            ids.get(name).copied().ok_or_else(|| {
                 anyhow!(
-                    "vocabulary {} has no {name} token; it is not a BERT WordPiece vocab.txt",
-                    path.display()
+                    "vocabulary {} has no {name} token (BERT needs {}); it is not a BERT WordPiece vocab.txt",
+                    path.display(),
+                    SPECIALS.join(" ")
                 )
             })
-            };
+        };
         let (pad, unk, cls, sep, mask) = (
             find("[PAD]")?,
             find("[UNK]")?,
@@ -77,12 +298,13 @@ impl Vocab {
             find("[SEP]")?,
             find("[MASK]")?,
         );
-        let lowercase = resolve_lowercase(path, &tokens, lowercase_flag)?;
+        let casing = Casing::decide(path, &tokens, lowercase_flag)?;
+        tracing::info!("vocabulary {}: {casing}", path.display());
         Ok(Vocab {
             path: path.to_path_buf(),
             sha256: hex(&Sha256::digest(&bytes)),
             tokens,
-            lowercase,
+            casing,
             pad,
             unk,
             cls,
@@ -118,7 +340,8 @@ impl Vocab {
             .build()
             .map_err(|e| anyhow!("building WordPiece model from {}: {e}", self.path.display()))?;
         let mut tk = Tokenizer::new(model);
-        tk.with_normalizer(Some(BertNormalizer::new(true, true, None, self.lowercase)));
+        let lowercase = self.casing.lowercase;
+        tk.with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)));
         tk.with_pre_tokenizer(Some(BertPreTokenizer));
         tk.with_post_processor(Some(BertProcessing::new(
             ("[SEP]".into(), self.sep),
@@ -137,45 +360,39 @@ impl Vocab {
     }
 }
 
-/// The BERT tokenizer of an HF-style `vocab.txt`. `lowercase` None = decide as described in
-/// the module docs (config file, else inference).
-pub fn bert_tokenizer(vocab_txt: &Path, lowercase: Option<bool>) -> Result<Tokenizer> {
-    Vocab::load(vocab_txt, lowercase)?.tokenizer()
-}
-
-fn resolve_lowercase(path: &Path, tokens: &[String], flag: Option<bool>) -> Result<bool> {
-    let config = path.with_file_name(TOKENIZER_CONFIG);
-    if config.is_file() {
-        let text =
-            fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
-        if let Some(v) = value.get("do_lower_case") {
-            let lower = v.as_bool().ok_or_else(|| {
-                anyhow!(
-                    "{}: do_lower_case must be true or false, found {v}",
-                    config.display()
-                )
-            })?;
-            if let Some(f) = flag
-                && f != lower
-            {
+/// Each token's id. A token on several lines gets the last one, as in HF's readers (the
+/// earlier ids are never produced); a special token on several lines is refused, since
+/// tools disagree on which one it is.
+fn token_ids<'a>(path: &Path, tokens: &'a [String]) -> Result<HashMap<&'a str, u32>> {
+    let mut ids: HashMap<&str, u32> = HashMap::with_capacity(tokens.len());
+    let mut repeated = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        if let Some(first) = ids.insert(token.as_str(), id as u32) {
+            if SPECIALS.contains(&token.as_str()) {
                 bail!(
-                    "{} says do_lower_case={lower} but {} was given; drop the flag or fix the file",
-                    config.display(),
-                    if f { "--lowercase" } else { "--cased" }
+                    "vocabulary {} has {token} on lines {} and {}; a special token must appear once",
+                    path.display(),
+                    first + 1,
+                    id + 1
                 );
             }
-            return Ok(lower);
+            repeated.push(format!("{token:?} (lines {} and {})", first + 1, id + 1));
         }
     }
-    if let Some(f) = flag {
-        return Ok(f);
+    if let Some(first) = repeated.first() {
+        tracing::warn!(
+            "vocabulary {} repeats {} token(s), e.g. {first}; each gets the id of its last line, as in HF",
+            path.display(),
+            repeated.len()
+        );
     }
-    Ok(!tokens
-        .iter()
-        .filter(|t| !(t.starts_with('[') && t.ends_with(']')))
-        .any(|t| t.chars().any(char::is_uppercase)))
+    Ok(ids)
+}
+
+/// The BERT tokenizer of an HF-style `vocab.txt`. `lowercase` None = decide as described in
+/// the module docs.
+pub fn bert_tokenizer(vocab_txt: &Path, lowercase: Option<bool>) -> Result<Tokenizer> {
+    Vocab::load(vocab_txt, lowercase)?.tokenizer()
 }
 
 /// Most distinct characters the vocabulary keeps as single-character pieces (HF's default
@@ -320,19 +537,124 @@ impl tokenizers::Trainer for DeterministicWordPiece {
     }
 }
 
-/// Writes `tokenizer_config.json` for a vocabulary we produced, so HF tools and our own
-/// loader agree on lowercasing.
-pub(crate) fn tokenizer_config_json(lowercase: bool) -> String {
-    let v = serde_json::json!({
-        "tokenizer_class": "BertTokenizer",
-        "do_lower_case": lowercase,
-        "strip_accents": null,
-        "tokenize_chinese_chars": true,
-        "unk_token": "[UNK]",
-        "sep_token": "[SEP]",
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "mask_token": "[MASK]",
-    });
-    serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn real(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/real-vocab")
+            .join(name)
+    }
+
+    /// A copy of the real bert-base-uncased `vocab.txt` in a fresh directory, with `files`
+    /// (name, contents) beside it.
+    fn uncased_with(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vocab.txt");
+        fs::copy(real("uncased/vocab.txt"), &path).unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        (dir, path)
+    }
+
+    fn casing(path: &Path, flag: Option<bool>) -> Result<Casing> {
+        Vocab::load(path, flag).map(|v| v.casing)
+    }
+
+    #[test]
+    fn casing_comes_from_config_then_tokenizer_json_then_the_vocabulary() {
+        let (_d, path) = uncased_with(&[]);
+        let c = casing(&path, None).unwrap();
+        assert!(c.lowercase && matches!(c.source, CasingSource::Inferred { .. }));
+        assert!(c.to_string().contains("0.01% of its tokens"), "{c}");
+        // A flag overrides an inference...
+        let c = casing(&path, Some(false)).unwrap();
+        assert_eq!((c.lowercase, &c.source), (false, &CasingSource::Flag));
+
+        // ...but not a file that says otherwise. The real tokenizer.json (all-MiniLM-L6-v2's,
+        // which uses this vocabulary) has a lowercasing BertNormalizer.
+        let json = fs::read_to_string(real("uncased/shipped_tokenizer.json")).unwrap();
+        let (_d, path) = uncased_with(&[(TOKENIZER_JSON, &json)]);
+        let c = casing(&path, None).unwrap();
+        assert_eq!(
+            (c.lowercase, &c.source),
+            (true, &CasingSource::TokenizerJson)
+        );
+        let err = casing(&path, Some(false)).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json says do_lower_case=true but --cased was given"),
+            "{err}"
+        );
+
+        // tokenizer_config.json comes first; one without do_lower_case says nothing.
+        let config = r#"{"do_lower_case": false}"#;
+        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG, config), (TOKENIZER_JSON, &json)]);
+        let c = casing(&path, None).unwrap();
+        assert_eq!(
+            (c.lowercase, &c.source),
+            (false, &CasingSource::TokenizerConfig)
+        );
+        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG, "{}"), (TOKENIZER_JSON, &json)]);
+        assert_eq!(
+            casing(&path, None).unwrap().source,
+            CasingSource::TokenizerJson
+        );
+        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG, r#"{"do_lower_case": "yes"}"#)]);
+        let err = casing(&path, None).unwrap_err().to_string();
+        assert!(err.contains("do_lower_case must be true or false"), "{err}");
+
+        // What we write says what decided it, and reads back the same.
+        let written = c.tokenizer_config_json();
+        assert!(written.contains("\"bertrain_casing\": \"cased (do_lower_case in"));
+        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG, &written)]);
+        assert!(!casing(&path, None).unwrap().lowercase);
+    }
+
+    fn load_text(text: &str) -> Result<Vocab> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vocab.txt");
+        fs::write(&path, text).unwrap();
+        Vocab::load(&path, None)
+    }
+
+    #[test]
+    fn bad_vocabularies_are_refused_in_one_line_or_read_as_hf_reads_them() {
+        let good = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\ncat\n";
+        let v = load_text(good).unwrap();
+        assert_eq!((v.pad, v.unk, v.mask, v.len()), (0, 1, 4, 7));
+
+        // CRLF line ends: HF's readers drop the \r, and so do we.
+        let crlf = load_text(&good.replace('\n', "\r\n")).unwrap();
+        assert_eq!(crlf.tokens, v.tokens);
+
+        // A repeated ordinary token takes its last line's id, as in HF.
+        let repeated = load_text(&format!("{good}the\n")).unwrap();
+        let mut ids = Vec::new();
+        crate::wordpiece::SentenceTokenizer::new(&repeated)
+            .unwrap()
+            .encode("the cat", &mut ids)
+            .unwrap();
+        assert_eq!(ids, [7, 6]);
+
+        let refused = [
+            (format!("\u{feff}{good}"), "starts with a byte-order mark"),
+            (format!("{good}[SEP]\n"), "has [SEP] on lines 4 and 8"),
+            (good.replace("[MASK]\n", ""), "has no [MASK] token"),
+            (String::new(), "has no [PAD] token"),
+        ];
+        for (text, says) in refused {
+            let err = format!("{:#}", load_text(&text).unwrap_err());
+            assert!(err.contains(says), "{err}");
+            assert!(err.contains("vocab.txt") && !err.contains('\n'), "{err}");
+        }
+        let mut latin1 = good.as_bytes().to_vec();
+        latin1.extend_from_slice(b"caf\xe9\n");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vocab.txt");
+        fs::write(&path, latin1).unwrap();
+        let err = format!("{:#}", Vocab::load(&path, None).unwrap_err());
+        assert!(err.contains("is not UTF-8 text (line 8)"), "{err}");
+    }
 }

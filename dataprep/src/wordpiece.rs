@@ -66,9 +66,14 @@ impl SentenceTokenizer {
             initial,
             continuation,
             longest_piece,
-            lowercase: vocab.lowercase,
+            lowercase: vocab.casing.lowercase,
             unk,
         })
+    }
+
+    /// The id of `[UNK]`.
+    pub fn unk(&self) -> u32 {
+        self.unk
     }
 
     /// Appends the ids of `sentence` to `out`.
@@ -274,5 +279,69 @@ mod tests {
             assert_eq!(fast_ids(&t, s), general_ids(&t, s), "{s:?}");
         }
         assert_eq!(fast_ids(&t, "the [MASK]")[1], 4);
+    }
+
+    /// bertrain's tokenizer gives exactly the ids of `transformers`' `BertTokenizerFast` on
+    /// real text with real vocabularies, its casing decided from `vocab.txt` alone.
+    ///
+    /// The fixtures in `tests/fixtures/real-vocab` were made once by `make_fixtures.py` there
+    /// (SOURCES.md says from which packages, with their hashes and licences): the
+    /// vocabularies of bert-base-uncased, bert-base-cased, bert-base-multilingual-cased and
+    /// bert-base-chinese as packages of PyPI and crates.io ship them; `text.txt`, 545 lines of
+    /// public-domain and freely licensed text from Debian packages and a crate (English,
+    /// accented Latin, Greek, Cyrillic, CJK, control characters) plus edge cases; and the ids
+    /// `BertTokenizerFast(vocab_file=..., do_lower_case=<the model's HF setting>)` gave each
+    /// line (transformers 4.57.6, tokenizers 0.22.2, in a throwaway venv, no special tokens).
+    #[test]
+    fn ids_match_transformers_on_real_vocabularies() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-vocab");
+        let text = std::fs::read_to_string(dir.join("text.txt")).unwrap();
+        // Lines end with '\n' only; some hold other Unicode line breaks inside them.
+        let lines: Vec<&str> = text.strip_suffix('\n').unwrap().split('\n').collect();
+        for (name, lowercase) in [
+            ("uncased", true),
+            ("cased", false),
+            ("multilingual-cased", false),
+            ("chinese", false),
+        ] {
+            let vocab = Vocab::load(&dir.join(name).join("vocab.txt"), None).unwrap();
+            assert_eq!(
+                vocab.casing.lowercase, lowercase,
+                "{name}: {}",
+                vocab.casing
+            );
+            assert!(
+                matches!(
+                    vocab.casing.source,
+                    crate::vocab::CasingSource::Inferred { .. }
+                ),
+                "{name}: {}",
+                vocab.casing
+            );
+            let t = SentenceTokenizer::new(&vocab).unwrap();
+            let expected =
+                std::fs::read_to_string(dir.join(format!("expected-{name}.jsonl"))).unwrap();
+            let mut ascii = 0;
+            for (i, row) in expected.lines().enumerate() {
+                let row: serde_json::Value = serde_json::from_str(row).unwrap();
+                assert_eq!(row["line"], i + 1);
+                let ids: Vec<u32> = serde_json::from_value(row["ids"].clone()).unwrap();
+                let line = lines[i];
+                assert_eq!(fast_ids(&t, line), ids, "{name} line {}: {line:?}", i + 1);
+                assert_eq!(
+                    general_ids(&t, line),
+                    ids,
+                    "{name} line {}: {line:?}",
+                    i + 1
+                );
+                ascii += usize::from(line.is_ascii() && !line.contains('['));
+            }
+            assert_eq!(expected.lines().count(), lines.len(), "{name}");
+            assert!(
+                ascii > 250,
+                "{name}: only {ascii} lines took the ASCII path"
+            );
+        }
     }
 }

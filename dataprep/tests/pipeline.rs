@@ -451,3 +451,63 @@ fn directories_and_globs_expand_in_sorted_order() {
     assert_eq!(from_dir.train.content_hash(), whole.train.content_hash());
     assert_eq!(from_glob.train.content_hash(), whole.train.content_hash());
 }
+
+/// The case that turned every capitalised word into [UNK]: Google's bert-base-uncased
+/// `vocab.txt` alone (no tokenizer_config.json) on real English text. Its casing is
+/// inferred as lowercase, the manifest says so and counts [UNK]; forcing `--cased` on it
+/// makes most capitalised words unknown, which the report's warning names.
+#[test]
+fn a_real_uncased_vocabulary_alone_lowercases_and_unknown_tokens_are_counted() {
+    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-vocab");
+    let dir = tempfile::tempdir().unwrap();
+    // The first 260 lines are Pride and Prejudice (public domain, from Debian's
+    // r-cran-janeaustenr); ten paragraphs a document.
+    let text = fs::read_to_string(real.join("text.txt")).unwrap();
+    let paragraphs: Vec<&str> = text.lines().take(260).collect();
+    let docs: Vec<String> = paragraphs.chunks(10).map(|c| c.join("\n")).collect();
+    let corpus = dir.path().join("austen.txt");
+    fs::write(&corpus, docs.join("\n\n") + "\n").unwrap();
+    let vocab = dir.path().join("vocab.txt");
+    fs::copy(real.join("uncased/vocab.txt"), &vocab).unwrap();
+
+    let run = |lowercase: Option<bool>, out: &str| {
+        let mut c = DataprepConfig::new(vec![corpus.clone()], vocab.clone(), dir.path().join(out));
+        c.lowercase = lowercase;
+        c.validation_fraction = 0.2;
+        c.show_progress = false;
+        bertrain_dataprep::pipeline::run(&c).unwrap()
+    };
+    let inferred = run(None, "inferred");
+    let o = &inferred.train.options;
+    assert!(o.lowercase, "{}", o.casing);
+    assert!(
+        o.casing
+            .starts_with("lowercase (inferred from the vocabulary"),
+        "{}",
+        o.casing
+    );
+    for m in [&inferred.train, inferred.validation.as_ref().unwrap()] {
+        assert!(m.totals.text_tokens > 1000, "{:?}", m.totals);
+        assert!(m.totals.unk_share() < 0.001, "{:?}", m.totals);
+        let written = Manifest::load(m.dir()).unwrap();
+        assert_eq!(written.totals.unk_tokens, m.totals.unk_tokens);
+    }
+    assert_eq!(inferred.unk_warning(), None);
+    let config = fs::read_to_string(dir.path().join("inferred/tokenizer_config.json")).unwrap();
+    assert!(config.contains("\"do_lower_case\": true"), "{config}");
+    assert!(config.contains("inferred from the vocabulary"), "{config}");
+
+    let forced = run(Some(false), "forced");
+    assert!(
+        forced.train.totals.unk_share() > 0.02,
+        "{:?}",
+        forced.train.totals
+    );
+    let warning = forced.unk_warning().unwrap();
+    assert!(
+        warning.contains("[UNK]") && warning.contains("--lowercase"),
+        "{warning}"
+    );
+    assert!(warning.contains("cased (--cased)"), "{warning}");
+    assert!(!warning.contains('\n'));
+}

@@ -18,6 +18,8 @@ use crate::params::{ParamLayout, ParamSlot, flat_to_hf, hf_to_flat};
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const VOCAB_FILE: &str = "vocab.txt";
+/// HF's tokenizer settings (`do_lower_case`); dataprep writes it beside the vocabulary.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 
 /// Weights read from a directory, in this project's flat layout.
 #[derive(Debug)]

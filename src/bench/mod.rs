@@ -37,7 +37,7 @@ use bertrain_worker::CpuBackend;
 use bertrain_worker::batch::HostBatch;
 use bertrain_worker::collective::LocalCollective;
 use bertrain_worker::device::DeviceChoice;
-use bertrain_worker::optim::{OptimizerConfig, OptimizerKind};
+use bertrain_worker::optim::{Optimizer, OptimizerConfig};
 use bertrain_worker::trainer::Trainer;
 
 mod scaling;
@@ -398,7 +398,7 @@ fn train_rank(
         });
         let device = Default::default();
         let model = init_bert::<CpuBackend>(&config, 0, &device);
-        let optimizer = OptimizerConfig::bert(OptimizerKind::AdamW, 0.01);
+        let optimizer = OptimizerConfig::bert(Optimizer::Adamw, 0.01);
         let mut trainer = Trainer::new(model, optimizer, 1.0, 0, device);
         let local =
             std::slice::from_ref(&random_batch(&config, batch_size / world, 1 + rank as u64))
@@ -958,6 +958,11 @@ fn bench_checkpoint(presets: &str, dir: &Path) -> Result<()> {
                     dataset_hash: String::new(),
                 },
                 vocab: vocab.clone(),
+                tokenizer_config: bertrain_dataprep::Casing {
+                    lowercase: true,
+                    source: bertrain_dataprep::CasingSource::Trained,
+                }
+                .tokenizer_config_json(),
             };
             let first_stall = started.elapsed().as_secs_f64();
             let checkpoints = dir.join(preset);

@@ -13,7 +13,7 @@ use anyhow::Result;
 use bertrain_coordinator::job::Precision;
 use bertrain_model::{BertConfig, BertForPreTraining, init_bert};
 use bertrain_worker::collective::LocalCollective;
-use bertrain_worker::optim::{OptimizerConfig, OptimizerKind};
+use bertrain_worker::optim::{Optimizer, OptimizerConfig};
 use bertrain_worker::set_precision;
 use bertrain_worker::trainer::Trainer;
 use burn::module::AutodiffModule;
@@ -99,7 +99,7 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device, label: &str
         })?;
         row("forward + backward", seconds, step_flops);
 
-        let optimizer = OptimizerConfig::bert(OptimizerKind::AdamW, 0.01);
+        let optimizer = OptimizerConfig::bert(Optimizer::Adamw, 0.01);
         let mut trainer = Trainer::new(model, optimizer, 1.0, 0, device.clone());
         if bench.state_on_device {
             trainer.keep_on_device()?;

@@ -23,9 +23,6 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::optim::OptimizerState;
 
-/// HF's tokenizer settings file (dataprep writes it beside the vocabulary).
-pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
-
 /// Everything a checkpoint holds, copied off the trainer.
 pub struct Snapshot {
     pub config: BertConfig,
@@ -35,6 +32,8 @@ pub struct Snapshot {
     pub trainer: TrainerState,
     /// The vocabulary file to copy in (the dataset's).
     pub vocab: PathBuf,
+    /// Its `tokenizer_config.json`: the casing, as dataprep decided it.
+    pub tokenizer_config: String,
 }
 
 /// Writes `snapshot` as `checkpoints/step-N` (see the module docs). Returns the directory.
@@ -84,14 +83,11 @@ pub fn write(checkpoints: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
         let vocab = fs::read(&snapshot.vocab)
             .with_context(|| format!("cannot read {}", snapshot.vocab.display()))?;
         layout::write_synced(&tmp.join(VOCAB_FILE), &vocab)?;
-        // The tokenizer's casing travels with the vocabulary when dataprep recorded it.
-        let tokenizer_config = snapshot.vocab.with_file_name(TOKENIZER_CONFIG_FILE);
-        if tokenizer_config.is_file() {
-            layout::write_synced(
-                &tmp.join(TOKENIZER_CONFIG_FILE),
-                &fs::read(&tokenizer_config)?,
-            )?;
-        }
+        // The tokenizer's casing travels with the vocabulary.
+        layout::write_synced(
+            &tmp.join(hf::TOKENIZER_CONFIG_FILE),
+            snapshot.tokenizer_config.as_bytes(),
+        )?;
         layout::seal(&tmp, step)?;
         fs::rename(&tmp, &target)
             .with_context(|| format!("cannot move {} into place", target.display()))?;

@@ -5,7 +5,7 @@
 //! missing (the feature, the driver, the GPU) before a worker joins a job it cannot serve.
 
 use anyhow::{Result, anyhow};
-use bertrain_coordinator::job::{Backend, Precision};
+use bertrain_coordinator::job::{Backend, JobConfig, Precision};
 use burn::tensor::backend::{Backend as BurnBackend, DeviceError};
 use burn::tensor::{FloatDType, IntDType};
 
@@ -19,6 +19,17 @@ pub struct DeviceChoice {
     pub backend: Backend,
     pub index: usize,
     pub precision: Precision,
+}
+
+impl DeviceChoice {
+    /// The job's backend and precision on GPU `index` (ignored on the CPU).
+    pub fn from_job(job: &JobConfig, index: usize) -> DeviceChoice {
+        DeviceChoice {
+            backend: job.cluster.backend,
+            index,
+            precision: job.train.precision,
+        }
+    }
 }
 
 /// Makes `device` compute in `precision`: with bf16 every float tensor created on it from

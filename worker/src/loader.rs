@@ -12,6 +12,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
+use bertrain_coordinator::job::TrainSection;
 use bertrain_coordinator::plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW, SampleRef};
 use bertrain_dataprep::{Instance, Manifest, read_rows};
 
@@ -85,6 +86,18 @@ pub struct BatchShape {
     pub micro_batch: usize,
     pub rank: usize,
     pub world: usize,
+}
+
+impl BatchShape {
+    /// Rank `rank` of `world`'s share of each step of the job's `[train]` batch.
+    pub fn from_job(t: &TrainSection, rank: usize, world: usize) -> BatchShape {
+        BatchShape {
+            global_batch: t.global_batch_size,
+            micro_batch: t.micro_batch_size as usize,
+            rank,
+            world,
+        }
+    }
 }
 
 /// One step's micro-batches for this rank, with the time spent producing them.

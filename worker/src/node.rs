@@ -35,8 +35,8 @@ use crate::checkpoint::{self, PendingWrite, Snapshot};
 use crate::collective::{self, Collective, RingListener, RingOptions};
 use crate::device::{self, DeviceChoice};
 use crate::loader::{BatchShape, Prefetcher, SampleSource};
-use crate::optim::{OptimizerConfig, OptimizerKind, OptimizerState};
-use crate::schedule::{Decay, LrSchedule};
+use crate::optim::{Optimizer, OptimizerState};
+use crate::schedule::LrSchedule;
 use crate::throughput::{Meter, Peak};
 use crate::trainer::{StepStats, Trainer};
 
@@ -174,11 +174,7 @@ fn generation(
         start_step = welcome.start_step,
         "joined"
     );
-    let choice = DeviceChoice {
-        backend: welcome.job.cluster.backend,
-        index: args.device.unwrap_or(0),
-        precision: welcome.job.train.precision,
-    };
+    let choice = DeviceChoice::from_job(&welcome.job, args.device.unwrap_or(0));
     let outcome = device::with_backend(
         choice,
         TrainRun {
@@ -384,38 +380,20 @@ impl TrainRun<'_> {
         let (params, optimizer_state) = starting_state(&prepared, welcome, &layout, collective)?;
         let model = load_flat_params(model, &params, &layout);
         let t = &job.train;
-        let kind = match t.optimizer {
-            job::Optimizer::Adamw => OptimizerKind::AdamW,
-            job::Optimizer::Lamb => OptimizerKind::Lamb,
-        };
-        let optimizer = OptimizerConfig::bert(kind, t.weight_decay as f32);
-        let mut trainer = Trainer::new(model, optimizer, t.max_grad_norm as f32, t.seed, device);
+        let mut trainer = Trainer::from_job(model, t, device);
         trainer.state = optimizer_state;
         // On a GPU the optimizer runs where the gradients are. On the CPU the host path is
         // the device path, and the TCP ring wants host buffers anyway.
         if job.cluster.backend == job::Backend::Cuda {
-            match kind {
-                OptimizerKind::AdamW => trainer.keep_on_device()?,
-                OptimizerKind::Lamb => tracing::warn!(
+            match t.optimizer {
+                Optimizer::Adamw => trainer.keep_on_device()?,
+                Optimizer::Lamb => tracing::warn!(
                     "train.optimizer = \"lamb\" runs on the CPU (only AdamW runs on the GPU); expect slow steps"
                 ),
             }
         }
-        let schedule = LrSchedule {
-            peak: t.lr,
-            warmup_steps: t.warmup_steps,
-            max_steps: t.max_steps,
-            decay: match t.decay {
-                job::Decay::Linear => Decay::Linear,
-                job::Decay::Poly => Decay::Poly,
-            },
-        };
-        let shape = BatchShape {
-            global_batch: t.global_batch_size,
-            micro_batch: t.micro_batch_size as usize,
-            rank,
-            world,
-        };
+        let schedule = LrSchedule::from_job(t);
+        let shape = BatchShape::from_job(t, rank, world);
         let source = SampleSource::new(prepared.train.clone(), t.seed)?;
         let loader = Prefetcher::start(source, shape, welcome.start_step, PREFETCH_STEPS);
         let mut evaluator = prepared
@@ -473,17 +451,14 @@ impl TrainRun<'_> {
             {
                 tracing::info!("throughput of rank 0, {line}");
             }
-            let eval_due = job.eval.every_steps > 0 && done % job.eval.every_steps == 0;
             if let Some(evaluator) = evaluator.as_mut()
-                && (eval_due || last)
+                && (evaluator.due(done) || last)
             {
                 client.report_eval(&evaluator.run(&trainer, done)?)?;
             }
             if let Some(saver) = saver.as_mut() {
                 saver.report_finished(client)?;
-                let periodic =
-                    job.checkpoint.every_steps > 0 && done % job.checkpoint.every_steps == 0;
-                if periodic || last || stats.stop_agreed {
+                if saver.due(done) || last || stats.stop_agreed {
                     trainer.sync_host();
                     saver.start(client, &trainer, done, lr)?;
                 }
@@ -550,9 +525,12 @@ fn starting_state(
 /// Rank 0's checkpointing: snapshots taken between steps, written in the background, one
 /// at a time, each reported to the coordinator when done.
 struct Saver {
+    /// `checkpoint.every_steps`.
+    every_steps: u64,
     checkpoints: PathBuf,
     config: BertConfig,
     vocab: PathBuf,
+    tokenizer_config: String,
     base: TrainerState,
     total_rows: u64,
     pending: Option<PendingWrite>,
@@ -566,10 +544,14 @@ impl Saver {
         std::fs::create_dir_all(&checkpoints)
             .with_context(|| format!("cannot create {}", checkpoints.display()))?;
         checkpoint::remove_partial_writes(&checkpoints)?;
+        let vocab = prepared.train.dir().join(&prepared.train.vocab_file);
+        let casing = bertrain_dataprep::Vocab::load(&vocab, None)?.casing;
         Ok(Saver {
+            every_steps: job.checkpoint.every_steps,
             checkpoints,
             config: prepared.config.clone(),
-            vocab: prepared.train.dir().join(&prepared.train.vocab_file),
+            tokenizer_config: casing.tokenizer_config_json(),
+            vocab,
             base: TrainerState {
                 format_version: checkpoints::TRAINER_FORMAT_VERSION,
                 step: 0,
@@ -586,6 +568,11 @@ impl Saver {
             pending: None,
             spare: None,
         })
+    }
+
+    /// Whether `checkpoint.every_steps` asks for a checkpoint after `done` steps.
+    fn due(&self, done: u64) -> bool {
+        every(self.every_steps, done)
     }
 
     /// Copies the state after `step` steps and starts writing it (after the previous write
@@ -619,6 +606,7 @@ impl Saver {
                 optimizer: trainer.state.clone(),
                 trainer: trainer_state,
                 vocab: self.vocab.clone(),
+                tokenizer_config: self.tokenizer_config.clone(),
             },
         };
         self.pending = Some(PendingWrite::start(self.checkpoints.clone(), snapshot));
@@ -673,8 +661,15 @@ fn step_metrics(
 /// This rank's share of the validation split: the same samples at every evaluation (the
 /// first `per_rank` of the split's seeded order, offset by rank), so evaluations compare.
 struct Evaluator {
+    /// `eval.every_steps`.
+    every_steps: u64,
     source: SampleSource,
     shape: BatchShape,
+}
+
+/// Whether a thing done every `every_steps` steps (0: never) is due after `done` steps.
+fn every(every_steps: u64, done: u64) -> bool {
+    every_steps > 0 && done % every_steps == 0
 }
 
 impl Evaluator {
@@ -699,7 +694,16 @@ impl Evaluator {
             rank,
             world,
         };
-        Ok(Evaluator { source, shape })
+        Ok(Evaluator {
+            every_steps: job.eval.every_steps,
+            source,
+            shape,
+        })
+    }
+
+    /// Whether `eval.every_steps` asks for an evaluation after `done` steps.
+    fn due(&self, done: u64) -> bool {
+        every(self.every_steps, done)
     }
 
     fn run<B: AutodiffBackend>(&mut self, trainer: &Trainer<B>, step: u64) -> Result<EvalMetrics> {
@@ -751,3 +755,7 @@ impl SampleTrace {
             .context("BERTRAIN_TRACE_SAMPLES: write failed")
     }
 }
+
+#[cfg(test)]
+#[path = "node/job_keys_test.rs"]
+mod job_keys_test;

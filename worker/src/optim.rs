@@ -9,18 +9,14 @@
 //! biases and LayerNorm parameters are not decayed (as in BERT). The trainer's tests
 //! run both side by side on a model and require the same parameters.
 
+/// Which update rule (the job file's `train.optimizer`); see the module docs.
+pub use bertrain_coordinator::job::Optimizer;
+use bertrain_coordinator::job::TrainSection;
 use bertrain_model::ParamLayout;
-
-/// Which update rule; see the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OptimizerKind {
-    AdamW,
-    Lamb,
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct OptimizerConfig {
-    pub kind: OptimizerKind,
+    pub kind: Optimizer,
     pub beta1: f32,
     pub beta2: f32,
     pub epsilon: f32,
@@ -30,7 +26,7 @@ pub struct OptimizerConfig {
 
 impl OptimizerConfig {
     /// BERT's settings: β 0.9/0.999, ε 1e-6.
-    pub fn bert(kind: OptimizerKind, weight_decay: f32) -> Self {
+    pub fn bert(kind: Optimizer, weight_decay: f32) -> Self {
         OptimizerConfig {
             kind,
             beta1: 0.9,
@@ -38,6 +34,11 @@ impl OptimizerConfig {
             epsilon: 1e-6,
             weight_decay,
         }
+    }
+
+    /// BERT's settings with the job's optimizer and weight decay.
+    pub fn from_job(t: &TrainSection) -> Self {
+        Self::bert(t.optimizer, t.weight_decay as f32)
     }
 }
 
@@ -87,13 +88,13 @@ pub fn update(
             adam_direction(config, bias1, bias2, decay, p, g, m, v)
         };
         match config.kind {
-            OptimizerKind::AdamW => {
+            Optimizer::Adamw => {
                 // Zipped slices (no indexing) so the loop vectorises.
                 for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
                     *p -= lr * direction(*p, g, m, v);
                 }
             }
-            OptimizerKind::Lamb => {
+            Optimizer::Lamb => {
                 let update: Vec<f32> = p
                     .iter()
                     .zip(g)
@@ -202,7 +203,7 @@ mod tests {
     #[test]
     fn lamb_matches_a_hand_computed_step() {
         let config = OptimizerConfig {
-            kind: OptimizerKind::Lamb,
+            kind: Optimizer::Lamb,
             beta1: 0.9,
             beta2: 0.999,
             epsilon: 0.0,
@@ -228,9 +229,9 @@ mod tests {
     #[test]
     fn adamw_first_step_is_sign_plus_decay() {
         let config = OptimizerConfig {
-            kind: OptimizerKind::AdamW,
+            kind: Optimizer::Adamw,
             epsilon: 0.0,
-            ..OptimizerConfig::bert(OptimizerKind::AdamW, 0.1)
+            ..OptimizerConfig::bert(Optimizer::Adamw, 0.1)
         };
         let mut params = vec![3.0, 4.0, 1.0];
         let mut state = OptimizerState::new(3);

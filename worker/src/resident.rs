@@ -23,7 +23,7 @@ use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::collective::Collective;
-use crate::optim::{OptimizerConfig, OptimizerKind, OptimizerState};
+use crate::optim::{Optimizer, OptimizerConfig, OptimizerState};
 
 /// Flat f32 tensors on the device, all of `ParamLayout::total` elements.
 pub struct DeviceMaster<B: Backend> {
@@ -59,7 +59,7 @@ impl<B: Backend> DeviceMaster<B> {
         state: &OptimizerState,
         device: &B::Device,
     ) -> Result<DeviceMaster<B>> {
-        if optimizer.kind != OptimizerKind::AdamW {
+        if optimizer.kind != Optimizer::Adamw {
             bail!("optimizer state on the device supports AdamW only");
         }
         let mut decays = vec![0.0; layout.total];

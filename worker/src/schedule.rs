@@ -1,12 +1,9 @@
 //! The learning-rate schedule: linear warmup from 0, then decay to 0 at `max_steps`
-//! (linear as in BERT, or polynomial with power 0.5 as in NVIDIA's LAMB recipe).
-//! A pure function of the step, so a resumed run needs no schedule state.
+//! (linear as in BERT, or polynomial, `(1 - progress)^poly_power`, as in NVIDIA's LAMB
+//! recipe with power 0.5). A pure function of the step, so a resumed run needs no
+//! schedule state.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decay {
-    Linear,
-    Poly,
-}
+use bertrain_coordinator::job::{Decay, TrainSection};
 
 #[derive(Debug, Clone, Copy)]
 pub struct LrSchedule {
@@ -14,9 +11,22 @@ pub struct LrSchedule {
     pub warmup_steps: u64,
     pub max_steps: u64,
     pub decay: Decay,
+    /// The exponent of [`Decay::Poly`].
+    pub poly_power: f64,
 }
 
 impl LrSchedule {
+    /// The schedule the job's `[train]` section describes.
+    pub fn from_job(t: &TrainSection) -> LrSchedule {
+        LrSchedule {
+            peak: t.lr,
+            warmup_steps: t.warmup_steps,
+            max_steps: t.max_steps,
+            decay: t.decay,
+            poly_power: t.poly_power,
+        }
+    }
+
     /// The learning rate of optimizer step `step` (0-based).
     pub fn at(&self, step: u64) -> f64 {
         let step = step + 1;
@@ -28,7 +38,7 @@ impl LrSchedule {
         let remaining = 1.0 - done as f64 / span as f64;
         match self.decay {
             Decay::Linear => self.peak * remaining,
-            Decay::Poly => self.peak * remaining.sqrt(),
+            Decay::Poly => self.peak * remaining.powf(self.poly_power),
         }
     }
 }
@@ -44,6 +54,7 @@ mod tests {
             warmup_steps: 10,
             max_steps: 110,
             decay: Decay::Linear,
+            poly_power: 0.5,
         };
         assert!((s.at(0) - 1e-5).abs() < 1e-12);
         assert!((s.at(9) - 1e-4).abs() < 1e-12);
@@ -54,5 +65,11 @@ mod tests {
             ..s
         };
         assert!((p.at(59) - 1e-4 * 0.5f64.sqrt()).abs() < 1e-12);
+        let cubic = LrSchedule {
+            poly_power: 3.0,
+            ..p
+        };
+        assert!((cubic.at(59) - 1e-4 * 0.125).abs() < 1e-12);
+        assert_eq!(cubic.at(109), 0.0);
     }
 }

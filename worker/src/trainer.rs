@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use bertrain_coordinator::job::TrainSection;
 use bertrain_model::params::{Accumulation, accumulate_grads, load_flat_params};
 use bertrain_model::{BertForPreTraining, ParamLayout, PretrainingBatch, PretrainingOutput};
 use burn::module::AutodiffModule;
@@ -121,6 +122,12 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
+    /// A trainer with the job's optimizer, weight decay, clipping and seed.
+    pub fn from_job(model: BertForPreTraining<B>, t: &TrainSection, device: B::Device) -> Self {
+        let optimizer = OptimizerConfig::from_job(t);
+        Self::new(model, optimizer, t.max_grad_norm as f32, t.seed, device)
+    }
+
     pub fn new(
         model: BertForPreTraining<B>,
         optimizer: OptimizerConfig,
@@ -313,7 +320,7 @@ mod tests {
     use super::*;
     use crate::CpuBackend;
     use crate::collective::LocalCollective;
-    use crate::optim::OptimizerKind;
+    use crate::optim::Optimizer as Rule;
     use bertrain_dataprep::Instance;
     use bertrain_model::{BertConfig, flatten_params, init_bert};
     use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -378,7 +385,7 @@ mod tests {
         let device = Default::default();
         let mut trainer = Trainer::new(
             init_bert::<CpuBackend>(&config(), 7, &device),
-            OptimizerConfig::bert(OptimizerKind::AdamW, weight_decay),
+            OptimizerConfig::bert(Rule::Adamw, weight_decay),
             0.0, // no clipping: burn's optimizer has none configured either
             0,
             device,
@@ -454,7 +461,7 @@ mod tests {
         let device = Default::default();
         let mut trainer = Trainer::new(
             init_bert::<CpuBackend>(&config(), 7, &device),
-            OptimizerConfig::bert(OptimizerKind::AdamW, 0.01),
+            OptimizerConfig::bert(Rule::Adamw, 0.01),
             0.5, // below the gradients' norm: clipping takes part
             0,
             device,

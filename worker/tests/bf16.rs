@@ -8,7 +8,7 @@ use bertrain_dataprep::Instance;
 use bertrain_model::{BertConfig, flatten_params, init_bert};
 use bertrain_worker::batch::HostBatch;
 use bertrain_worker::collective::LocalCollective;
-use bertrain_worker::optim::{OptimizerConfig, OptimizerKind};
+use bertrain_worker::optim::{Optimizer, OptimizerConfig};
 use bertrain_worker::trainer::Trainer;
 use bertrain_worker::{CpuBackend, set_precision};
 
@@ -68,7 +68,7 @@ fn train_and_check(on_device: bool) {
     let model = init_bert::<CpuBackend>(&config(), 7, &device);
     let mut trainer = Trainer::new(
         model,
-        OptimizerConfig::bert(OptimizerKind::AdamW, 0.01),
+        OptimizerConfig::bert(Optimizer::Adamw, 0.01),
         1.0,
         0,
         device,
