@@ -81,7 +81,11 @@ pub fn fill_mask(model_dir: &std::path::Path, text: &str, k: usize) -> Result<Ve
             "the vocabulary of {} cannot spell {:?}: the model sees [UNK] there (it reads text {})",
             model_dir.display(),
             unknown,
-            words.casing
+            if words.casing.lowercase {
+                "lowercased"
+            } else {
+                "cased"
+            }
         );
     }
     let mask_id = tokenizer

@@ -1,5 +1,5 @@
-//! The coordinator's live status page in a real headless browser (Debian's chromium; CI
-//! installs it): while a job trains, the page's script must fetch `/status` and draw the
+//! The coordinator's live status page in a real headless browser (Debian's chromium;
+//! `scripts/test`, README's test command, installs it): while a job trains, the page's script must fetch `/status` and draw the
 //! loss curve. Also `/status` and `/metrics` as plain HTTP.
 
 mod common;
@@ -34,7 +34,7 @@ fn attribute(html: &str, id: &str, attr: &str) -> Option<u64> {
 fn status_page_draws_the_loss_chart_in_a_browser() {
     assert!(
         Path::new(CHROMIUM).exists(),
-        "this test needs Debian's chromium: apt-get install chromium (.ci/run does)"
+        "this test needs Debian's chromium at {CHROMIUM}: run the tests with scripts/test, which installs it, or: sudo apt-get install -y chromium"
     );
     let tmp = TempDir::new("status-page");
     let job = write_job(tmp.path(), dataset(), 0.1);
