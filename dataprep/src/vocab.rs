@@ -222,7 +222,7 @@ fn tokenizer_json_lowercase(path: &Path) -> Result<Option<bool>> {
                     .iter()
                     .map(lowercases)
                     .collect();
-                match steps.iter().any(|s| *s == Some(true)) {
+                match steps.contains(&Some(true)) {
                     true => Some(true),
                     false => steps.iter().all(Option::is_some).then_some(false),
                 }

@@ -669,7 +669,7 @@ struct Evaluator {
 
 /// Whether a thing done every `every_steps` steps (0: never) is due after `done` steps.
 fn every(every_steps: u64, done: u64) -> bool {
-    every_steps > 0 && done % every_steps == 0
+    every_steps > 0 && done.is_multiple_of(every_steps)
 }
 
 impl Evaluator {
