@@ -59,6 +59,18 @@ pub struct DataSection {
     pub manifest: PathBuf,
     /// A validation set's `manifest.json`; without it evaluation is skipped. Optional.
     pub validation_manifest: Option<PathBuf>,
+    /// Order each shuffle window's rows by length before cutting them into steps, so
+    /// that a step's sequences have about one length and attention pads little (see
+    /// `plan::DataPlan::length_binned`). Default: on for datasets whose `max_seq_len` is
+    /// 256 or more, where lengths vary most.
+    pub length_bins: Option<bool>,
+}
+
+impl DataSection {
+    /// Whether training reads the dataset in length bins, for a dataset of `max_seq_len`.
+    pub fn length_bins_for(&self, max_seq_len: usize) -> bool {
+        self.length_bins.unwrap_or(max_seq_len >= 256)
+    }
 }
 
 /// `[train]`: optimisation.

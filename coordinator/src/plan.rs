@@ -13,6 +13,11 @@
 //!
 //! A run's data position is therefore just its step: resume is O(1), and resuming at
 //! another world size with the same `G` uses every remaining sample of the epoch once.
+//!
+//! With length bins (`[data] length_bins`, see [`DataPlan::length_binned`]) each window is
+//! reordered once more by its rows' lengths, so that a step's sequences are of about one
+//! length and attention pads little. That order is a function of the window's rows, so
+//! it too is the same for every world size and for a resumed run.
 
 use std::ops::Range;
 
@@ -23,6 +28,8 @@ pub const BLOCK_ROWS: u64 = 1024;
 /// Blocks per window: positions are shuffled inside a window of this many blocks.
 pub const SHUFFLE_WINDOW: u64 = 16;
 const WINDOW_ROWS: u64 = BLOCK_ROWS * SHUFFLE_WINDOW;
+/// Keeps the run shuffle's random stream apart from the windows' (`Rng(seed, epoch, w)`).
+const LENGTH_BINS_STREAM: u64 = 0x6c65_6e67_7468_7321;
 
 /// Where one sample lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -115,6 +122,51 @@ impl DataPlan {
             let row = order.global_row(stream_pos);
             out.push(self.locate(row));
         }
+        out
+    }
+
+    /// The global samples of the shuffle window that holds global sample `g` (a window
+    /// ends at its epoch's end).
+    pub fn window_of(&self, g: u64) -> Range<u64> {
+        let n = self.total_rows();
+        let epoch_start = g / n * n;
+        let start = epoch_start + (g - epoch_start) / WINDOW_ROWS * WINDOW_ROWS;
+        start..(start + WINDOW_ROWS).min(epoch_start + n)
+    }
+
+    /// Length binning of the window `window` (from [`DataPlan::window_of`]) whose samples,
+    /// in plan order, hold `lengths[i]` tokens: the window's samples in the order to read
+    /// them, as indices into `lengths`.
+    ///
+    /// The samples are sorted by length (equal lengths keep the plan's shuffled order) and
+    /// cut into runs at the window's step boundaries (global samples that are multiples of
+    /// `global_batch`); the whole runs are then shuffled with `Rng(seed, window start)`,
+    /// while a partial run at either end of the window stays there. So a step's
+    /// sequences have about one length, and which length comes next is random.
+    pub fn length_binned(
+        &self,
+        window: Range<u64>,
+        lengths: &[u32],
+        global_batch: u64,
+    ) -> Vec<u32> {
+        let len = window.end - window.start;
+        assert_eq!(
+            lengths.len() as u64,
+            len,
+            "one length per sample of the window"
+        );
+        let mut by_length: Vec<u32> = (0..len as u32).collect();
+        by_length.sort_by_key(|&i| lengths[i as usize]);
+        let head = ((global_batch - window.start % global_batch) % global_batch).min(len);
+        let whole = (len - head) / global_batch;
+        let (head_rows, rest) = by_length.split_at(head as usize);
+        let (runs, tail_rows) = rest.split_at((whole * global_batch) as usize);
+        let runs: Vec<&[u32]> = runs.chunks(global_batch as usize).collect();
+        let mut rng = Rng::from_parts(&[self.seed, window.start, LENGTH_BINS_STREAM]);
+        let order = permutation(runs.len() as u64, &mut rng);
+        let mut out = head_rows.to_vec();
+        out.extend(order.iter().flat_map(|&r| runs[r as usize].iter().copied()));
+        out.extend_from_slice(tail_rows);
         out
     }
 
@@ -309,6 +361,43 @@ mod tests {
         got.sort();
         want.sort();
         assert_eq!(got, want);
+    }
+
+    /// Binning reorders each window alone: every sample of the window once, whole steps
+    /// of one length band (here lengths are the row numbers, so a step's spread shows),
+    /// partial runs kept at the window's ends, and a seeded, non-monotone run order.
+    #[test]
+    fn length_bins_make_steps_of_one_length_in_random_order() {
+        let plan = DataPlan::new(&[40_000], 5).unwrap();
+        let g = 48;
+        for start in [0, WINDOW_ROWS, 2 * WINDOW_ROWS] {
+            let window = plan.window_of(start + 7);
+            assert_eq!(window.start, start);
+            let lengths: Vec<u32> = plan
+                .samples(window.clone())
+                .iter()
+                .map(|s| (s.row % 500) as u32)
+                .collect();
+            let order = plan.length_binned(window.clone(), &lengths, g);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..lengths.len() as u32).collect::<Vec<_>>());
+            // Steps inside the window: global samples [k*g, (k+1)*g).
+            let first_step = window.start.div_ceil(g);
+            let mut means = Vec::new();
+            for k in first_step..window.end / g {
+                let at = |gs: u64| lengths[order[(gs - window.start) as usize] as usize];
+                let step: Vec<u32> = (k * g..(k + 1) * g).map(at).collect();
+                let spread = step.iter().max().unwrap() - step.iter().min().unwrap();
+                assert!(spread <= 10, "step {k} spans lengths {spread} apart");
+                means.push(step.iter().sum::<u32>() / g as u32);
+            }
+            assert!(means.windows(2).any(|w| w[0] > w[1]), "runs are shuffled");
+            assert!(means.windows(2).any(|w| w[0] < w[1]), "runs are shuffled");
+        }
+        // The last window of the epoch is short and ends at the epoch's end.
+        assert_eq!(plan.window_of(39_999), 2 * WINDOW_ROWS..40_000);
+        assert_eq!(plan.window_of(40_000), 40_000..40_000 + WINDOW_ROWS);
     }
 
     #[test]

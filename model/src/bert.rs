@@ -4,9 +4,13 @@
 //! a few renames; the only structural differences are that burn stores a linear layer's
 //! weight as `[in, out]` (HF: `[out, in]`) and LayerNorm's as `gamma`/`beta`.
 //!
-//! Activations between layers are kept as `[tokens, hidden]` matrices (batch and
-//! sequence flattened) so that every dense layer is one plain matmul; only attention
-//! looks at the `[batch, heads, seq, head_dim]` view.
+//! Activations between layers are kept as `[tokens, hidden]` matrices so that every dense
+//! layer is one plain matmul. Training computes only the real tokens of a padded batch
+//! (`forward_unpadded`, the rows an [`Unpadding`] names): only attention looks at the
+//! padded `[batch, heads, seq, head_dim]` view, gathered from those rows and back.
+//! `forward_padded` and `BertModel::encode` compute every position, padding included, as
+//! HF transformers does; the two agree within float rounding, and dropout draws the same
+//! masks in both (see [`crate::dropout`]).
 
 use burn::module::Module;
 use burn::nn::{
@@ -15,7 +19,7 @@ use burn::nn::{
 };
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, log_softmax, softmax, tanh};
-use burn::tensor::{DType, FloatDType};
+use burn::tensor::{DType, FloatDType, TensorData};
 
 use crate::config::BertConfig;
 use crate::dropout;
@@ -220,20 +224,105 @@ impl<B: Backend> BertForPreTraining<B> {
         }
     }
 
-    /// Logits of the MLM head at the masked positions and of the NSP head.
+    /// Logits of the MLM head at the masked positions and of the NSP head, from the
+    /// unpadded encoder ([`BertForPreTraining::forward_unpadded`]). Where the padding is is
+    /// read back from `batch`; the trainer passes an [`Unpadding`] made on the host instead,
+    /// so that a GPU step never waits for that read.
     pub fn forward(&self, batch: &PretrainingBatch<B>) -> PretrainingOutput<B> {
+        self.forward_unpadded(batch, &Unpadding::of(batch))
+    }
+
+    /// The same logits as [`BertForPreTraining::forward_padded`] (within float rounding),
+    /// with the encoder computing only the positions `unpadding` keeps: embeddings, every
+    /// dense layer, LayerNorm, GELU and dropout run on a `[tokens, hidden]` matrix of the
+    /// real tokens, and only attention sees the padded `[batch, heads, seq, seq]` view.
+    pub fn forward_unpadded(
+        &self,
+        batch: &PretrainingBatch<B>,
+        unpadding: &Unpadding,
+    ) -> PretrainingOutput<B> {
+        let device = batch.input_ids.device();
+        let group = if dropout::computes_on_host::<B>(&device) {
+            1
+        } else {
+            GPU_ROW_GROUP
+        };
+        self.forward_placed(batch, unpadding, unpadding.place(&device, group))
+    }
+
+    fn forward_placed(
+        &self,
+        batch: &PretrainingBatch<B>,
+        unpadding: &Unpadding,
+        placed: Placed<B>,
+    ) -> PretrainingOutput<B> {
+        let device = batch.input_ids.device();
+        let [groups, per_group] = placed.view;
+        let ids = |padded: &Tensor<B, 2, Int>| {
+            padded
+                .clone()
+                .reshape([unpadding.rows * unpadding.seq])
+                .select(0, placed.positions.clone())
+                .reshape(placed.view)
+        };
+        let rows = Rows {
+            batch: unpadding.rows,
+            seq: unpadding.seq,
+            view: placed.view,
+            unpad: Some((placed.padded_from.clone(), placed.gather_positions.clone())),
+            keys: placed.keys,
+            attention_keys: self
+                .bert
+                .attention_keys(&device, unpadding.rows, unpadding.seq),
+        };
+        let hidden = self.bert.encode_rows(
+            ids(&batch.input_ids),
+            ids(&batch.token_type_ids),
+            placed.position_ids.reshape([groups, per_group]),
+            &batch.attention_mask,
+            &rows,
+        );
+        self.heads(hidden, placed.cls, placed.masked)
+    }
+
+    /// The logits with the encoder computing every position of the padded batch, padding
+    /// included, as HF transformers does: the reference [`BertForPreTraining::forward`] is
+    /// compared with.
+    pub fn forward_padded(&self, batch: &PretrainingBatch<B>) -> PretrainingOutput<B> {
         let [batch_size, seq_len] = batch.input_ids.dims();
+        let device = batch.input_ids.device();
         let hidden = self.bert.encode(
             batch.input_ids.clone(),
             batch.token_type_ids.clone(),
             batch.attention_mask.clone(),
         );
+        let cls = (0..batch_size).map(|row| (row * seq_len) as i64).collect();
+        let masked = batch.masked_positions.clone();
+        let masked_count = masked.dims()[0];
+        self.heads(
+            hidden,
+            index_column(cls, &device),
+            masked.reshape([masked_count, 1]),
+        )
+    }
+
+    /// Both heads on the final hidden states: NSP on the rows `cls` (`[batch, 1]`), MLM on
+    /// the rows `masked` (`[masked, 1]`).
+    fn heads(
+        &self,
+        hidden: Tensor<B, 2>,
+        cls: Tensor<B, 2, Int>,
+        masked: Tensor<B, 2, Int>,
+    ) -> PretrainingOutput<B> {
+        // gather_nd, not select: its gradient is a scatter with one thread per element on a
+        // GPU, where select's loops over the rows (the indices are distinct, so no two
+        // threads add into one element).
         let pooled = self
             .bert
             .pooler
-            .forward(hidden.clone(), batch_size, seq_len);
+            .forward(hidden.clone().gather_nd::<2, 2>(cls));
         // Gather before the head: [masked, hidden] instead of [tokens, vocab] logits.
-        let at_masks = hidden.select(0, batch.masked_positions.clone());
+        let at_masks = hidden.gather_nd::<2, 2>(masked);
         let mlm_logits = self
             .cls
             .predictions
@@ -289,44 +378,270 @@ pub fn in_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
+/// Where a padded batch's real tokens are: what [`BertForPreTraining::forward_unpadded`]
+/// needs besides the batch. Made on the host (for training, by the loader thread), so
+/// that nothing has to be read back from the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unpadding {
+    rows: usize,
+    seq: usize,
+    /// Flat positions (`row * seq + position`) the encoder computes, ascending: the real
+    /// tokens, and each row's first position and masked positions even where the mask says
+    /// padding (the heads read them, and must read what the padded encoder gives them).
+    kept: Vec<u32>,
+    /// Flat positions of the predictions, as in the batch.
+    masked: Vec<u32>,
+}
+
+/// Rows of the unpadded hidden matrix on a GPU come in a multiple of this (see
+/// [`per_sequence`]); a few padding positions are computed to make it up.
+const GPU_ROW_GROUP: usize = 64;
+
+/// An [`Unpadding`] as tensors on one device.
+struct Placed<B: Backend> {
+    /// `[tokens]` the flat padded position of each row of the hidden matrix.
+    positions: Tensor<B, 1, Int>,
+    /// `[tokens, 1]` the same, as gather indices.
+    gather_positions: Tensor<B, 2, Int>,
+    /// `[batch * seq, 1]` the row of the hidden matrix at each padded position.
+    padded_from: Tensor<B, 2, Int>,
+    /// `[tokens]` each row's position in its sequence.
+    position_ids: Tensor<B, 1, Int>,
+    /// `[batch, 1]` and `[masked, 1]`: the rows of the [CLS] tokens and of the predictions.
+    cls: Tensor<B, 2, Int>,
+    masked: Tensor<B, 2, Int>,
+    /// Dropout keys of the rows (see [`dropout`]): `sequence << 32 | position`.
+    keys: Vec<u64>,
+    /// The rows as `[groups, per group]` (see [`per_sequence`]).
+    view: [usize; 2],
+}
+
+impl Unpadding {
+    /// The unpadding of a `[rows, seq]` batch with `attention_mask` (1 = token) and its
+    /// predictions at `masked_positions` (`row * seq + position`), all row-major.
+    pub fn new(attention_mask: &[i64], [rows, seq]: [usize; 2], masked_positions: &[i64]) -> Self {
+        assert_eq!(
+            attention_mask.len(),
+            rows * seq,
+            "attention_mask is [rows, seq]"
+        );
+        let mut keep: Vec<bool> = attention_mask.iter().map(|&m| m != 0).collect();
+        for row in 0..rows {
+            keep[row * seq] = true;
+        }
+        for &p in masked_positions {
+            keep[p as usize] = true;
+        }
+        Unpadding {
+            rows,
+            seq,
+            kept: (0..rows * seq)
+                .filter(|&p| keep[p])
+                .map(|p| p as u32)
+                .collect(),
+            masked: masked_positions.iter().map(|&p| p as u32).collect(),
+        }
+    }
+
+    /// The unpadding of a batch already on the device (reads its mask back).
+    pub fn of<B: Backend>(batch: &PretrainingBatch<B>) -> Self {
+        let ints = |t: &Tensor<B, 2, Int>| t.clone().into_data().iter::<i64>().collect::<Vec<_>>();
+        let masked: Vec<i64> = batch
+            .masked_positions
+            .clone()
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        Unpadding::new(
+            &ints(&batch.attention_mask),
+            batch.attention_mask.dims(),
+            &masked,
+        )
+    }
+
+    /// Positions the encoder computes (before [`GPU_ROW_GROUP`] rounding).
+    pub fn tokens(&self) -> usize {
+        self.kept.len()
+    }
+
+    /// The index tensors of this unpadding on `device`, for a hidden matrix whose rows come
+    /// in multiples of `group` where there is padding to make them up.
+    ///
+    /// Padding positions are gathered from a row of their own (a computed padding
+    /// position, the "spare") rather than from a zero row: the gradient of a GPU gather is
+    /// a scatter without atomics, correct only where each element receives one addition,
+    /// and every addition into the spare is an exact zero (nothing reads padding:
+    /// attention gives it weight 0, and no head reads it). On a GPU, enough padding
+    /// positions are computed to make the rows a multiple of [`GPU_ROW_GROUP`].
+    fn place<B: Backend>(&self, device: &B::Device, group: usize) -> Placed<B> {
+        let total = self.rows * self.seq;
+        let mut rows = self.kept.clone();
+        let mut spare = None;
+        if rows.len() < total {
+            let mut computed = vec![false; total];
+            for &p in &self.kept {
+                computed[p as usize] = true;
+            }
+            let extra = (group - (rows.len() + 1) % group) % group + 1;
+            let padding = (0..total as u32).filter(|&p| !computed[p as usize]);
+            let first = rows.len();
+            rows.extend(padding.take(extra));
+            spare = Some(rows[first]);
+            rows.sort_unstable();
+        }
+        let tokens = rows.len();
+        const NOT_COMPUTED: u32 = u32::MAX;
+        let mut row_of = vec![NOT_COMPUTED; total];
+        for (i, &p) in rows.iter().enumerate() {
+            row_of[p as usize] = i as u32;
+        }
+        let spare_row = spare.map_or(0, |p| row_of[p as usize]);
+        let padded_from = row_of
+            .iter()
+            .map(|&r| i64::from(if r == NOT_COMPUTED { spare_row } else { r }))
+            .collect();
+        let seq = self.seq as u32;
+        let positions: Vec<i64> = rows.iter().map(|&p| i64::from(p)).collect();
+        let keys = if dropout::uses_keys::<B>(device) {
+            rows.iter()
+                .map(|&p| (u64::from(p / seq) << 32) | u64::from(p % seq))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let ints1 = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), device)
+        };
+        let row_indices = |flat: &mut dyn Iterator<Item = u32>| {
+            index_column(
+                flat.map(|p| i64::from(row_of[p as usize])).collect(),
+                device,
+            )
+        };
+        Placed {
+            gather_positions: index_column(positions.clone(), device),
+            positions: ints1(positions),
+            padded_from: index_column(padded_from, device),
+            position_ids: ints1(rows.iter().map(|&p| i64::from(p % seq)).collect()),
+            cls: row_indices(&mut (0..self.rows as u32).map(|r| r * seq)),
+            masked: row_indices(&mut self.masked.iter().copied()),
+            keys,
+            view: if tokens % group == 0 {
+                [tokens / group, group]
+            } else {
+                [tokens, 1]
+            },
+        }
+    }
+}
+
+/// `values` as a `[n, 1]` index tensor for `gather_nd` along the first dimension.
+fn index_column<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 2, Int> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n, 1]), device)
+}
+
+/// How the rows of the hidden matrix lie in the padded batch.
+struct Rows<B: Backend> {
+    batch: usize,
+    seq: usize,
+    /// The rows as `[groups, per group]` for biases and LayerNorm (see [`per_sequence`]).
+    view: [usize; 2],
+    /// For the unpadded encoder: gather indices from the hidden rows to the padded layout
+    /// (`[batch * seq, 1]`) and back (`[tokens, 1]`). None: the rows are the padded batch.
+    unpad: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>,
+    /// Dropout keys of the hidden rows and of the attention probabilities' rows (empty
+    /// where dropout does not read them).
+    keys: Vec<u64>,
+    attention_keys: Vec<u64>,
+}
+
 impl<B: Backend> BertModel<B> {
-    /// Final hidden states as `[batch * seq, hidden]`.
+    /// Final hidden states as `[batch * seq, hidden]`, padding positions included: the
+    /// padded encoder, as HF transformers computes it.
     pub fn encode(
         &self,
         input_ids: Tensor<B, 2, Int>,
         token_type_ids: Tensor<B, 2, Int>,
         attention_mask: Tensor<B, 2, Int>,
     ) -> Tensor<B, 2> {
-        let [batch_size, seq_len] = input_ids.dims();
-        let mut hidden = self.embeddings.forward(input_ids, token_type_ids);
+        let [batch, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let keys = if dropout::uses_keys::<B>(&device) {
+            (0..batch as u64)
+                .flat_map(|row| (0..seq as u64).map(move |p| (row << 32) | p))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let rows = Rows {
+            batch,
+            seq,
+            view: [batch, seq],
+            unpad: None,
+            keys,
+            attention_keys: self.attention_keys(&device, batch, seq),
+        };
+        let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device).reshape([1, seq]);
+        self.encode_rows(input_ids, token_type_ids, positions, &attention_mask, &rows)
+    }
+
+    /// The encoder on the rows `rows` describes, whose word, segment and position ids are
+    /// given in its `view` (positions may broadcast over the first dimension).
+    fn encode_rows(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        token_type_ids: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+        attention_mask: &Tensor<B, 2, Int>,
+        rows: &Rows<B>,
+    ) -> Tensor<B, 2> {
+        let mut hidden = self
+            .embeddings
+            .forward(input_ids, token_type_ids, position_ids, rows);
         // [batch, 1, 1, seq]: 0 where attended, MASKED_SCORE on padding.
-        let score_bias = (attention_mask.float().neg() + 1.0)
+        let score_bias = (attention_mask.clone().float().neg() + 1.0)
             .mul_scalar(MASKED_SCORE)
-            .reshape([batch_size, 1, 1, seq_len]);
+            .reshape([rows.batch, 1, 1, rows.seq]);
         for layer in &self.encoder.layer {
-            hidden = layer.forward(hidden, score_bias.clone(), batch_size, seq_len);
+            hidden = layer.forward(hidden, score_bias.clone(), rows);
         }
         hidden
+    }
+
+    /// Dropout keys of the attention probabilities' rows, `[batch, heads, seq]`:
+    /// `(sequence * heads + head) << 32 | query position`, the same in both encoders.
+    fn attention_keys(&self, device: &B::Device, batch: usize, seq: usize) -> Vec<u64> {
+        let heads = self
+            .encoder
+            .layer
+            .first()
+            .map_or(1, |l| l.attention.self_attention.num_heads);
+        if !dropout::uses_keys::<B>(device) {
+            return Vec::new();
+        }
+        (0..(batch * heads) as u64)
+            .flat_map(|row| (0..seq as u64).map(move |q| (row << 32) | q))
+            .collect()
     }
 }
 
 impl<B: Backend> Embeddings<B> {
+    /// `[rows, hidden]`: the sum of the three embeddings, normalised, with dropout.
     fn forward(
         &self,
         input_ids: Tensor<B, 2, Int>,
         token_type_ids: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+        rows: &Rows<B>,
     ) -> Tensor<B, 2> {
-        let [batch_size, seq_len] = input_ids.dims();
-        let device = input_ids.device();
-        let positions =
-            Tensor::<B, 1, Int>::arange(0..seq_len as i64, &device).reshape([1, seq_len]);
         let words = self.word_embeddings.forward(input_ids);
         let types = self.token_type_embeddings.forward(token_type_ids);
-        let positions = self.position_embeddings.forward(positions);
-        let hidden_size = words.dims()[2];
-        let sum = words + types + positions;
-        let normed = self.layer_norm.forward(sum);
-        dropout::apply(&self.dropout, normed).reshape([batch_size * seq_len, hidden_size])
+        let positions = self.position_embeddings.forward(position_ids);
+        let [groups, per_group, hidden_size] = words.dims();
+        let normed = self.layer_norm.forward(words + types + positions);
+        dropout::apply(&self.dropout, normed, &rows.keys).reshape([groups * per_group, hidden_size])
     }
 }
 
@@ -335,96 +650,104 @@ impl<B: Backend> EncoderLayer<B> {
         &self,
         hidden: Tensor<B, 2>,
         score_bias: Tensor<B, 4>,
-        batch_size: usize,
-        seq_len: usize,
+        rows: &Rows<B>,
     ) -> Tensor<B, 2> {
-        let rows = [batch_size, seq_len];
-        let context =
-            self.attention
-                .self_attention
-                .forward(hidden.clone(), score_bias, batch_size, seq_len);
+        let context = self
+            .attention
+            .self_attention
+            .forward(hidden.clone(), score_bias, rows);
         let attended = self.attention.output.forward(context, hidden, rows);
-        let expanded = gelu(dense(&self.intermediate.dense, attended.clone(), rows));
+        let expanded = gelu(dense(&self.intermediate.dense, attended.clone(), rows.view));
         self.output.forward(expanded, attended, rows)
     }
 }
 
 impl<B: Backend> SelfAttention<B> {
+    /// The attention context of every row: `[rows, hidden]`. Queries, keys and values are
+    /// computed on the rows; the unpadded encoder then gathers them into the padded
+    /// `[batch, heads, seq, head_dim]` view, and gathers the context back from it.
     fn forward(
         &self,
         hidden: Tensor<B, 2>,
         score_bias: Tensor<B, 4>,
-        batch_size: usize,
-        seq_len: usize,
+        rows: &Rows<B>,
     ) -> Tensor<B, 2> {
         let hidden_size = hidden.dims()[1];
         let head_dim = hidden_size / self.num_heads;
-        // [tokens, hidden] -> [batch, heads, seq, head_dim]
+        let (batch, seq) = (rows.batch, rows.seq);
+        // [rows, hidden] -> [batch, heads, seq, head_dim]
         let heads = |x: Tensor<B, 2>| {
-            x.reshape([batch_size, seq_len, self.num_heads, head_dim])
+            let padded = match &rows.unpad {
+                Some((padded_from, _)) => x.gather_nd::<2, 2>(padded_from.clone()),
+                None => x,
+            };
+            padded
+                .reshape([batch, seq, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let rows = [batch_size, seq_len];
-        let query = heads(dense(&self.query, hidden.clone(), rows));
-        let key = heads(dense(&self.key, hidden.clone(), rows));
-        let value = heads(dense(&self.value, hidden, rows));
+        let query = heads(dense(&self.query, hidden.clone(), rows.view));
+        let key = heads(dense(&self.key, hidden.clone(), rows.view));
+        let value = heads(dense(&self.value, hidden, rows.view));
         let scores = query
             .matmul(key.swap_dims(2, 3))
             .div_scalar((head_dim as f32).sqrt())
             + score_bias;
-        let probs = dropout::apply(&self.dropout, softmax(scores, 3));
-        probs
+        let probs = dropout::apply(&self.dropout, softmax(scores, 3), &rows.attention_keys);
+        let context = probs
             .matmul(value)
             .swap_dims(1, 2)
-            .reshape([batch_size * seq_len, hidden_size])
+            .reshape([batch * seq, hidden_size]);
+        match &rows.unpad {
+            Some((_, positions)) => context.gather_nd::<2, 2>(positions.clone()),
+            None => context,
+        }
     }
 }
 
 impl<B: Backend> Output<B> {
-    fn forward(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>, rows: [usize; 2]) -> Tensor<B, 2> {
-        let projected = dropout::apply(&self.dropout, dense(&self.dense, x, rows));
-        per_sequence(projected + residual, rows, |x| self.layer_norm.forward(x))
+    fn forward(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>, rows: &Rows<B>) -> Tensor<B, 2> {
+        let projected = dropout::apply(&self.dropout, dense(&self.dense, x, rows.view), &rows.keys);
+        per_sequence(projected + residual, rows.view, |x| {
+            self.layer_norm.forward(x)
+        })
     }
 }
 
-/// `f` applied to `x`, `[tokens, n]`, viewed as `rows` = `[batch, seq]` by `n`.
+/// `f` applied to `x`, `[rows, n]`, viewed as `view` = `[groups, per group]` by `n`.
 ///
 /// Why: burn reduces the gradient of a broadcast parameter (a bias, LayerNorm's gamma and
-/// beta) one broadcast dimension at a time. Over `[tokens, n]` that is a single reduction
-/// of all the tokens into n sums, which burn-cuda's reduce runs with little parallelism:
+/// beta) one broadcast dimension at a time. Over `[rows, n]` that is a single reduction
+/// of all the rows into n sums, which burn-cuda's reduce runs with little parallelism:
 /// 2 to 3.5 ms each for 16k tokens on an H200, about half of a BERT-base training step.
-/// Over `[batch, seq, n]` it is two reductions with many outputs each.
+/// Over `[groups, per group, n]` it is two reductions with many outputs each. The padded
+/// encoder's groups are its sequences; the unpadded one's are runs of [`GPU_ROW_GROUP`]
+/// rows on a GPU.
 fn per_sequence<B: Backend>(
     x: Tensor<B, 2>,
-    [batch, seq]: [usize; 2],
+    [groups, per_group]: [usize; 2],
     f: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
 ) -> Tensor<B, 2> {
-    let [tokens, n] = x.dims();
-    let y = f(x.reshape([batch, seq, n]));
+    let [rows, n] = x.dims();
+    let y = f(x.reshape([groups, per_group, n]));
     let n = y.dims()[2];
-    y.reshape([tokens, n])
+    y.reshape([rows, n])
 }
 
-/// `linear` on `[tokens, in]` whose tokens are `rows`: one 2D product (burn's `Linear` on a
-/// 3D input would make a batched product and sum its weight gradient over the batch), then
-/// the bias added per sequence (see [`per_sequence`]).
-fn dense<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>, rows: [usize; 2]) -> Tensor<B, 2> {
+/// `linear` on `[rows, in]` viewed as `view`: one 2D product (burn's `Linear` on a 3D input
+/// would make a batched product and sum its weight gradient over the batch), then the bias
+/// added per group (see [`per_sequence`]).
+fn dense<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>, view: [usize; 2]) -> Tensor<B, 2> {
     let product = x.matmul(linear.weight.val());
     match &linear.bias {
-        Some(bias) => per_sequence(product, rows, |p| p + bias.val().unsqueeze::<3>()),
+        Some(bias) => per_sequence(product, view, |p| p + bias.val().unsqueeze::<3>()),
         None => product,
     }
 }
 
 impl<B: Backend> Pooler<B> {
     /// tanh(dense(hidden state of [CLS])) per sequence: `[batch, hidden]`.
-    fn forward(&self, hidden: Tensor<B, 2>, batch_size: usize, seq_len: usize) -> Tensor<B, 2> {
-        let hidden_size = hidden.dims()[1];
-        let first = hidden
-            .reshape([batch_size, seq_len, hidden_size])
-            .narrow(1, 0, 1)
-            .reshape([batch_size, hidden_size]);
-        tanh(self.dense.forward(first))
+    fn forward(&self, cls: Tensor<B, 2>) -> Tensor<B, 2> {
+        tanh(self.dense.forward(cls))
     }
 }
 
@@ -436,5 +759,146 @@ impl<B: Backend> LmPredictionHead<B> {
             .layer_norm
             .forward(gelu(self.transform.dense.forward(at_masks)));
         transformed.matmul(word_embeddings.transpose()) + self.bias.val().unsqueeze_dim(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::{Accumulation, ParamLayout, accumulate_grads};
+    use crate::{init_bert, seed_dropout};
+    use burn::backend::{Autodiff, Flex};
+
+    type Train = Autodiff<Flex>;
+
+    fn config(dropout: f64) -> BertConfig {
+        BertConfig {
+            vocab_size: 120,
+            max_position_embeddings: 16,
+            hidden_dropout_prob: dropout,
+            attention_probs_dropout_prob: dropout,
+            ..BertConfig::preset("tiny").unwrap()
+        }
+    }
+
+    /// Four rows of lengths 5, 12, 9 and 12 padded to 12, with predictions in every row.
+    fn batch(device: &burn::tensor::Device<Train>) -> (PretrainingBatch<Train>, Unpadding) {
+        let (rows, seq) = (4, 12);
+        let lengths = [5, 12, 9, 12];
+        let mut ids = vec![0i64; rows * seq];
+        let mut types = vec![0i64; rows * seq];
+        let mut mask = vec![0i64; rows * seq];
+        for (row, &len) in lengths.iter().enumerate() {
+            for p in 0..len {
+                ids[row * seq + p] = 5 + ((row * 37 + p * 11) % 110) as i64;
+                types[row * seq + p] = i64::from(p >= len / 2);
+                mask[row * seq + p] = 1;
+            }
+        }
+        let masked: Vec<i64> = vec![1, 3, 12 + 2, 12 + 11, 24 + 8, 36 + 4, 36 + 5];
+        let m = masked.len();
+        let ints2 = |v: &Vec<i64>| {
+            Tensor::<Train, 2, Int>::from_data(TensorData::new(v.clone(), [rows, seq]), device)
+        };
+        let ints1 = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<Train, 1, Int>::from_data(TensorData::new(v, [n]), device)
+        };
+        let batch = PretrainingBatch {
+            input_ids: ints2(&ids),
+            token_type_ids: ints2(&types),
+            attention_mask: ints2(&mask),
+            masked_lm_ids: ints1(masked.iter().map(|&p| ids[p as usize]).collect()),
+            masked_positions: ints1(masked.clone()),
+            masked_lm_weights: Tensor::from_data(TensorData::new(vec![0.5f32; m], [m]), device),
+            next_sentence_labels: ints1(vec![0, 1, 1, 0]),
+        };
+        let unpadding = Unpadding::new(&mask, [rows, seq], &masked);
+        (batch, unpadding)
+    }
+
+    /// Logits and the gradient of the loss for every parameter, flat.
+    fn run(
+        model: &BertForPreTraining<Train>,
+        batch: &PretrainingBatch<Train>,
+        forward: impl Fn() -> PretrainingOutput<Train>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        seed_dropout(11);
+        let output = forward();
+        let loss = model.loss(&output, batch).loss;
+        let layout = ParamLayout::of(model);
+        let mut grads = vec![0.0; layout.total + 1];
+        accumulate_grads(
+            model,
+            &loss.backward(),
+            &layout,
+            &mut grads,
+            Accumulation::Overwrite,
+        );
+        let mut logits: Vec<f32> = output.mlm_logits.into_data().to_vec().unwrap();
+        logits.extend(output.nsp_logits.into_data().to_vec::<f32>().unwrap());
+        (logits, grads)
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// The unpadded encoder is the padded one's function: the same logits and gradients
+    /// within 1e-5, without dropout and with it (its masks are keyed by sequence and
+    /// position), also when padding rows are computed to fill GPU row groups.
+    #[test]
+    fn unpadded_matches_padded_outputs_and_gradients() {
+        let device = Default::default();
+        for dropout in [0.0, 0.1] {
+            let model = init_bert::<Train>(&config(dropout), 3, &device);
+            let (batch, unpadding) = batch(&device);
+            assert_eq!(unpadding.tokens(), 5 + 12 + 9 + 12);
+            let padded = run(&model, &batch, || model.forward_padded(&batch));
+            let unpadded = run(&model, &batch, || {
+                model.forward_unpadded(&batch, &unpadding)
+            });
+            // Groups of 8 rows: 38 tokens + 2 padding rows (one of them the spare).
+            let grouped = run(&model, &batch, || {
+                let placed = unpadding.place(&device, 8);
+                assert_eq!(placed.view, [5, 8]);
+                model.forward_placed(&batch, &unpadding, placed)
+            });
+            assert!(padded.1.iter().any(|&g| g.abs() > 1e-3), "gradients flow");
+            for (name, other) in [("unpadded", &unpadded), ("grouped", &grouped)] {
+                let logits = max_diff(&padded.0, &other.0);
+                let grads = max_diff(&padded.1, &other.1);
+                assert!(
+                    logits < 1e-5,
+                    "dropout {dropout}, {name}: logits differ by {logits}"
+                );
+                assert!(
+                    grads < 1e-5,
+                    "dropout {dropout}, {name}: gradients differ by {grads}"
+                );
+            }
+        }
+    }
+
+    /// Padding positions read from a spare padding row, never from a real token; a batch
+    /// without padding has no spare.
+    #[test]
+    fn placement_keeps_tokens_and_maps_padding_to_the_spare() {
+        let device: burn::tensor::Device<Flex> = Default::default();
+        let mask = [1, 1, 0, 0, 1, 1, 1, 0];
+        let unpadding = Unpadding::new(&mask, [2, 4], &[1, 5]);
+        let placed = unpadding.place::<Flex>(&device, 1);
+        let ints = |t: Tensor<Flex, 2, Int>| t.into_data().iter::<i64>().collect::<Vec<_>>();
+        // Tokens 0, 1, 4, 5, 6 and the spare, position 2.
+        assert_eq!(ints(placed.gather_positions), vec![0, 1, 2, 4, 5, 6]);
+        assert_eq!(ints(placed.padded_from), vec![0, 1, 2, 2, 3, 4, 5, 2]);
+        assert_eq!(ints(placed.cls), vec![0, 3]);
+        assert_eq!(ints(placed.masked), vec![1, 4]);
+        let full = Unpadding::new(&[1; 8], [2, 4], &[1]).place::<Flex>(&device, 1);
+        assert_eq!(ints(full.padded_from), (0..8).collect::<Vec<_>>());
     }
 }

@@ -3,14 +3,18 @@
 //! burn's `Dropout` samples a Bernoulli mask element by element through a ChaCha
 //! generator, then multiplies twice (mask, then 1/keep): about 10% of a CPU training step
 //! of the mini model. On a CPU backend the tensor lives in host memory anyway, so here the
-//! mask is made directly as `0` or `1/keep` from a SplitMix64 stream, four 16-bit draws per
+//! mask is made directly as `0` or `1/keep` from SplitMix64 streams, four 16-bit draws per
 //! 64-bit output, and applied with one multiply. On other backends (CUDA) the mask would
 //! have to be uploaded, so burn's own dropout runs there.
 //!
-//! The stream is per thread and set by [`seed_dropout`], which the trainer calls with the
-//! same (seed, step, rank, micro-batch) seed it gives burn: a step's masks are a function
-//! of that seed, so resumed runs repeat it bit for bit. The drop probability is rounded to
-//! a multiple of 1/65536 (0.1 becomes 0.100006).
+//! A tensor's mask is drawn row by row (a row is its last dimension), each row from a
+//! stream of its own keyed by what the row is: (sequence, position) for hidden states,
+//! (sequence, head, query) for attention probabilities. So the padded and the unpadded
+//! encoder, which hold the same token in different rows, drop the same units of it.
+//! Each call takes one value from a per-thread stream that [`seed_dropout`] sets, which the
+//! trainer does with the same (seed, step, rank, micro-batch) seed it gives burn: a step's
+//! masks are a function of that seed, so resumed runs repeat it bit for bit. The drop
+//! probability is rounded to a multiple of 1/65536 (0.1 becomes 0.100006).
 
 use std::cell::Cell;
 
@@ -27,11 +31,13 @@ pub fn seed_dropout(seed: u64) {
     STATE.with(|s| s.set(seed));
 }
 
-/// `dropout` applied to `x`: the identity outside training (no autodiff) or at
-/// probability 0, host-drawn masks on CPU backends, burn's dropout elsewhere.
+/// `dropout` applied to `x`, whose rows (last dimension) are identified by `keys`: the
+/// identity outside training (no autodiff) or at probability 0, host-drawn masks on CPU
+/// backends, burn's dropout elsewhere (which ignores the keys).
 pub(crate) fn apply<B: Backend, const D: usize>(
     dropout: &Dropout,
     x: Tensor<B, D>,
+    keys: &[u64],
 ) -> Tensor<B, D> {
     let device = x.device();
     if !B::ad_enabled(&device) || dropout.prob == 0.0 {
@@ -41,30 +47,53 @@ pub(crate) fn apply<B: Backend, const D: usize>(
         return dropout.forward(x);
     }
     let shape = x.shape();
-    let mask = host_mask(shape.num_elements(), dropout.prob);
+    let row_len = shape.dims::<D>()[D - 1];
+    assert_eq!(
+        keys.len() * row_len,
+        shape.num_elements(),
+        "one dropout key per row"
+    );
+    let mask = host_mask(keys, row_len, dropout.prob);
     x * Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device)
 }
 
+/// Whether [`apply`] on `device` reads its keys: in training, on a CPU backend. Callers
+/// skip making keys otherwise.
+pub(crate) fn uses_keys<B: Backend>(device: &B::Device) -> bool {
+    B::ad_enabled(device) && computes_on_host::<B>(device)
+}
+
 /// Whether `B` keeps tensors in host memory (burn's CPU backends).
-fn computes_on_host<B: Backend>(device: &B::Device) -> bool {
+pub(crate) fn computes_on_host<B: Backend>(device: &B::Device) -> bool {
     let name = B::name(device);
     name.contains("flex") || name.contains("ndarray")
 }
 
-/// `n` mask values: 0 with probability `prob`, else `1 / (1 - prob)`.
-fn host_mask(n: usize, prob: f64) -> Vec<f32> {
+/// Mask values for rows of `row_len` identified by `keys`: 0 with probability `prob`, else
+/// `1 / (1 - prob)`. Takes one value from this thread's stream; each row's values are then a
+/// function of that value and the row's key alone.
+fn host_mask(keys: &[u64], row_len: usize, prob: f64) -> Vec<f32> {
     let drop_below = (prob * 65536.0).round() as u64;
     let keep_scale = (65536.0 / (65536 - drop_below) as f64) as f32;
-    let mut state = STATE.with(Cell::get);
-    let mut mask = Vec::with_capacity(n);
-    while mask.len() < n {
-        let bits = splitmix64(&mut state);
-        for lane in 0..4.min(n - mask.len()) {
-            let draw = (bits >> (16 * lane)) & 0xFFFF;
-            mask.push(if draw < drop_below { 0.0 } else { keep_scale });
+    let call = STATE.with(|s| {
+        let mut state = s.get();
+        let call = splitmix64(&mut state);
+        s.set(state);
+        call
+    });
+    let mut mask = Vec::with_capacity(keys.len() * row_len);
+    for &key in keys {
+        let mut start = call ^ key.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        let mut state = splitmix64(&mut start);
+        let end = mask.len() + row_len;
+        while mask.len() < end {
+            let bits = splitmix64(&mut state);
+            for lane in 0..4.min(end - mask.len()) {
+                let draw = (bits >> (16 * lane)) & 0xFFFF;
+                mask.push(if draw < drop_below { 0.0 } else { keep_scale });
+            }
         }
     }
-    STATE.with(|s| s.set(state));
     mask
 }
 
@@ -83,8 +112,9 @@ mod tests {
     #[test]
     fn masks_drop_at_the_rate_and_keep_the_mean() {
         seed_dropout(3);
-        let mask = host_mask(1_000_003, 0.1);
-        assert_eq!(mask.len(), 1_000_003);
+        let keys: Vec<u64> = (0..1000).collect();
+        let mask = host_mask(&keys, 1003, 0.1);
+        assert_eq!(mask.len(), 1_003_000);
         let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
         assert!((dropped - 0.1).abs() < 0.002, "dropped {dropped}");
         let mean = mask.iter().map(|&m| m as f64).sum::<f64>() / mask.len() as f64;
@@ -94,12 +124,27 @@ mod tests {
     #[test]
     fn masks_are_a_function_of_the_seed() {
         seed_dropout(9);
-        let a = (host_mask(1000, 0.1), host_mask(10, 0.5));
+        let a = (host_mask(&[1, 2], 500, 0.1), host_mask(&[1], 10, 0.5));
         seed_dropout(9);
-        let b = (host_mask(1000, 0.1), host_mask(10, 0.5));
+        let b = (host_mask(&[1, 2], 500, 0.1), host_mask(&[1], 10, 0.5));
         seed_dropout(10);
-        let c = host_mask(1000, 0.1);
+        let c = host_mask(&[1, 2], 500, 0.1);
         assert_eq!(a, b);
         assert_ne!(a.0, c);
+        // Consecutive calls draw different masks for the same rows.
+        assert_ne!(host_mask(&[1], 64, 0.1), host_mask(&[1], 64, 0.1));
+    }
+
+    /// A row's mask depends on its key, not on where the row sits or which other rows are
+    /// drawn with it: what lets the unpadded encoder drop what the padded one drops.
+    #[test]
+    fn a_rows_mask_is_a_function_of_its_key() {
+        seed_dropout(5);
+        let padded = host_mask(&[10, 11, 12, 20, 21, 22], 64, 0.1);
+        seed_dropout(5);
+        let packed = host_mask(&[10, 11, 20], 64, 0.1);
+        assert_eq!(packed[..128], padded[..128]);
+        assert_eq!(packed[128..], padded[3 * 64..4 * 64]);
+        assert_ne!(padded[..64], padded[64..128]);
     }
 }

@@ -16,7 +16,9 @@ pub mod hf;
 pub mod init;
 pub mod params;
 
-pub use bert::{BertForPreTraining, PretrainingBatch, PretrainingLoss, PretrainingOutput, in_f32};
+pub use bert::{
+    BertForPreTraining, PretrainingBatch, PretrainingLoss, PretrainingOutput, Unpadding, in_f32,
+};
 pub use config::BertConfig;
 pub use dropout::seed_dropout;
 pub use init::init_bert;

@@ -30,13 +30,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use bertrain_coordinator::job::{Backend, Precision};
-use bertrain_dataprep::Instance;
+use bertrain_dataprep::{Instance, Manifest};
 use bertrain_model::init::SplitMix64;
 use bertrain_model::{BertConfig, init_bert};
 use bertrain_worker::CpuBackend;
 use bertrain_worker::batch::HostBatch;
-use bertrain_worker::collective::LocalCollective;
+use bertrain_worker::collective::{Collective, LocalCollective, RingListener, RingOptions};
 use bertrain_worker::device::DeviceChoice;
+use bertrain_worker::loader::{BatchShape, SampleSource, step_data};
 use bertrain_worker::optim::{Optimizer, OptimizerConfig};
 use bertrain_worker::trainer::Trainer;
 
@@ -145,6 +146,13 @@ enum BenchKind {
         /// Internal: `preset=tokens/s,...` of the reference, for the ranks of a run.
         #[arg(long, hide = true)]
         reference: Option<String>,
+        /// Train on the first steps of a dataset instead of random full-length sequences: a
+        /// `manifest.json`, or `demo` for the demo's synthetic dataset (made in
+        /// `bench-train/`, removed at the end). Each preset then runs three ways: the
+        /// padded encoder, the unpadded one training uses, and the unpadded one with length
+        /// bins, each counting real tokens only. No HF reference.
+        #[arg(long)]
+        dataset: Option<String>,
     },
 }
 
@@ -168,8 +176,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             workers,
             rank: None,
             hf_python,
+            dataset,
             ..
-        } => bench_train(&presets, steps, workers, hf_python.as_deref()),
+        } => match dataset.as_deref() {
+            None => bench_train(&presets, steps, workers, hf_python.as_deref(), None),
+            Some(_) if hf_python.is_some() => {
+                bail!("--hf-python measures random full-length batches; leave out --dataset")
+            }
+            Some("demo") => in_work_dir(&std::env::current_dir()?.join("bench-train"), |dir| {
+                println!("preparing the demo's dataset (synthetic corpus, 2000 documents) ...");
+                let manifest = crate::demo::synthetic_dataset(dir, 2000, 0)?.join("manifest.json");
+                bench_train(&presets, steps, workers, None, Some(&manifest))
+            }),
+            Some(path) => bench_train(&presets, steps, workers, None, Some(Path::new(path))),
+        },
         BenchKind::Train {
             presets,
             steps,
@@ -177,15 +197,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rank: Some(rank),
             peers,
             reference,
+            dataset,
             ..
-        } => train_rank(
-            &presets,
-            steps,
-            workers,
-            rank,
-            peers.as_deref().unwrap_or_default(),
-            reference.as_deref().unwrap_or(ISSUE_REFERENCE),
-        ),
+        } => {
+            let mut collective =
+                rank_collective(workers, rank, peers.as_deref().unwrap_or_default())?;
+            match dataset {
+                Some(manifest) => dataset_rank(
+                    &presets,
+                    steps,
+                    workers,
+                    rank,
+                    collective.as_mut(),
+                    Path::new(&manifest),
+                ),
+                None => train_rank(
+                    &presets,
+                    steps,
+                    workers,
+                    rank,
+                    collective.as_mut(),
+                    reference.as_deref().unwrap_or(ISSUE_REFERENCE),
+                ),
+            }
+        }
         BenchKind::Dataprep {
             work_dir,
             threads,
@@ -255,9 +290,29 @@ fn bench_train(
     steps: usize,
     workers: usize,
     hf_python: Option<&Path>,
+    dataset: Option<&Path>,
 ) -> Result<()> {
     if steps == 0 || workers == 0 {
         bail!("--steps and --workers must be at least 1");
+    }
+    if let Some(manifest) = dataset {
+        let manifest = std::path::absolute(manifest)?;
+        let data = Manifest::load(&manifest)?;
+        println!(
+            "training step on {} ({} rows, max_seq_len {}), AdamW, fp32, CPU (Flex), {workers} worker process(es); \
+             tokens/s counts real tokens; padding is what attention still pads",
+            manifest.display(),
+            data.total_rows(),
+            data.max_seq_len
+        );
+        println!(
+            "{:<8} {:>6} {:<16} {:>10} {:>12} {:>9} {:>9}",
+            "model", "batch", "encoder", "s/step", "tokens/s", "vs padded", "padding"
+        );
+        let mut dataset_args = vec!["--dataset".to_string(), manifest.display().to_string()];
+        return run_ranks(presets, steps, workers, &mut dataset_args, |collective| {
+            dataset_rank(presets, steps, 1, 0, collective, &manifest)
+        });
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let reference = match hf_python {
@@ -284,10 +339,25 @@ fn bench_train(
         "comm s",
         "optim s"
     );
+    let mut reference_args = vec!["--reference".to_string(), reference.clone()];
+    run_ranks(presets, steps, workers, &mut reference_args, |collective| {
+        train_rank(presets, steps, 1, 0, collective, &reference)
+    })
+}
+
+/// Runs `alone` in this process with one worker, or else `workers` copies of this program
+/// with `extra` arguments, one rank each, sharing the cores.
+fn run_ranks(
+    presets: &str,
+    steps: usize,
+    workers: usize,
+    extra: &mut Vec<String>,
+    alone: impl FnOnce(&mut dyn bertrain_worker::collective::Collective) -> Result<()>,
+) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if workers == 1 {
-        return train_rank(presets, steps, 1, 0, "", &reference);
+        return alone(&mut LocalCollective);
     }
-    // N copies of this program, one rank each, sharing the cores.
     let peers: Vec<String> = (0..workers)
         .map(|_| {
             Ok(format!(
@@ -317,9 +387,8 @@ fn bench_train(
                 &rank.to_string(),
                 "--peers",
                 &peers.join(","),
-                "--reference",
-                &reference,
             ])
+            .args(extra.iter())
             .env("RAYON_NUM_THREADS", (cores / workers).max(1).to_string())
             .spawn()
             .context("starting a benchmark rank")?;
@@ -378,17 +447,9 @@ fn train_rank(
     steps: usize,
     world: usize,
     rank: usize,
-    peers: &str,
+    collective: &mut dyn Collective,
     reference: &str,
 ) -> Result<()> {
-    use bertrain_worker::collective::{Collective, RingListener, RingOptions};
-    let mut collective: Box<dyn Collective> = if world == 1 {
-        Box::new(LocalCollective)
-    } else {
-        let peers: Vec<String> = peers.split(',').map(str::to_string).collect();
-        let listener = RingListener::bind(&peers[rank])?;
-        Box::new(listener.connect(rank, &peers, &RingOptions::default())?)
-    };
     for preset in presets.split(',').map(str::trim) {
         let config = BertConfig::preset(preset)?;
         let batch_size = bench_batch_size(preset);
@@ -403,12 +464,12 @@ fn train_rank(
         let local =
             std::slice::from_ref(&random_batch(&config, batch_size / world, 1 + rank as u64))
                 .to_vec();
-        trainer.step(0, rank, &local, 1e-4, false, collective.as_mut())?;
+        trainer.step(0, rank, &local, 1e-4, false, collective)?;
         collective.barrier()?;
         let started = Instant::now();
         let mut phases = [0.0f64; 3];
         for step in 1..=steps as u64 {
-            let stats = trainer.step(step, rank, &local, 1e-4, false, collective.as_mut())?;
+            let stats = trainer.step(step, rank, &local, 1e-4, false, collective)?;
             for (sum, s) in
                 phases
                     .iter_mut()
@@ -431,6 +492,106 @@ fn train_rank(
         println!(
             "{preset:<8} {batch_size:>6} {per_step:>10.3} {tokens_per_s:>12.0} {reference:>14} {ratio:>10} {compute:>10.3} {comm:>10.3} {optim:>10.3}"
         );
+    }
+    Ok(())
+}
+
+/// The ring between the ranks of a `--workers` run (nothing to connect for one).
+fn rank_collective(world: usize, rank: usize, peers: &str) -> Result<Box<dyn Collective>> {
+    if world == 1 {
+        return Ok(Box::new(LocalCollective));
+    }
+    let peers: Vec<String> = peers.split(',').map(str::to_string).collect();
+    let listener = RingListener::bind(&peers[rank])?;
+    Ok(Box::new(listener.connect(
+        rank,
+        &peers,
+        &RingOptions::default(),
+    )?))
+}
+
+/// One rank's share of `bench train --dataset`: the first `steps` steps of the dataset
+/// (after one warm-up step) with the padded encoder, the unpadded one, and the unpadded
+/// one with length bins. Rank 0 prints the rows, with real tokens summed over the ranks.
+fn dataset_rank(
+    presets: &str,
+    steps: usize,
+    world: usize,
+    rank: usize,
+    collective: &mut dyn Collective,
+    manifest: &Path,
+) -> Result<()> {
+    let data = Manifest::load(manifest)?;
+    for preset in presets.split(',').map(str::trim) {
+        let mut config = BertConfig::preset(preset)?;
+        config.vocab_size = data.vocab_size;
+        let batch_size = bench_batch_size(preset);
+        if batch_size % world != 0 {
+            bail!("--workers {world} must divide the batch of {batch_size}");
+        }
+        let shape = BatchShape {
+            global_batch: batch_size as u64,
+            micro_batch: batch_size / world,
+            rank,
+            world,
+        };
+        let mut padded_tokens_per_s = None;
+        for (encoder, padded, bins) in [
+            ("padded", true, false),
+            ("unpadded", false, false),
+            ("unpadded + bins", false, true),
+        ] {
+            let source = SampleSource::new(data.clone(), 0, config.max_position_embeddings)?;
+            let mut source = match bins {
+                true => source.with_length_bins(batch_size as u64),
+                false => source,
+            };
+            let steps_data = (0..=steps as u64)
+                .map(|s| step_data(&mut source, shape, s))
+                .collect::<Result<Vec<_>>>()?;
+            let model = init_bert::<CpuBackend>(&config, 0, &Default::default());
+            let optimizer = OptimizerConfig::bert(Optimizer::Adamw, 0.01);
+            let mut trainer = Trainer::new(model, optimizer, 1.0, 0, Default::default());
+            trainer.padded = padded;
+            // Real tokens and the positions attention sees, summed over the ranks.
+            let mut counts = [0.0f32; 2];
+            trainer.step(
+                0,
+                rank,
+                &steps_data[0].micro_batches,
+                1e-4,
+                false,
+                collective,
+            )?;
+            collective.barrier()?;
+            let started = Instant::now();
+            for data in &steps_data[1..] {
+                let stats = trainer.step(
+                    data.step,
+                    rank,
+                    &data.micro_batches,
+                    1e-4,
+                    false,
+                    collective,
+                )?;
+                counts[0] += stats.tokens as f32;
+                counts[1] += stats.tokens as f32 / (1.0 - stats.padding_fraction as f32);
+            }
+            collective.barrier()?;
+            let seconds = started.elapsed().as_secs_f64();
+            collective.all_reduce_mean(&mut counts)?;
+            let [tokens, positions] = counts.map(|c| c as f64 * world as f64);
+            let tokens_per_s = tokens / seconds;
+            let baseline = *padded_tokens_per_s.get_or_insert(tokens_per_s);
+            if rank == 0 {
+                println!(
+                    "{preset:<8} {batch_size:>6} {encoder:<16} {:>10.3} {tokens_per_s:>12.0} {:>9} {:>8.1}%",
+                    seconds / steps as f64,
+                    format!("{:.2}x", tokens_per_s / baseline),
+                    100.0 * (1.0 - tokens / positions)
+                );
+            }
+        }
     }
     Ok(())
 }

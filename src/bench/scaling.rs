@@ -1,6 +1,9 @@
 //! `bench scaling`: the demo's job (tiny BERT, synthetic corpus) run for real by
-//! `bertrain launch` with 1 and then 2 worker processes at the same global batch, and
-//! where each step's time goes, read back from the job's own `metrics.jsonl`: computing
+//! `bertrain launch` with 1 and then 2 worker processes at the same global batch, each
+//! three ways: the padded encoder without length bins (`BERTRAIN_FORWARD=padded`, for
+//! this comparison only: how training ran before the unpadded encoder), the unpadded
+//! encoder without bins, and the demo's job as it is (unpadded, with bins); and where
+//! each step's time goes, read back from the job's own `metrics.jsonl`: computing
 //! (forward, backward, optimizer), communicating (the gradient all-reduce) and waiting
 //! for the data loader.
 
@@ -37,10 +40,12 @@ pub fn bench_scaling(dir: &Path, workers: &[u32], steps: usize) -> Result<()> {
         WARMUP_STEPS + 1
     );
     println!(
-        "{:>7} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "{:>7} {:>11} {:>15} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}",
         "workers",
         "micro-batch",
+        "encoder",
         "tokens/s",
+        "vs padded",
         "speedup",
         "step",
         "compute",
@@ -50,29 +55,46 @@ pub fn bench_scaling(dir: &Path, workers: &[u32], steps: usize) -> Result<()> {
     );
     let mut baseline = None;
     for &n in workers {
-        let run = dir.join(format!("run-{n}"));
-        launch(&job, &run, &data, n, steps)?;
-        let m = StepMeans::read(&run.join("metrics.jsonl"), WARMUP_STEPS)?;
-        let baseline = *baseline.get_or_insert(m.tokens_per_s);
-        let ms = |s: f64| format!("{:.1}", s * 1e3);
-        println!(
-            "{n:>7} {:>11} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7.1}%",
-            GLOBAL_BATCH / n as usize,
-            m.tokens_per_s,
-            format!("{:.2}x", m.tokens_per_s / baseline),
-            ms(m.step_s),
-            ms(m.step_s - m.comm_s - m.data_wait_s),
-            ms(m.comm_s),
-            ms(m.data_wait_s),
-            m.padding * 100.0,
-        );
+        let mut padded_tokens_per_s = None;
+        for (encoder, padded, bins) in [
+            ("padded", true, false),
+            ("unpadded", false, false),
+            ("unpadded + bins", false, true),
+        ] {
+            let run = dir.join(format!("run-{n}-{}", encoder.replace(" + ", "-")));
+            launch(&job, &run, &data, n, steps, padded, bins)?;
+            let m = StepMeans::read(&run.join("metrics.jsonl"), WARMUP_STEPS)?;
+            let baseline = *baseline.get_or_insert(m.tokens_per_s);
+            let same_workers = *padded_tokens_per_s.get_or_insert(m.tokens_per_s);
+            let ms = |s: f64| format!("{:.1}", s * 1e3);
+            println!(
+                "{n:>7} {:>11} {encoder:>15} {:>10.0} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7.1}%",
+                GLOBAL_BATCH / n as usize,
+                m.tokens_per_s,
+                format!("{:.2}x", m.tokens_per_s / same_workers),
+                format!("{:.2}x", m.tokens_per_s / baseline),
+                ms(m.step_s),
+                ms(m.step_s - m.comm_s - m.data_wait_s),
+                ms(m.comm_s),
+                ms(m.data_wait_s),
+                m.padding * 100.0,
+            );
+        }
     }
     Ok(())
 }
 
 /// Runs `bertrain launch` on the demo job with `workers` processes, its output in
 /// `run/launch.log` (shown only if it fails).
-fn launch(job: &Path, run: &Path, data: &Path, workers: u32, steps: usize) -> Result<()> {
+fn launch(
+    job: &Path,
+    run: &Path,
+    data: &Path,
+    workers: u32,
+    steps: usize,
+    padded: bool,
+    length_bins: bool,
+) -> Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -81,6 +103,7 @@ fn launch(job: &Path, run: &Path, data: &Path, workers: u32, steps: usize) -> Re
         format!("train.micro_batch_size={}", GLOBAL_BATCH / workers as usize),
         format!("train.max_steps={steps}"),
         format!("cluster.coordinator=127.0.0.1:{port}"),
+        format!("data.length_bins={length_bins}"),
         // Nothing but steps inside the measured window: one checkpoint and one
         // evaluation, both at the end.
         "checkpoint.every_steps=0".into(),
@@ -91,6 +114,9 @@ fn launch(job: &Path, run: &Path, data: &Path, workers: u32, steps: usize) -> Re
     let log = fs::File::create(&log_path)?;
     let mut command = Command::new(std::env::current_exe()?);
     command.arg("launch").arg("--config").arg(job);
+    if padded {
+        command.env(bertrain_worker::PADDED_FORWARD_ENV, "padded");
+    }
     for s in &settings {
         command.args(["--set", s]);
     }

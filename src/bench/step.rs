@@ -86,14 +86,14 @@ pub fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device, label: &str
         let inference = model.valid();
         let seconds = time::<B>(&device, bench.iters, || {
             let on_device = batch.to_device::<B::InnerBackend>(&device);
-            let _ = inference.forward(&on_device);
+            let _ = inference.forward_unpadded(&on_device, &batch.unpadding);
             Ok(())
         })?;
         row("forward (no autodiff)", seconds, step_flops / 3.0);
 
         let seconds = time::<B>(&device, bench.iters, || {
             let on_device = batch.to_device::<B>(&device);
-            let output = model.forward(&on_device);
+            let output = model.forward_unpadded(&on_device, &batch.unpadding);
             let _ = model.loss(&output, &on_device).loss.backward();
             Ok(())
         })?;

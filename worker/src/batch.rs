@@ -1,8 +1,9 @@
-//! Collation: instances from the shards -> one padded micro-batch. Done on the host (in
-//! the loader thread), so that the training step only uploads ready arrays.
+//! Collation: instances from the shards -> one padded micro-batch and where its real
+//! tokens are. Done on the host (in the loader thread), so that the training step only
+//! uploads ready arrays.
 
 use bertrain_dataprep::Instance;
-use bertrain_model::{BertConfig, PretrainingBatch};
+use bertrain_model::{BertConfig, PretrainingBatch, Unpadding};
 use burn::prelude::*;
 
 /// A micro-batch in host memory, padded to its longest sequence (not to max_seq_len:
@@ -23,6 +24,8 @@ pub struct HostBatch {
     pub next_sentence_labels: Vec<i64>,
     /// Real (non-padding) tokens in the batch.
     pub tokens: usize,
+    /// The positions the unpadded encoder computes.
+    pub unpadding: Unpadding,
 }
 
 impl HostBatch {
@@ -46,6 +49,7 @@ impl HostBatch {
             masked_lm_weights: Vec::new(),
             next_sentence_labels: Vec::with_capacity(rows),
             tokens: 0,
+            unpadding: Unpadding::new(&[], [0, 0], &[]),
         };
         for (row, instance) in instances.iter().enumerate() {
             let base = row * seq_len;
@@ -74,6 +78,11 @@ impl HostBatch {
                 .next_sentence_labels
                 .push(instance.next_sentence_label as i64);
         }
+        batch.unpadding = Unpadding::new(
+            &batch.attention_mask,
+            [rows, seq_len],
+            &batch.masked_positions,
+        );
         batch
     }
 
@@ -93,7 +102,8 @@ impl HostBatch {
             .sum()
     }
 
-    /// Fraction of the batch's positions that are padding.
+    /// Fraction of the positions attention sees (`rows x seq_len`) that are padding; the
+    /// rest of the encoder computes the real tokens only.
     pub fn padding_fraction(&self) -> f64 {
         let total = self.rows * self.seq_len;
         if total == 0 {

@@ -23,3 +23,7 @@ pub use node::{WorkerArgs, run};
 
 /// The CPU training backend: burn's Flex (pure Rust, measured fastest here) with autodiff.
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
+
+/// Set to `padded` in a worker's environment, it trains with the padded encoder instead of
+/// the unpadded one (the same function, more work): for benchmarks that compare the two.
+pub const PADDED_FORWARD_ENV: &str = "BERTRAIN_FORWARD";

@@ -5,14 +5,16 @@
 //!
 //! Shards are read a block at a time (`BLOCK_ROWS` rows, one sequential read through the
 //! Parquet row groups); a step's samples come from one shuffle window of blocks, so a
-//! small cache of decoded blocks serves every read.
+//! small cache of decoded blocks serves every read. With length bins, the loader reads a
+//! window's rows when the window's first step is due, to order the window by length.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-use anyhow::{Context, Result};
-use bertrain_coordinator::job::TrainSection;
+use anyhow::{Context, Result, bail};
+use bertrain_coordinator::job::{JobConfig, TrainSection};
 use bertrain_coordinator::plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW, SampleRef};
 use bertrain_dataprep::{Instance, Manifest, read_rows};
 
@@ -28,10 +30,22 @@ pub struct SampleSource {
     plan: DataPlan,
     cache: HashMap<(usize, u64), Vec<Instance>>,
     recent: VecDeque<(usize, u64)>,
+    /// Rows longer than this are refused (the model's positions).
+    max_len: usize,
+    bins: Option<LengthBins>,
+}
+
+/// Length binning's state: steps of `global_batch` samples, and the last two windows in
+/// their binned order.
+struct LengthBins {
+    global_batch: u64,
+    windows: VecDeque<(Range<u64>, Vec<SampleRef>)>,
 }
 
 impl SampleSource {
-    pub fn new(manifest: Manifest, seed: u64) -> Result<Self> {
+    /// The samples of `manifest` in the order of `seed`, refusing rows of more than
+    /// `max_len` tokens.
+    pub fn new(manifest: Manifest, seed: u64, max_len: usize) -> Result<Self> {
         let rows: Vec<u64> = manifest.shards.iter().map(|s| s.rows).collect();
         let plan = DataPlan::new(&rows, seed)?;
         Ok(SampleSource {
@@ -39,22 +53,94 @@ impl SampleSource {
             plan,
             cache: HashMap::new(),
             recent: VecDeque::new(),
+            max_len,
+            bins: None,
         })
+    }
+
+    /// The training set as the job reads it: its seed, and length bins when `[data]` asks
+    /// for them (or by default, see `DataSection::length_bins_for`).
+    pub fn for_training(manifest: Manifest, job: &JobConfig, max_len: usize) -> Result<Self> {
+        let bins = job.data.length_bins_for(manifest.max_seq_len);
+        let source = SampleSource::new(manifest, job.train.seed, max_len)?;
+        Ok(match bins {
+            true => source.with_length_bins(job.train.global_batch_size),
+            false => source,
+        })
+    }
+
+    /// Reads each window in length bins for steps of `global_batch` samples (see
+    /// `DataPlan::length_binned`).
+    pub fn with_length_bins(mut self, global_batch: u64) -> Self {
+        self.bins = Some(LengthBins {
+            global_batch,
+            windows: VecDeque::new(),
+        });
+        self
     }
 
     pub fn plan(&self) -> &DataPlan {
         &self.plan
     }
 
+    /// Where global samples `range` live, in reading order: the plan's, or with length
+    /// bins each window's binned order (which reads the window's rows to learn their
+    /// lengths; the block cache keeps them for the steps that follow).
+    pub fn samples(&mut self, range: Range<u64>) -> Result<Vec<SampleRef>> {
+        if self.bins.is_none() {
+            return Ok(self.plan.samples(range));
+        }
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        for g in range {
+            let window = self.plan.window_of(g);
+            let binned = match self.binned_window(&window) {
+                Some(binned) => binned,
+                None => {
+                    let plan_order = self.plan.samples(window.clone());
+                    let mut lengths = Vec::with_capacity(plan_order.len());
+                    for sample in &plan_order {
+                        lengths.push(self.instance(sample)?.input_ids.len() as u32);
+                    }
+                    let Some(bins) = &mut self.bins else {
+                        unreachable!("checked above")
+                    };
+                    let order =
+                        self.plan
+                            .length_binned(window.clone(), &lengths, bins.global_batch);
+                    let binned = order.iter().map(|&i| plan_order[i as usize]).collect();
+                    if bins.windows.len() == 2 {
+                        bins.windows.pop_front();
+                    }
+                    bins.windows.push_back((window.clone(), binned));
+                    self.binned_window(&window).expect("just added")
+                }
+            };
+            out.push(binned[(g - window.start) as usize]);
+        }
+        Ok(out)
+    }
+
+    fn binned_window(&self, window: &Range<u64>) -> Option<&Vec<SampleRef>> {
+        let bins = self.bins.as_ref()?;
+        bins.windows
+            .iter()
+            .find(|(w, _)| w == window)
+            .map(|(_, samples)| samples)
+    }
+
     /// The instances at `samples`, in order.
     pub fn read(&mut self, samples: &[SampleRef]) -> Result<Vec<Instance>> {
         let mut out = Vec::with_capacity(samples.len());
         for sample in samples {
-            let block = sample.row / BLOCK_ROWS;
-            let rows = self.block(sample.shard, block)?;
-            out.push(rows[(sample.row - block * BLOCK_ROWS) as usize].clone());
+            out.push(self.instance(sample)?.clone());
         }
         Ok(out)
+    }
+
+    fn instance(&mut self, sample: &SampleRef) -> Result<&Instance> {
+        let block = sample.row / BLOCK_ROWS;
+        let rows = self.block(sample.shard, block)?;
+        Ok(&rows[(sample.row - block * BLOCK_ROWS) as usize])
     }
 
     fn block(&mut self, shard: usize, block: u64) -> Result<&Vec<Instance>> {
@@ -67,6 +153,22 @@ impl SampleSource {
             let rows = read_rows(&path, start, end)?
                 .collect::<Result<Vec<_>>>()
                 .with_context(|| format!("reading rows {start}..{end} of {}", path.display()))?;
+            if let Some((i, row)) = rows
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.input_ids.len() > self.max_len)
+            {
+                bail!(
+                    "dataset {}: row {} of shard {} has {} tokens, more than the model's {} positions \
+                     (max_position_embeddings); remake the dataset with --max-seq-len {} or use a model with more positions",
+                    self.manifest.dir().display(),
+                    start + i as u64,
+                    entry.file,
+                    row.input_ids.len(),
+                    self.max_len,
+                    self.max_len
+                );
+            }
             if self.recent.len() == CACHED_BLOCKS
                 && let Some(old) = self.recent.pop_front()
             {
@@ -172,7 +274,7 @@ pub fn step_data(source: &mut SampleSource, shape: BatchShape, step: u64) -> Res
     let range = source
         .plan()
         .rank_slice(step, shape.rank, shape.world, shape.global_batch);
-    let samples = source.plan().samples(range);
+    let samples = source.samples(range)?;
     let instances = source.read(&samples)?;
     let micro_batches = instances
         .chunks(shape.micro_batch)

@@ -303,10 +303,12 @@ fn initial_model(job: &JobConfig, data: &Manifest) -> Result<(BertConfig, Vec<f3
     }
     if config.max_position_embeddings < data.max_seq_len {
         bail!(
-            "the model has {} positions but dataset {} holds sequences of up to {} tokens",
-            config.max_position_embeddings,
+            "dataset {} holds rows of up to {} tokens (its max_seq_len), more than the model's \
+             max_position_embeddings = {}; remake the dataset with --max-seq-len {} or use a model with more positions",
             data.dir().display(),
-            data.max_seq_len
+            data.max_seq_len,
+            config.max_position_embeddings,
+            config.max_position_embeddings
         );
     }
     let shape = BertForPreTraining::<burn::backend::Flex>::new(&config, &Default::default());
@@ -382,6 +384,7 @@ impl TrainRun<'_> {
         let t = &job.train;
         let mut trainer = Trainer::from_job(model, t, device);
         trainer.state = optimizer_state;
+        trainer.padded = std::env::var(crate::PADDED_FORWARD_ENV).is_ok_and(|v| v == "padded");
         // On a GPU the optimizer runs where the gradients are. On the CPU the host path is
         // the device path, and the TCP ring wants host buffers anyway.
         if job.cluster.backend == job::Backend::Cuda {
@@ -394,12 +397,13 @@ impl TrainRun<'_> {
         }
         let schedule = LrSchedule::from_job(t);
         let shape = BatchShape::from_job(t, rank, world);
-        let source = SampleSource::new(prepared.train.clone(), t.seed)?;
+        let positions = prepared.config.max_position_embeddings;
+        let source = SampleSource::for_training(prepared.train.clone(), job, positions)?;
         let loader = Prefetcher::start(source, shape, welcome.start_step, PREFETCH_STEPS);
         let mut evaluator = prepared
             .validation
             .as_ref()
-            .map(|m| Evaluator::new(m.clone(), job, rank, world))
+            .map(|m| Evaluator::new(m.clone(), job, positions, rank, world))
             .transpose()?;
         let mut saver = (rank == 0)
             .then(|| Saver::new(job, &prepared, world))
@@ -673,7 +677,13 @@ fn every(every_steps: u64, done: u64) -> bool {
 }
 
 impl Evaluator {
-    fn new(manifest: Manifest, job: &JobConfig, rank: usize, world: usize) -> Result<Evaluator> {
+    fn new(
+        manifest: Manifest,
+        job: &JobConfig,
+        max_len: usize,
+        rank: usize,
+        world: usize,
+    ) -> Result<Evaluator> {
         let micro = job.train.micro_batch_size;
         let available = manifest.total_rows() / world as u64;
         let per_rank = match job.eval.max_batches {
@@ -687,7 +697,7 @@ impl Evaluator {
                 manifest.total_rows()
             );
         }
-        let source = SampleSource::new(manifest, job.train.seed)?;
+        let source = SampleSource::new(manifest, job.train.seed, max_len)?;
         let shape = BatchShape {
             global_batch: per_rank * world as u64,
             micro_batch: micro as usize,

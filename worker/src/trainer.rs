@@ -30,6 +30,9 @@ pub struct Trainer<B: AutodiffBackend> {
     pub max_grad_norm: f32,
     /// Base of the dropout seeds; see [`Trainer::step`].
     pub seed: u64,
+    /// Run the padded encoder instead of the unpadded one (the same function): only for
+    /// benchmarks that compare the two.
+    pub padded: bool,
     pub device: B::Device,
     /// The step's flat gradients plus the stop vote, kept from step to step (for BERT-base
     /// it is 440 MB: allocating and zeroing it every step was 2% of a step).
@@ -147,6 +150,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             state,
             max_grad_norm,
             seed,
+            padded: false,
             device,
             grads,
             resident: None,
@@ -214,7 +218,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             B::seed(&self.device, seed);
             bertrain_model::seed_dropout(seed);
             let device_batch = batch.to_device::<B>(&self.device);
-            let output = self.model.forward(&device_batch);
+            let output = if self.padded {
+                self.model.forward_padded(&device_batch)
+            } else {
+                self.model.forward_unpadded(&device_batch, &batch.unpadding)
+            };
             let losses = self.model.loss(&output, &device_batch);
             // Each micro-batch's loss is a mean over its rows; weighting by its share of
             // the local rows makes the summed gradient that of the mean over all of them.
@@ -291,7 +299,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut tally = Tally::default();
         for batch in batches {
             let device_batch = batch.to_device::<B::InnerBackend>(&self.device);
-            let output = model.forward(&device_batch);
+            let output = model.forward_unpadded(&device_batch, &batch.unpadding);
             let losses = model.loss(&output, &device_batch);
             tally.add(
                 batch,

@@ -110,7 +110,8 @@ fn what_the_worker_does(job: &JobConfig) -> String {
     let lrs: Vec<f64> = (0..40).map(|s| schedule.at(s)).collect();
     out += &format!("lr {lrs:?}\n");
 
-    let mut source = SampleSource::new(prepared.train.clone(), t.seed).unwrap();
+    let positions = prepared.config.max_position_embeddings;
+    let mut source = SampleSource::for_training(prepared.train.clone(), job, positions).unwrap();
     let data = step_data(&mut source, BatchShape::from_job(t, 0, 1), 0).unwrap();
     let rows: Vec<usize> = data.micro_batches.iter().map(|b| b.rows).collect();
     out += &format!("step 0 samples {:?} micro-batches {rows:?}\n", data.samples);
@@ -134,7 +135,8 @@ fn what_the_worker_does(job: &JobConfig) -> String {
     out += &format!("device {choice:?} peak {peak:?}\n");
 
     let saver = Saver::new(job, &prepared, 1).unwrap();
-    let evaluator = Evaluator::new(prepared.validation.clone().unwrap(), job, 0, 1).unwrap();
+    let validation = prepared.validation.clone().unwrap();
+    let evaluator = Evaluator::new(validation, job, positions, 0, 1).unwrap();
     let due = |f: &dyn Fn(u64) -> bool| (1..=30).filter(|&s| f(s)).collect::<Vec<_>>();
     out += &format!(
         "checkpoints after {:?} evaluations after {:?} of {} samples\n",
@@ -177,6 +179,7 @@ fn probes() -> Vec<Probe> {
         },
         probe("data.manifest", "\"b/manifest.json\""),
         probe("data.validation_manifest", "\"b/validation/manifest.json\""),
+        probe("data.length_bins", "true"),
         probe("train.global_batch_size", "16"),
         probe("train.micro_batch_size", "2"),
         probe("train.max_steps", "40"),
@@ -226,4 +229,48 @@ fn every_job_key_changes_what_its_component_does() {
             "--set {set} changed nothing the worker does"
         );
     }
+}
+
+/// Bad input beside the keys, on the same datasets: a dataset whose rows are longer than
+/// the model's positions is refused before training, in one line naming the dataset, its
+/// longest rows and the limit; and a row longer than its dataset says (a dataset not
+/// written by dataprep) is refused by the loader, naming the shard and row, instead of
+/// reaching the embedding.
+#[test]
+fn rows_longer_than_the_models_positions_are_refused() {
+    let root = &data().root;
+    let mut config = BertConfig::preset("tiny").unwrap();
+    config.vocab_size = bertrain_dataprep::Manifest::load(&root.join("a"))
+        .unwrap()
+        .vocab_size;
+    config.max_position_embeddings = 64;
+    let short = root.join("short-positions.json");
+    std::fs::write(&short, config.to_hf_json()).unwrap();
+    let model = format!("config = \"{}\"", short.display());
+    let job = JobConfig::from_toml_str(&job_file(&model), "job.toml", root, &[]).unwrap();
+    let err = format!("{:#}", Prepared::new(&job).err().expect("refused"));
+    assert!(
+        err.contains("rows of up to 128 tokens")
+            && err.contains("max_position_embeddings = 64")
+            && err.contains(&root.join("a").display().to_string()),
+        "{err}"
+    );
+
+    let manifest = bertrain_dataprep::Manifest::load(&root.join("a")).unwrap();
+    let mut source = SampleSource::new(manifest.clone(), 0, 20).unwrap();
+    let shape = BatchShape {
+        global_batch: 8,
+        micro_batch: 8,
+        rank: 0,
+        world: 1,
+    };
+    let err = format!(
+        "{:#}",
+        step_data(&mut source, shape, 0).err().expect("refused")
+    );
+    assert!(
+        err.contains(&manifest.shards[0].file)
+            && err.contains("more than the model's 20 positions"),
+        "{err}"
+    );
 }
