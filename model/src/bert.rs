@@ -258,11 +258,15 @@ impl<B: Backend> BertForPreTraining<B> {
     ) -> PretrainingOutput<B> {
         let device = batch.input_ids.device();
         let [groups, per_group] = placed.view;
+        let positions = placed
+            .gather_positions
+            .clone()
+            .reshape([groups * per_group]);
         let ids = |padded: &Tensor<B, 2, Int>| {
             padded
                 .clone()
                 .reshape([unpadding.rows * unpadding.seq])
-                .select(0, placed.positions.clone())
+                .select(0, positions.clone())
                 .reshape(placed.view)
         };
         let rows = Rows {
@@ -399,9 +403,7 @@ const GPU_ROW_GROUP: usize = 64;
 
 /// An [`Unpadding`] as tensors on one device.
 struct Placed<B: Backend> {
-    /// `[tokens]` the flat padded position of each row of the hidden matrix.
-    positions: Tensor<B, 1, Int>,
-    /// `[tokens, 1]` the same, as gather indices.
+    /// `[tokens, 1]` the flat padded position of each row of the hidden matrix.
     gather_positions: Tensor<B, 2, Int>,
     /// `[batch * seq, 1]` the row of the hidden matrix at each padded position.
     padded_from: Tensor<B, 2, Int>,
@@ -520,8 +522,7 @@ impl Unpadding {
             )
         };
         Placed {
-            gather_positions: index_column(positions.clone(), device),
-            positions: ints1(positions),
+            gather_positions: index_column(positions, device),
             padded_from: index_column(padded_from, device),
             position_ids: ints1(rows.iter().map(|&p| i64::from(p % seq)).collect()),
             cls: row_indices(&mut (0..self.rows as u32).map(|r| r * seq)),
