@@ -541,7 +541,7 @@ fn dataset_rank(
             ("unpadded", false, false),
             ("unpadded + bins", false, true),
         ] {
-            let source = SampleSource::new(data.clone(), 0, config.max_position_embeddings)?;
+            let source = SampleSource::new(data.clone(), 0, &config)?;
             let mut source = match bins {
                 true => source.with_length_bins(batch_size as u64),
                 false => source,

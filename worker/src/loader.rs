@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use bertrain_coordinator::job::{JobConfig, TrainSection};
 use bertrain_coordinator::plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW, SampleRef};
 use bertrain_dataprep::{Instance, Manifest, read_rows};
+use bertrain_model::BertConfig;
 
 use crate::batch::HostBatch;
 
@@ -30,8 +31,8 @@ pub struct SampleSource {
     plan: DataPlan,
     cache: HashMap<(usize, u64), Vec<Instance>>,
     recent: VecDeque<(usize, u64)>,
-    /// Rows longer than this are refused (the model's positions).
-    max_len: usize,
+    /// What a row must be for the model to read it.
+    limits: RowLimits,
     bins: Option<LengthBins>,
 }
 
@@ -43,9 +44,9 @@ struct LengthBins {
 }
 
 impl SampleSource {
-    /// The samples of `manifest` in the order of `seed`, refusing rows of more than
-    /// `max_len` tokens.
-    pub fn new(manifest: Manifest, seed: u64, max_len: usize) -> Result<Self> {
+    /// The samples of `manifest` in the order of `seed`, refusing rows that `model` cannot
+    /// read (see [`RowLimits`]).
+    pub fn new(manifest: Manifest, seed: u64, model: &BertConfig) -> Result<Self> {
         let rows: Vec<u64> = manifest.shards.iter().map(|s| s.rows).collect();
         let plan = DataPlan::new(&rows, seed)?;
         Ok(SampleSource {
@@ -53,16 +54,20 @@ impl SampleSource {
             plan,
             cache: HashMap::new(),
             recent: VecDeque::new(),
-            max_len,
+            limits: RowLimits {
+                positions: model.max_position_embeddings,
+                vocab_size: model.vocab_size,
+                type_vocab_size: model.type_vocab_size,
+            },
             bins: None,
         })
     }
 
     /// The training set as the job reads it: its seed, and length bins when `[data]` asks
     /// for them (or by default, see `DataSection::length_bins_for`).
-    pub fn for_training(manifest: Manifest, job: &JobConfig, max_len: usize) -> Result<Self> {
+    pub fn for_training(manifest: Manifest, job: &JobConfig, model: &BertConfig) -> Result<Self> {
         let bins = job.data.length_bins_for(manifest.max_seq_len);
-        let source = SampleSource::new(manifest, job.train.seed, max_len)?;
+        let source = SampleSource::new(manifest, job.train.seed, model)?;
         Ok(match bins {
             true => source.with_length_bins(job.train.global_batch_size),
             false => source,
@@ -153,20 +158,16 @@ impl SampleSource {
             let rows = read_rows(&path, start, end)?
                 .collect::<Result<Vec<_>>>()
                 .with_context(|| format!("reading rows {start}..{end} of {}", path.display()))?;
-            if let Some((i, row)) = rows
+            if let Some((i, problem)) = rows
                 .iter()
                 .enumerate()
-                .find(|(_, r)| r.input_ids.len() > self.max_len)
+                .find_map(|(i, r)| self.limits.check(r).map(|p| (i, p)))
             {
                 bail!(
-                    "dataset {}: row {} of shard {} has {} tokens, more than the model's {} positions \
-                     (max_position_embeddings); remake the dataset with --max-seq-len {} or use a model with more positions",
+                    "dataset {}: row {} of shard {} {problem}",
                     self.manifest.dir().display(),
                     start + i as u64,
                     entry.file,
-                    row.input_ids.len(),
-                    self.max_len,
-                    self.max_len
                 );
             }
             if self.recent.len() == CACHED_BLOCKS
@@ -178,6 +179,84 @@ impl SampleSource {
             self.cache.insert(key, rows);
         }
         Ok(&self.cache[&key])
+    }
+}
+
+/// What a row must be for the model to read it. Rows that dataprep writes always are; a
+/// row that is not (a dataset written by another tool) is refused with what is wrong,
+/// instead of reaching an embedding or a gather, which would panic on the CPU and read out
+/// of bounds on a GPU (the unpadded encoder's gathers also need distinct positions).
+#[derive(Debug, Clone, Copy)]
+struct RowLimits {
+    positions: usize,
+    vocab_size: usize,
+    type_vocab_size: usize,
+}
+
+impl RowLimits {
+    /// What is wrong with `row`, if anything, said after "row R of shard F".
+    fn check(&self, row: &Instance) -> Option<String> {
+        let len = row.input_ids.len();
+        if len > self.positions {
+            return Some(format!(
+                "has {len} tokens, more than the model's {} positions (max_position_embeddings); \
+                 remake the dataset with --max-seq-len {} or use a model with more positions",
+                self.positions, self.positions
+            ));
+        }
+        let problem = if len == 0 {
+            "is empty".to_string()
+        } else if row.token_type_ids.len() != len {
+            format!(
+                "has {len} token ids but {} segment ids",
+                row.token_type_ids.len()
+            )
+        } else if let Some(id) = row
+            .input_ids
+            .iter()
+            .chain(&row.masked_lm_ids)
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
+            format!(
+                "holds token id {id}, outside the model's vocabulary of {}",
+                self.vocab_size
+            )
+        } else if let Some(t) = row
+            .token_type_ids
+            .iter()
+            .find(|&&t| t as usize >= self.type_vocab_size)
+        {
+            format!(
+                "holds segment id {t}; the model has {} segments",
+                self.type_vocab_size
+            )
+        } else if row.masked_lm_positions.is_empty()
+            || row.masked_lm_positions.len() != row.masked_lm_ids.len()
+        {
+            format!(
+                "has {} masked positions and {} masked ids (at least one of each, as many of one as of the other)",
+                row.masked_lm_positions.len(),
+                row.masked_lm_ids.len()
+            )
+        } else if !row.masked_lm_positions.windows(2).all(|w| w[0] < w[1])
+            || row
+                .masked_lm_positions
+                .last()
+                .is_some_and(|&p| p as usize >= len)
+        {
+            format!(
+                "has masked positions {:?}, which must be ascending and below its length {len}",
+                row.masked_lm_positions
+            )
+        } else if row.next_sentence_label > 1 {
+            format!(
+                "has next-sentence label {}, not 0 or 1",
+                row.next_sentence_label
+            )
+        } else {
+            return None;
+        };
+        Some(problem + "; remake the dataset with `bertrain dataprep`")
     }
 }
 
@@ -285,4 +364,67 @@ pub fn step_data(source: &mut SampleSource, shape: BatchShape, step: u64) -> Res
         samples,
         micro_batches,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each way a row can be unreadable for the model is named; a good row passes.
+    #[test]
+    fn rows_the_model_cannot_read_are_named() {
+        let limits = RowLimits {
+            positions: 8,
+            vocab_size: 100,
+            type_vocab_size: 2,
+        };
+        let good = Instance {
+            input_ids: vec![2, 50, 3, 60, 3],
+            token_type_ids: vec![0, 0, 0, 1, 1],
+            masked_lm_positions: vec![1, 3],
+            masked_lm_ids: vec![51, 61],
+            next_sentence_label: 1,
+        };
+        assert_eq!(limits.check(&good), None);
+        let bad = |change: fn(&mut Instance)| {
+            let mut row = good.clone();
+            change(&mut row);
+            limits.check(&row).expect("refused")
+        };
+        let cases: [(fn(&mut Instance), &str); 8] = [
+            (
+                |r| r.input_ids = vec![1; 9],
+                "9 tokens, more than the model's 8 positions",
+            ),
+            (|r| r.input_ids.clear(), "is empty"),
+            (
+                |r| {
+                    r.token_type_ids.pop();
+                },
+                "5 token ids but 4 segment ids",
+            ),
+            (
+                |r| r.masked_lm_ids[1] = 100,
+                "token id 100, outside the model's vocabulary of 100",
+            ),
+            (|r| r.token_type_ids[4] = 2, "segment id 2"),
+            (
+                |r| {
+                    r.masked_lm_ids.pop();
+                },
+                "2 masked positions and 1 masked ids",
+            ),
+            (|r| r.masked_lm_positions = vec![3, 3], "must be ascending"),
+            (|r| r.next_sentence_label = 2, "next-sentence label 2"),
+        ];
+        for (change, expected) in cases {
+            let problem = bad(change);
+            assert!(problem.contains(expected), "{problem}");
+        }
+        let past_the_end = bad(|r| r.masked_lm_positions = vec![1, 5]);
+        assert!(
+            past_the_end.contains("below its length 5"),
+            "{past_the_end}"
+        );
+    }
 }

@@ -397,13 +397,12 @@ impl TrainRun<'_> {
         }
         let schedule = LrSchedule::from_job(t);
         let shape = BatchShape::from_job(t, rank, world);
-        let positions = prepared.config.max_position_embeddings;
-        let source = SampleSource::for_training(prepared.train.clone(), job, positions)?;
+        let source = SampleSource::for_training(prepared.train.clone(), job, &prepared.config)?;
         let loader = Prefetcher::start(source, shape, welcome.start_step, PREFETCH_STEPS);
         let mut evaluator = prepared
             .validation
             .as_ref()
-            .map(|m| Evaluator::new(m.clone(), job, positions, rank, world))
+            .map(|m| Evaluator::new(m.clone(), job, &prepared.config, rank, world))
             .transpose()?;
         let mut saver = (rank == 0)
             .then(|| Saver::new(job, &prepared, world))
@@ -680,7 +679,7 @@ impl Evaluator {
     fn new(
         manifest: Manifest,
         job: &JobConfig,
-        max_len: usize,
+        model: &BertConfig,
         rank: usize,
         world: usize,
     ) -> Result<Evaluator> {
@@ -697,7 +696,7 @@ impl Evaluator {
                 manifest.total_rows()
             );
         }
-        let source = SampleSource::new(manifest, job.train.seed, max_len)?;
+        let source = SampleSource::new(manifest, job.train.seed, model)?;
         let shape = BatchShape {
             global_batch: per_rank * world as u64,
             micro_batch: micro as usize,

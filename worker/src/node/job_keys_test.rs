@@ -110,8 +110,8 @@ fn what_the_worker_does(job: &JobConfig) -> String {
     let lrs: Vec<f64> = (0..40).map(|s| schedule.at(s)).collect();
     out += &format!("lr {lrs:?}\n");
 
-    let positions = prepared.config.max_position_embeddings;
-    let mut source = SampleSource::for_training(prepared.train.clone(), job, positions).unwrap();
+    let mut source =
+        SampleSource::for_training(prepared.train.clone(), job, &prepared.config).unwrap();
     let data = step_data(&mut source, BatchShape::from_job(t, 0, 1), 0).unwrap();
     let rows: Vec<usize> = data.micro_batches.iter().map(|b| b.rows).collect();
     out += &format!("step 0 samples {:?} micro-batches {rows:?}\n", data.samples);
@@ -136,7 +136,7 @@ fn what_the_worker_does(job: &JobConfig) -> String {
 
     let saver = Saver::new(job, &prepared, 1).unwrap();
     let validation = prepared.validation.clone().unwrap();
-    let evaluator = Evaluator::new(validation, job, positions, 0, 1).unwrap();
+    let evaluator = Evaluator::new(validation, job, &prepared.config, 0, 1).unwrap();
     let due = |f: &dyn Fn(u64) -> bool| (1..=30).filter(|&s| f(s)).collect::<Vec<_>>();
     out += &format!(
         "checkpoints after {:?} evaluations after {:?} of {} samples\n",
@@ -257,7 +257,8 @@ fn rows_longer_than_the_models_positions_are_refused() {
     );
 
     let manifest = bertrain_dataprep::Manifest::load(&root.join("a")).unwrap();
-    let mut source = SampleSource::new(manifest.clone(), 0, 20).unwrap();
+    config.max_position_embeddings = 20;
+    let mut source = SampleSource::new(manifest.clone(), 0, &config).unwrap();
     let shape = BatchShape {
         global_batch: 8,
         micro_batch: 8,
