@@ -385,7 +385,7 @@ pub fn in_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
 /// Where a padded batch's real tokens are: what [`BertForPreTraining::forward_unpadded`]
 /// needs besides the batch. Made on the host (for training, by the loader thread), so
 /// that nothing has to be read back from the device.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Unpadding {
     rows: usize,
     seq: usize,

@@ -309,8 +309,8 @@ fn bench_train(
             "{:<8} {:>6} {:<16} {:>10} {:>12} {:>9} {:>9}",
             "model", "batch", "encoder", "s/step", "tokens/s", "vs padded", "padding"
         );
-        let mut dataset_args = vec!["--dataset".to_string(), manifest.display().to_string()];
-        return run_ranks(presets, steps, workers, &mut dataset_args, |collective| {
+        let dataset_args = ["--dataset".to_string(), manifest.display().to_string()];
+        return run_ranks(presets, steps, workers, &dataset_args, |collective| {
             dataset_rank(presets, steps, 1, 0, collective, &manifest)
         });
     }
@@ -339,8 +339,8 @@ fn bench_train(
         "comm s",
         "optim s"
     );
-    let mut reference_args = vec!["--reference".to_string(), reference.clone()];
-    run_ranks(presets, steps, workers, &mut reference_args, |collective| {
+    let reference_args = ["--reference".to_string(), reference.clone()];
+    run_ranks(presets, steps, workers, &reference_args, |collective| {
         train_rank(presets, steps, 1, 0, collective, &reference)
     })
 }
@@ -351,7 +351,7 @@ fn run_ranks(
     presets: &str,
     steps: usize,
     workers: usize,
-    extra: &mut Vec<String>,
+    extra: &[String],
     alone: impl FnOnce(&mut dyn bertrain_worker::collective::Collective) -> Result<()>,
 ) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -388,7 +388,7 @@ fn run_ranks(
                 "--peers",
                 &peers.join(","),
             ])
-            .args(extra.iter())
+            .args(extra)
             .env("RAYON_NUM_THREADS", (cores / workers).max(1).to_string())
             .spawn()
             .context("starting a benchmark rank")?;

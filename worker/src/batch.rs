@@ -49,7 +49,8 @@ impl HostBatch {
             masked_lm_weights: Vec::new(),
             next_sentence_labels: Vec::with_capacity(rows),
             tokens: 0,
-            unpadding: Unpadding::new(&[], [0, 0], &[]),
+            // Made from the mask and the predictions once the rows are in.
+            unpadding: Unpadding::default(),
         };
         for (row, instance) in instances.iter().enumerate() {
             let base = row * seq_len;
