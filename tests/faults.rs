@@ -158,18 +158,22 @@ fn resume_at_another_world_size_uses_each_sample_once() {
     );
 }
 
-/// SIGKILL one worker of a `launch`ed job mid-run: the coordinator notices, restarts the
-/// generation from the latest checkpoint once launch has restarted the worker, and the
-/// job ends exactly as the uninterrupted run.
+/// SIGKILL one worker of a `launch`ed job mid-run: the coordinator notices, the survivor
+/// keeps its state, launch restarts the worker, and the next generation continues from the
+/// survivor's state: no step is redone, and the job ends exactly as the uninterrupted run.
 #[test]
-fn killed_worker_is_replaced_and_the_result_is_exact() {
+fn killed_worker_is_replaced_from_its_peer_and_the_result_is_exact() {
     reference();
     let tmp = TempDir::new("kill-worker");
     let job = job(tmp.path());
     let run = tmp.path().join("run");
     let mut launch = Running::start(launch_command(&job, &run, &[]));
-    wait_until(LIMIT, "a committed checkpoint", || {
+    // Past a checkpoint, so that going back to it would redo steps.
+    wait_until(LIMIT, "a committed checkpoint and a few steps more", || {
         latest_checkpoint(&run).is_some()
+            && step_losses(&run)
+                .last()
+                .is_some_and(|&(s, _)| s % EVERY > 3)
     });
     let workers = children_with(launch.pid(), "worker");
     assert_eq!(workers.len(), 2, "{}", launch.output());
@@ -177,37 +181,42 @@ fn killed_worker_is_replaced_and_the_result_is_exact() {
     // SAFETY: kill(2) on a process of this test's job.
     unsafe { libc::kill(workers[1] as libc::pid_t, libc::SIGKILL) };
     let status = launch.wait(LIMIT);
-    // Figures (not assertions): from the kill to the coordinator noticing, and to the next
-    // generation training again, from the journal's timestamps.
-    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
-    let time_of = |event: &str| {
-        journal
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .find(|v| {
-                v["event"] == event && (event != "generation_started" || v["generation"] == 2)
-            })
-            .and_then(|v| v["time"].as_f64())
-    };
-    if let (Some(noticed), Some(resumed)) =
-        (time_of("generation_failed"), time_of("generation_started"))
-    {
-        eprintln!(
-            "worker SIGKILL -> failure noticed {:.2} s -> new generation training {:.2} s after the kill",
-            noticed - killed_at,
-            resumed - killed_at
-        );
-    }
     let log = launch.output();
     assert!(status.success(), "{log}");
     assert!(
         log.contains("starting it again"),
         "launch restarted the worker\n{log}"
     );
-    assert!(
-        log.contains("restart 1 of"),
-        "the coordinator restarted the generation\n{log}"
+    let journal = journal(&run);
+    let failed = journal
+        .iter()
+        .find(|v| v["event"] == "generation_failed")
+        .unwrap_or_else(|| panic!("no failed generation in the journal\n{log}"));
+    let restarted = journal
+        .iter()
+        .find(|v| v["event"] == "generation_started" && v["generation"] == 2)
+        .unwrap_or_else(|| panic!("no second generation in the journal\n{log}"));
+    let last_step = failed["last_step"].as_u64().unwrap();
+    let start_step = restarted["start_step"].as_u64().unwrap();
+    // Figures (not assertions): from the kill to the coordinator noticing, to the next
+    // generation starting, and to its first step's report (journal and metrics timestamps).
+    let first_step = metrics(&run)
+        .into_iter()
+        .find(|v| v.get("split").is_none() && v["step"].as_u64() == Some(start_step + 1))
+        .and_then(|v| v["time"].as_f64())
+        .unwrap();
+    eprintln!(
+        "worker SIGKILL at step {last_step}: noticed after {:.2} s; next generation from step {start_step} ({}) after {:.2} s; its first step done after {:.2} s",
+        failed["time"].as_f64().unwrap() - killed_at,
+        restarted["source"],
+        restarted["time"].as_f64().unwrap() - killed_at,
+        first_step - killed_at,
     );
+    assert!(
+        restarted["source"].as_str().unwrap().contains("kept"),
+        "the survivor's state, not a checkpoint: {restarted}\n{log}"
+    );
+    assert_eq!(start_step, last_step, "steps redone\n{log}");
     assert_same_run(&run, "worker killed");
 }
 
@@ -238,6 +247,7 @@ fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
     });
     first.signal(libc::SIGKILL);
     first.wait(LIMIT);
+    let committed = latest_checkpoint(&run).unwrap();
     let mut second = coordinator(true);
     let status = second.wait(LIMIT);
     assert!(status.success(), "{}", second.output());
@@ -245,11 +255,24 @@ fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
         let status = w.wait(LIMIT);
         assert!(status.success(), "{}", w.output());
     }
+    // The workers outlived the coordinator with their state: the job goes on from it, not
+    // from the checkpoint.
+    let resumed = journal(&run)
+        .into_iter()
+        .rfind(|v| v["event"] == "generation_started")
+        .unwrap();
+    assert!(
+        resumed["source"].as_str().unwrap().ends_with("kept")
+            && resumed["start_step"].as_u64().unwrap() >= committed,
+        "{resumed}\n{}",
+        second.output()
+    );
     assert_same_run(&run, "coordinator killed");
 }
 
 /// A worker dies while writing a checkpoint: the partial one is never used (the job
-/// restarts from the previous committed one) and the job ends exactly as uninterrupted.
+/// continues from the survivor's state; the previous committed checkpoint stays) and the
+/// job ends exactly as uninterrupted.
 #[test]
 fn crash_while_writing_a_checkpoint_keeps_the_previous_one() {
     reference();
@@ -272,9 +295,18 @@ fn crash_while_writing_a_checkpoint_keeps_the_previous_one() {
         log.contains("dying in the middle of the checkpoint write"),
         "{log}"
     );
+    let restarted = journal(&run)
+        .into_iter()
+        .find(|v| v["event"] == "generation_started" && v["generation"] == 2)
+        .unwrap_or_else(|| panic!("no second generation\n{log}"));
+    assert_eq!(
+        restarted["start_step"].as_u64(),
+        Some(crash),
+        "continued from the step of the crash\n{log}"
+    );
     assert!(
-        log.contains(&format!("continuing from step {EVERY}")),
-        "restarted from the previous checkpoint\n{log}"
+        restarted["source"].as_str().unwrap().ends_with("kept"),
+        "from the survivor's state: {restarted}\n{log}"
     );
     let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -347,6 +379,14 @@ fn damaged_checkpoints_are_refused_and_resume_falls_back() {
         "resumed from the third newest\n{log}"
     );
     assert_same_run(&run, "resumed past damaged checkpoints");
+}
+
+fn journal(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("journal.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -50,6 +50,7 @@ fn join(addr: &str, token: &str) -> (WorkerClient, usize, usize) {
         Ok(Fingerprint {
             model_hash: "same model".into(),
             dataset_hash: Manifest::load(&job.data.manifest)?.content_hash(),
+            held_step: None,
         })
     })
     .unwrap();

@@ -29,13 +29,16 @@ pub struct JoinInfo {
     pub collective_addr: String,
 }
 
-/// What the worker built from the job; the coordinator refuses a worker whose data or
-/// model differs from the others'.
+/// What the worker built (or kept) for the job; the coordinator refuses a worker whose
+/// data or model differs from the others'.
 #[derive(Debug, Clone)]
 pub struct Fingerprint {
     pub model_hash: String,
     /// `Manifest::content_hash()` of the job's training manifest as this worker reads it.
     pub dataset_hash: String,
+    /// Steps completed by the training state this worker kept from an earlier generation
+    /// of this job, if any (see `protocol::JoinRequest::held_step`).
+    pub held_step: Option<u64>,
 }
 
 /// Why this worker must leave its generation.
@@ -113,6 +116,7 @@ impl WorkerClient {
             collective_addr: info.collective_addr,
             model_hash: fp.model_hash,
             dataset_hash: fp.dataset_hash,
+            held_step: fp.held_step,
         }))?;
         let welcome = match receive(&mut reader, addr, deadline)? {
             CoordinatorMsg::Welcome(w) => *w,

@@ -24,11 +24,18 @@ pub enum Entry {
         generation: u64,
         start_step: u64,
         world_size: usize,
+        /// Where the starting state came from: the initial model, a checkpoint, or a rank
+        /// that kept it.
+        #[serde(default)]
+        source: String,
     },
     GenerationFailed {
         generation: u64,
         reason: String,
         restart: u32,
+        /// The newest step any rank of the generation reported.
+        #[serde(default)]
+        last_step: Option<u64>,
     },
     CheckpointCommitted {
         step: u64,

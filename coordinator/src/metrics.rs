@@ -89,6 +89,8 @@ pub(crate) fn merge_evals(reports: &[EvalMetrics]) -> EvalMetrics {
 pub(crate) struct MetricsLog {
     file: File,
     path: PathBuf,
+    /// The newest step with a line in the log.
+    last_step: Option<u64>,
 }
 
 impl MetricsLog {
@@ -96,6 +98,7 @@ impl MetricsLog {
     /// (left by a run that went further than the checkpoint it is resumed from) are dropped
     /// so the log reads as one uninterrupted run. The rewrite goes through a temporary file.
     pub(crate) fn open(path: &Path, start_step: u64) -> Result<MetricsLog> {
+        let mut last_step = None;
         if path.exists() {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -109,6 +112,12 @@ impl MetricsLog {
                 })
                 .map(|line| format!("{line}\n"))
                 .collect();
+            last_step = kept
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .filter(|v| v.get("split").is_none())
+                .filter_map(|v| v.get("step").and_then(Value::as_u64))
+                .max();
             let temp = path.with_extension("jsonl.tmp");
             std::fs::write(&temp, kept).with_context(|| format!("writing {}", temp.display()))?;
             std::fs::rename(&temp, path)
@@ -122,10 +131,17 @@ impl MetricsLog {
         Ok(MetricsLog {
             file,
             path: path.to_path_buf(),
+            last_step,
         })
     }
 
+    /// Whether the log has the line of training step `step` already.
+    pub(crate) fn has_step(&self, step: u64) -> bool {
+        self.last_step.is_some_and(|last| step <= last)
+    }
+
     pub(crate) fn write_step(&mut self, m: &StepMetrics) -> Result<()> {
+        self.last_step = Some(m.step);
         self.write(json!({
             "step": m.step,
             "loss": m.loss,

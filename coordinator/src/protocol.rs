@@ -16,8 +16,9 @@
 //! 7. Coordinator -> `Stop{reason, rejoin}` when a generation must end (a rank was lost:
 //!    the others rejoin), or `CheckpointAndStop` when the job is interrupted.
 //!
-//! `generation`, `start_step` and `checkpoint` in `Welcome` are how a restarted generation
-//! (after a lost worker or a resume) tells workers where to continue.
+//! `generation`, `start_step` and `start` in `Welcome` are how a restarted generation
+//! (after a lost worker or a resume) tells workers where to continue; `held_step` in
+//! `Join` is how a survivor offers the state it kept.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::job::JobConfig;
 
 /// Bumped on any incompatible change; a worker of another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Frames larger than this are rejected before anything is allocated for them.
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
 
@@ -107,6 +108,10 @@ pub struct JoinRequest {
     pub model_hash: String,
     /// `Manifest::content_hash()` of the training data as the worker sees it.
     pub dataset_hash: String,
+    /// Steps completed by the training state (parameters and optimizer state) this worker
+    /// kept from an earlier generation of the same job, if it kept one: a survivor of a
+    /// lost rank.
+    pub held_step: Option<u64>,
 }
 
 /// The coordinator's answer once the whole world has joined.
@@ -123,8 +128,22 @@ pub struct Welcome {
     /// Optimizer steps already completed (0 for a fresh job): the next step's 0-based
     /// index, which is also the data position (see `plan`).
     pub start_step: u64,
-    /// Checkpoint directory to load before `start_step`, when resuming.
-    pub checkpoint: Option<PathBuf>,
+    /// Where the state after `start_step` steps comes from.
+    pub start: StartFrom,
+}
+
+/// Where a generation's starting state comes from. Every rank ends up with the same
+/// parameters and optimizer state: the source broadcasts them over the collective.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StartFrom {
+    /// The job's initial model: rank 0's, at step 0.
+    Init,
+    /// A committed checkpoint directory, which rank 0 loads.
+    Checkpoint(PathBuf),
+    /// The state rank `rank` kept from the previous generation (a survivor of a lost
+    /// rank): no step is redone and no file is read.
+    Peer { rank: usize },
 }
 
 /// One rank's figures for one optimizer step.

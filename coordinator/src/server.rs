@@ -7,9 +7,10 @@
 //!
 //! States: `Rendezvous` (collecting `world_size` joins) -> `Running` (one generation of
 //! workers training) -> end. A lost, failed or hung worker ends the generation
-//! ([`Machine::generation_failed`]): the survivors are told to rejoin, the state goes back
-//! to `Rendezvous`, and the next generation starts from the newest committed checkpoint,
-//! up to `cluster.max_restarts` times. SIGINT/SIGTERM asks the workers to checkpoint and
+//! ([`Machine::generation_failed`]): the survivors are told to rejoin, keeping their
+//! training state, the state goes back to `Rendezvous`, and the next generation starts
+//! from the newest state a survivor kept, or else from the newest committed checkpoint
+//! ([`starting_point`]), up to `cluster.max_restarts` times. SIGINT/SIGTERM asks the workers to checkpoint and
 //! stop; a second signal stops at once. Everything that happens is written to the journal.
 
 use std::collections::HashMap;
@@ -31,8 +32,8 @@ use crate::job::{JobConfig, Override, Resume};
 use crate::journal::{self, Entry, Journal};
 use crate::metrics::{Gather, MetricsLog, merge_evals, merge_steps};
 use crate::protocol::{
-    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, Welcome, WorkerMsg,
-    read_frame, write_frame,
+    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StartFrom, StepMetrics, Welcome,
+    WorkerMsg, read_frame, write_frame,
 };
 use crate::signals;
 use crate::status::{StatusBoard, WorkerView};
@@ -194,8 +195,7 @@ impl Coordinator {
         );
 
         let metrics_path = self.job.job.run_dir.join("metrics.jsonl");
-        let outcome = MetricsLog::open(&metrics_path, self.start_step).and_then(|log| {
-            let mut machine = Machine::new(&self, log, metrics_path.clone(), board.clone())?;
+        let outcome = Machine::new(&self, metrics_path, board.clone()).and_then(|mut machine| {
             let outcome = machine.run(&inbox);
             machine.close_all();
             outcome
@@ -271,6 +271,38 @@ pub(crate) fn resume_point(job: &JobConfig, dataset_hash: &str) -> Result<Option
     }
     tracing::info!(checkpoint = %found.dir.display(), step = state.step, "resuming");
     Ok(Some(found))
+}
+
+/// Where a generation starts, given the newest committed checkpoint (`(step, dir)`) and the
+/// steps of the states the joining workers kept (`held[rank]`, see
+/// `JoinRequest::held_step`): the newest kept state that is at least as new as the
+/// checkpoint and short of `max_steps`, broadcast by its holder; else the checkpoint; else
+/// the initial model.
+///
+/// Why the newest kept state is consistent: an all-reduce gives every rank that completes
+/// it the same bytes, and each rank applies the same update to the same state, so every
+/// survivor that completed step `s` holds the state all ranks would have had after `s`.
+/// When a rank was lost during the all-reduce of step `s`, some survivors may have
+/// completed it while others failed and still hold `s - 1`; the ones that completed it are
+/// right, and the others receive their state.
+pub(crate) fn starting_point(
+    checkpoint: Option<(u64, &Path)>,
+    held: &[Option<u64>],
+    max_steps: u64,
+) -> (u64, StartFrom) {
+    let from_checkpoint = checkpoint.map_or(0, |(step, _)| step);
+    let newest_held = held
+        .iter()
+        .enumerate()
+        .filter_map(|(rank, step)| step.map(|s| (s, rank)))
+        .filter(|&(s, _)| s >= from_checkpoint && s < max_steps)
+        // The newest step; among its holders, the lowest rank.
+        .max_by_key(|&(s, rank)| (s, std::cmp::Reverse(rank)));
+    match (newest_held, checkpoint) {
+        (Some((step, rank)), _) => (step, StartFrom::Peer { rank }),
+        (None, Some((step, dir))) => (step, StartFrom::Checkpoint(dir.to_path_buf())),
+        (None, None) => (0, StartFrom::Init),
+    }
 }
 
 /// Decides when a training progress line is due: the first step, then at most one every
@@ -468,7 +500,8 @@ struct Machine {
     start_step: u64,
     interrupt: Arc<AtomicBool>,
     board: Arc<StatusBoard>,
-    log: MetricsLog,
+    /// Opened when a generation starts, at the step it starts from.
+    log: Option<MetricsLog>,
     conns: HashMap<ConnId, Conn>,
     phase: Phase,
     /// Joined connections, in join order (rank order once the world is complete).
@@ -483,7 +516,8 @@ struct Machine {
     progress: ProgressLine,
     metrics_path: PathBuf,
     journal: Journal,
-    /// The checkpoint the next generation loads (`None`: fresh initialisation).
+    /// The newest committed checkpoint when the generation was (re)started, at step
+    /// `start_step`: where the next generation starts if no worker kept a newer state.
     resume_from: Option<PathBuf>,
     /// Generations restarted by this coordinator process.
     restarts: u32,
@@ -493,12 +527,7 @@ struct Machine {
 }
 
 impl Machine {
-    fn new(
-        c: &Coordinator,
-        log: MetricsLog,
-        metrics_path: PathBuf,
-        board: Arc<StatusBoard>,
-    ) -> Result<Machine> {
+    fn new(c: &Coordinator, metrics_path: PathBuf, board: Arc<StatusBoard>) -> Result<Machine> {
         let world = world_size(&c.job);
         let history = journal::read(&c.job.job.run_dir)?;
         if let Some(committed) = journal::last_committed(&history)
@@ -529,7 +558,7 @@ impl Machine {
             start_step: c.start_step,
             interrupt: c.interrupt.clone(),
             board,
-            log,
+            log: None,
             conns: HashMap::new(),
             phase: Phase::Rendezvous,
             waiting: Vec::new(),
@@ -766,16 +795,21 @@ impl Machine {
         conn.stage = Stage::Waiting(Box::new(request));
         self.waiting.push(id);
         if self.waiting.len() == self.world_size() {
-            self.start_generation();
+            return self.start_generation();
         }
         Flow::Continue
     }
 
-    /// The world is complete: ranks in join order, then everyone is welcomed.
-    fn start_generation(&mut self) {
+    /// The world is complete: ranks in join order, the starting state chosen
+    /// ([`starting_point`]), then everyone is welcomed.
+    fn start_generation(&mut self) -> Flow {
         self.generation += 1;
+        // A fresh job's first generation takes nothing a worker kept: that state would be
+        // from another run of the same job file.
+        let take_held = self.generation > 1 || self.job.job.resume == Resume::Auto;
         let mut members = Vec::new();
         let mut peers = Vec::new();
+        let mut held = Vec::new();
         for (rank, &id) in self.waiting.iter().enumerate() {
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
@@ -785,6 +819,7 @@ impl Machine {
                 continue;
             };
             peers.push(request.collective_addr.clone());
+            held.push(request.held_step.filter(|_| take_held));
             members.push(Member {
                 conn: id,
                 view: WorkerView {
@@ -802,16 +837,35 @@ impl Machine {
         self.members = members;
         self.phase = Phase::Running;
         self.last_progress = Instant::now();
+        let checkpoint = self
+            .resume_from
+            .as_deref()
+            .map(|dir| (self.start_step, dir));
+        let (start_step, start) = starting_point(checkpoint, &held, self.job.train.max_steps);
+        // The metrics log reads as one run: what an earlier generation logged past the step
+        // this one continues from goes.
+        match MetricsLog::open(&self.metrics_path, start_step) {
+            Ok(log) => self.log = Some(log),
+            Err(e) => return Flow::End(Err(e)),
+        }
+        self.progress = ProgressLine::new(start_step, self.job.train.max_steps);
+        self.start_step = start_step;
+        let source = match &start {
+            StartFrom::Init => "the initial model".to_string(),
+            StartFrom::Checkpoint(dir) => format!("checkpoint {}", dir.display()),
+            StartFrom::Peer { rank } => format!("the state rank {rank} kept"),
+        };
         tracing::info!(
             generation = self.generation,
-            start_step = self.start_step,
+            start_step,
             ?peers,
-            "all workers joined; starting"
+            "all workers joined; starting from {source}"
         );
         let _ = self.journal.append(&Entry::GenerationStarted {
             generation: self.generation,
-            start_step: self.start_step,
+            start_step,
             world_size: self.world_size(),
+            source,
         });
         for rank in 0..self.members.len() {
             let welcome = Welcome {
@@ -820,25 +874,34 @@ impl Machine {
                 generation: self.generation,
                 peers: peers.clone(),
                 job: self.job.clone(),
-                start_step: self.start_step,
-                checkpoint: self.resume_from.clone(),
+                start_step,
+                start: start.clone(),
             };
             self.send(
                 self.members[rank].conn,
                 &CoordinatorMsg::Welcome(Box::new(welcome)),
             );
         }
+        Flow::Continue
     }
 
     fn on_step(&mut self, rank: usize, m: StepMetrics) -> Flow {
         self.members[rank].view.last_step = Some(m.step);
         let step = m.step;
+        let Some(log) = self.log.as_mut() else {
+            return Flow::Continue;
+        };
+        if log.has_step(step) {
+            // A survivor re-sent the report of the step it kept (see `StartFrom::Peer`),
+            // which the last generation logged already.
+            return Flow::Continue;
+        }
         let Some(all) = self.steps.add(step, rank, m) else {
             return Flow::Continue;
         };
         let merged = merge_steps(&all);
         self.last_progress = Instant::now();
-        if let Err(e) = self.log.write_step(&merged) {
+        if let Err(e) = log.write_step(&merged) {
             return Flow::End(Err(e));
         }
         if let Some(rate) = self.progress.due(step) {
@@ -870,7 +933,10 @@ impl Machine {
             return Flow::Continue;
         };
         let merged = merge_evals(&all);
-        if let Err(e) = self.log.write_eval(&merged) {
+        let Some(log) = self.log.as_mut() else {
+            return Flow::Continue;
+        };
+        if let Err(e) = log.write_eval(&merged) {
             return Flow::End(Err(e));
         }
         tracing::info!(
@@ -942,7 +1008,6 @@ impl Machine {
             "checkpoint of step {step} committed in {seconds:.2} s: {}",
             dir.display()
         );
-        self.resume_from = Some(dir);
         self.board.update(|s| s.last_checkpoint = Some(step));
         Flow::Continue
     }
@@ -955,9 +1020,9 @@ impl Machine {
     }
 
     /// A rank of the running generation is gone, failed or hung: stop the generation and,
-    /// unless the restart budget is spent, go back to rendezvous. The next generation
-    /// starts from the newest committed checkpoint (the survivors rejoin by themselves; a
-    /// dead worker is restarted by `launch` or the cluster's supervisor).
+    /// unless the restart budget is spent, go back to rendezvous. The survivors rejoin by
+    /// themselves with the state they kept, a dead worker is restarted by `launch` or the
+    /// cluster's supervisor, and [`Machine::start_generation`] picks the starting state.
     fn generation_failed(&mut self, reason: String) -> Flow {
         tracing::error!(generation = self.generation, "{reason}");
         if let Some(stopping) = &self.stopping {
@@ -974,10 +1039,12 @@ impl Machine {
             )));
         }
         self.restarts += 1;
+        let last_step = self.members.iter().filter_map(|m| m.view.last_step).max();
         let _ = self.journal.append(&Entry::GenerationFailed {
             generation: self.generation,
             reason: reason.clone(),
             restart: self.restarts,
+            last_step,
         });
         self.stop_all(&reason, true);
         for member in std::mem::take(&mut self.members) {
@@ -985,7 +1052,8 @@ impl Machine {
                 let _ = conn.stream.shutdown(Shutdown::Both);
             }
         }
-        // Restart from the newest checkpoint that is still valid on disk.
+        // The fallback if no survivor kept its state: the newest checkpoint that is still
+        // valid on disk.
         let ckpt_dir = checkpoints::checkpoints_dir(&self.job.job.run_dir);
         let found = match checkpoints::newest_valid(&ckpt_dir, &mut |p| tracing::warn!("{p}")) {
             Ok(found) => found,
@@ -993,21 +1061,16 @@ impl Machine {
         };
         self.start_step = found.as_ref().map_or(0, |f| f.state.step);
         self.resume_from = found.map(|f| f.dir);
-        match MetricsLog::open(&self.metrics_path, self.start_step) {
-            Ok(log) => self.log = log,
-            Err(e) => return Flow::End(Err(e)),
-        }
         let world = self.world_size();
         self.steps = Gather::new(world);
         self.evals = Gather::new(world);
         self.model_hash = None;
         self.phase = Phase::Rendezvous;
         self.last_progress = Instant::now();
-        self.progress = ProgressLine::new(self.start_step, self.job.train.max_steps);
         let restarts = self.restarts;
         self.board.update(|s| s.restarts = restarts);
         tracing::warn!(
-            "restart {restarts} of {limit}: waiting for {world} workers, then continuing from step {}",
+            "restart {restarts} of {limit}: waiting for {world} workers, then continuing from the newest state a survivor kept (or the checkpoint of step {})",
             self.start_step
         );
         Flow::Continue
@@ -1161,5 +1224,51 @@ impl Machine {
             s.workers = workers;
             s.generation = generation;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_state_a_survivor_kept_is_where_the_next_generation_starts() {
+        let dir = Path::new("/run/checkpoints/step-100");
+        let ckpt = Some((100, dir));
+        // Nobody kept anything: the checkpoint, or the initial model.
+        assert_eq!(
+            starting_point(ckpt, &[None, None], 1000),
+            (100, StartFrom::Checkpoint(dir.into()))
+        );
+        assert_eq!(
+            starting_point(None, &[None, None], 1000),
+            (0, StartFrom::Init)
+        );
+        // A survivor at step 150 and a replacement: no step is redone.
+        assert_eq!(
+            starting_point(ckpt, &[None, Some(150)], 1000),
+            (150, StartFrom::Peer { rank: 1 })
+        );
+        // The all-reduce of step 151 completed on rank 2 but failed on rank 0: rank 2's
+        // state is everyone's.
+        assert_eq!(
+            starting_point(ckpt, &[Some(150), None, Some(151)], 1000),
+            (151, StartFrom::Peer { rank: 2 })
+        );
+        // Several holders of the newest step: the lowest rank sends.
+        assert_eq!(
+            starting_point(ckpt, &[Some(151), Some(151)], 1000),
+            (151, StartFrom::Peer { rank: 0 })
+        );
+        // A kept state older than the checkpoint (the coordinator was resumed from a newer
+        // one) or at the end of the job is not used.
+        assert_eq!(
+            starting_point(ckpt, &[Some(90)], 1000),
+            (100, StartFrom::Checkpoint(dir.into()))
+        );
+        assert_eq!(
+            starting_point(None, &[Some(1000)], 1000),
+            (0, StartFrom::Init)
+        );
     }
 }

@@ -10,8 +10,9 @@
 //! 5. Evaluate on the validation split every `eval.every_steps` and at the end; rank 0
 //!    checkpoints every `checkpoint.every_steps`, at the end, and where the ranks agree to
 //!    stop (the job was interrupted).
-//! 6. A generation that ends because a peer or the coordinator was lost is joined again:
-//!    the coordinator restarts it from the newest committed checkpoint.
+//! 6. A generation that ends because a peer or the coordinator was lost is joined again,
+//!    keeping this rank's training state: the coordinator restarts the job from the newest
+//!    state a survivor kept (no step is redone), or else from the newest checkpoint.
 
 use std::net::{ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bertrain_coordinator::checkpoints::{self, TrainerState};
 use bertrain_coordinator::job::{self, JobConfig};
+use bertrain_coordinator::protocol::StartFrom;
 use bertrain_coordinator::{
     EvalMetrics, Fingerprint, JoinInfo, StepMetrics, Welcome, WorkerClient,
 };
@@ -96,10 +98,18 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 
     let join_timeout = Duration::from_secs_f64(args.join_timeout_s);
     // One generation per pass: a generation that ends because a peer or the coordinator
-    // was lost is joined again (from the latest checkpoint), until the job is over.
-    let mut backoff = Duration::from_millis(500);
+    // was lost is joined again, with what this process kept, until the job is over.
+    let mut kept = Kept::default();
+    let mut backoff = Duration::from_millis(200);
     loop {
-        match generation(&args, &token, &info, &listener_addr, join_timeout) {
+        match generation(
+            &args,
+            &token,
+            &info,
+            &listener_addr,
+            join_timeout,
+            &mut kept,
+        ) {
             Ok(Outcome::Finished) => return Ok(()),
             Ok(Outcome::Stopped(reason)) => {
                 tracing::warn!("stopped: {reason}");
@@ -125,6 +135,56 @@ pub enum Outcome {
     Stopped(String),
 }
 
+/// What a worker keeps from one generation for the next: what it built for the job (so a
+/// survivor does not verify the dataset again), and the training state it had when its
+/// generation ended badly.
+#[derive(Default)]
+struct Kept {
+    prepared: Option<Prepared>,
+    held: Option<Held>,
+}
+
+/// A rank's training state after `step` steps of `job`, kept when a peer or the
+/// coordinator was lost, and offered to the next generation (`StartFrom::Peer`).
+struct Held {
+    job: JobConfig,
+    step: u64,
+    params: Vec<f32>,
+    optimizer: OptimizerState,
+    /// This rank's report of step `step`, sent again when the next generation starts there:
+    /// the coordinator may not have logged it (it was lost itself, or restarted).
+    report: Option<StepMetrics>,
+}
+
+impl Held {
+    /// Whether this state continues `job`: the same training, model and data settings (the
+    /// cluster's may change between generations).
+    fn continues(&self, job: &JobConfig) -> bool {
+        self.job.train == job.train && self.job.model == job.model && self.job.data == job.data
+    }
+
+    /// The state of `trainer`, if it is on the host. On a GPU it is not kept: a failed
+    /// NCCL call leaves the device's stream in an unknown state, so the job goes back to
+    /// its checkpoint.
+    fn of<B: AutodiffBackend>(
+        trainer: Trainer<B>,
+        job: &JobConfig,
+        report: Option<StepMetrics>,
+    ) -> Option<Held> {
+        if trainer.keeps_state_on_device() {
+            return None;
+        }
+        let step = trainer.state.step;
+        Some(Held {
+            job: job.clone(),
+            step,
+            params: trainer.params,
+            optimizer: trainer.state,
+            report: report.filter(|r| r.step == step),
+        })
+    }
+}
+
 /// How a generation ended badly, and whether the job goes on without this process ending.
 struct Failure {
     error: anyhow::Error,
@@ -138,6 +198,7 @@ fn generation(
     info: &JoinInfo,
     listener_addr: &str,
     join_timeout: Duration,
+    kept: &mut Kept,
 ) -> std::result::Result<Outcome, Failure> {
     let fatal = |error: anyhow::Error| Failure {
         error,
@@ -149,7 +210,6 @@ fn generation(
         host: info.host.clone(),
         collective_addr: listener.local_addr().map_err(fatal)?.to_string(),
     };
-    let mut prepared = None;
     let joined = WorkerClient::join(&args.coordinator, token, info, join_timeout, |job| {
         let backend = args.backend.unwrap_or(job.cluster.backend);
         if backend != job.cluster.backend {
@@ -158,13 +218,25 @@ fn generation(
                 job.cluster.backend
             );
         }
-        let p = Prepared::new(job)?;
-        let fingerprint = p.fingerprint();
-        prepared = Some(p);
-        Ok(fingerprint)
+        if kept.prepared.as_ref().is_none_or(|p| p.job != *job) {
+            kept.prepared = Some(Prepared::new(job)?);
+        }
+        if kept.held.as_ref().is_some_and(|h| !h.continues(job)) {
+            tracing::warn!(
+                "the job changed; dropping the training state kept from the last generation"
+            );
+            kept.held = None;
+        }
+        let prepared = kept.prepared.as_ref().expect("prepared above");
+        Ok(Fingerprint {
+            held_step: kept.held.as_ref().map(|h| h.step),
+            ..prepared.fingerprint()
+        })
     });
     let (client, welcome) = joined.map_err(fatal)?;
-    let prepared = prepared
+    let prepared = kept
+        .prepared
+        .as_ref()
         .context("the coordinator welcomed this worker without offering a job")
         .map_err(fatal)?;
     tracing::info!(
@@ -184,10 +256,12 @@ fn generation(
             gpu: choice.index,
             peak: device::peak(choice, welcome.job.cluster.device_peak_tflops),
             prepared,
+            held: &mut kept.held,
         },
     );
     match outcome {
         Ok(outcome) => {
+            kept.held = None;
             client.done().map_err(fatal)?;
             Ok(outcome)
         }
@@ -270,6 +344,7 @@ impl Prepared {
         Fingerprint {
             model_hash: hex(&h.finalize()),
             dataset_hash: self.train.content_hash(),
+            held_step: None,
         }
     }
 }
@@ -344,7 +419,10 @@ pub struct TrainRun<'a> {
     gpu: usize,
     /// What MFU is relative to.
     peak: Option<Peak>,
-    prepared: Prepared,
+    prepared: &'a Prepared,
+    /// The state this rank kept from the last generation, if any; where it keeps its state
+    /// if this generation ends badly.
+    held: &'a mut Option<Held>,
 }
 
 impl TrainRun<'_> {
@@ -357,6 +435,7 @@ impl TrainRun<'_> {
             gpu,
             peak,
             prepared,
+            held,
         } = self;
         let job = &welcome.job;
         let (rank, world) = (welcome.rank, welcome.world_size);
@@ -379,7 +458,14 @@ impl TrainRun<'_> {
 
         let model = BertForPreTraining::<B>::new(&prepared.config, &device);
         let layout = ParamLayout::of(&model);
-        let (params, optimizer_state) = starting_state(&prepared, welcome, &layout, collective)?;
+        let resend = held.as_ref().and_then(|h| h.report.clone()).filter(|r| {
+            matches!(welcome.start, StartFrom::Peer { .. }) && r.step == welcome.start_step
+        });
+        let (params, optimizer_state) =
+            starting_state(prepared, welcome, &layout, collective, held)?;
+        if let Some(report) = resend {
+            client.report_step(&report)?;
+        }
         let model = load_flat_params(model, &params, &layout);
         let t = &job.train;
         let mut trainer = Trainer::from_job(model, t, device);
@@ -405,124 +491,167 @@ impl TrainRun<'_> {
             .map(|m| Evaluator::new(m.clone(), job, &prepared.config, rank, world))
             .transpose()?;
         let mut saver = (rank == 0)
-            .then(|| Saver::new(job, &prepared, world))
+            .then(|| Saver::new(job, prepared, world))
             .transpose()?;
         let sample_trace = SampleTrace::from_env(rank)?;
         let mut meter = Meter::new(THROUGHPUT_SKIP_STEPS);
 
-        for step in welcome.start_step..t.max_steps {
-            if let Some(stop) = client.stop_requested() {
-                bail!("stopping at step {step}: {}", stop.reason);
-            }
-            let stop_vote = client.checkpoint_requested().is_some();
-            let started = Instant::now();
-            let data = loader.next()?;
-            let data_wait_s = started.elapsed().as_secs_f64();
-            let lr = schedule.at(step);
-            if let Some(trace) = &sample_trace {
-                trace.record(step, &data.samples)?;
-            }
-            let stats = trainer.step(
-                step,
-                rank,
-                &data.micro_batches,
-                lr as f32,
-                stop_vote,
-                collective,
-            )?;
-            let step_time = started.elapsed();
-            let step_time_s = step_time.as_secs_f64();
-            let flops = data
-                .micro_batches
-                .iter()
-                .map(|b| b.training_flops(&prepared.config))
-                .sum();
-            meter.record(step + 1, stats.tokens, flops, step_time);
-            client.report_step(&step_metrics(
-                step + 1,
-                lr,
-                &stats,
-                step_time_s,
-                data_wait_s,
-            ))?;
+        // Any error ends the generation; the state after the last completed step stays
+        // with this process for the next one (see `Held`).
+        let mut last_report = None;
+        let mut train = || -> Result<Outcome> {
+            for step in welcome.start_step..t.max_steps {
+                if let Some(stop) = client.stop_requested() {
+                    bail!("stopping at step {step}: {}", stop.reason);
+                }
+                let stop_vote = client.checkpoint_requested().is_some();
+                let started = Instant::now();
+                let data = loader.next()?;
+                let data_wait_s = started.elapsed().as_secs_f64();
+                let lr = schedule.at(step);
+                if let Some(trace) = &sample_trace {
+                    trace.record(step, &data.samples)?;
+                }
+                let stats = trainer.step(
+                    step,
+                    rank,
+                    &data.micro_batches,
+                    lr as f32,
+                    stop_vote,
+                    collective,
+                )?;
+                let step_time = started.elapsed();
+                let step_time_s = step_time.as_secs_f64();
+                let flops = data
+                    .micro_batches
+                    .iter()
+                    .map(|b| b.training_flops(&prepared.config))
+                    .sum();
+                meter.record(step + 1, stats.tokens, flops, step_time);
+                let report = step_metrics(step + 1, lr, &stats, step_time_s, data_wait_s);
+                // Kept before it is sent: a report the coordinator never got is sent again.
+                last_report = Some(report.clone());
+                client.report_step(&report)?;
 
-            let done = step + 1;
-            let last = done == t.max_steps;
-            if rank == 0
-                && (done % THROUGHPUT_EVERY_STEPS == 0 || last)
-                && let Some(line) = meter.report(done, peak.as_ref())
-            {
-                tracing::info!("throughput of rank 0, {line}");
-            }
-            if let Some(evaluator) = evaluator.as_mut()
-                && (evaluator.due(done) || last)
-            {
-                client.report_eval(&evaluator.run(&trainer, done)?)?;
+                let done = step + 1;
+                let last = done == t.max_steps;
+                if rank == 0
+                    && (done % THROUGHPUT_EVERY_STEPS == 0 || last)
+                    && let Some(line) = meter.report(done, peak.as_ref())
+                {
+                    tracing::info!("throughput of rank 0, {line}");
+                }
+                if let Some(evaluator) = evaluator.as_mut()
+                    && (evaluator.due(done) || last)
+                {
+                    client.report_eval(&evaluator.run(&trainer, done)?)?;
+                }
+                if let Some(saver) = saver.as_mut() {
+                    saver.report_finished(client)?;
+                    if saver.due(done) || last || stats.stop_agreed {
+                        trainer.sync_host();
+                        saver.start(client, &trainer, done, lr)?;
+                    }
+                }
+                if stats.stop_agreed {
+                    if let Some(saver) = saver.as_mut() {
+                        saver.wait(client)?;
+                    }
+                    let reason = client
+                        .checkpoint_requested()
+                        .unwrap_or_else(|| "another rank asked to stop".into());
+                    return Ok(Outcome::Stopped(format!(
+                        "{reason}; checkpointed step {done}"
+                    )));
+                }
             }
             if let Some(saver) = saver.as_mut() {
-                saver.report_finished(client)?;
-                if saver.due(done) || last || stats.stop_agreed {
-                    trainer.sync_host();
-                    saver.start(client, &trainer, done, lr)?;
-                }
+                saver.wait(client)?;
             }
-            if stats.stop_agreed {
-                if let Some(saver) = saver.as_mut() {
-                    saver.wait(client)?;
-                }
-                let reason = client
-                    .checkpoint_requested()
-                    .unwrap_or_else(|| "another rank asked to stop".into());
-                return Ok(Outcome::Stopped(format!(
-                    "{reason}; checkpointed step {done}"
-                )));
-            }
+            Ok(Outcome::Finished)
+        };
+        let outcome = train();
+        if outcome.is_err() {
+            *held = Held::of(trainer, job, last_report);
         }
-        if let Some(saver) = saver.as_mut() {
-            saver.wait(client)?;
-        }
-        Ok(Outcome::Finished)
+        outcome
     }
 }
 
-/// Parameters and optimizer state the generation starts from: rank 0's, broadcast to all
-/// ranks, read from the welcome's checkpoint when resuming, else the job's initial model.
+/// Parameters and optimizer state the generation starts from, the same on every rank: the
+/// source rank's (rank 0 for the initial model and checkpoints, the survivor the
+/// coordinator chose for a kept state), broadcast to all ranks. A kept state is used up
+/// only once the broadcast succeeded, so a survivor whose next generation fails at once
+/// still holds it.
 fn starting_state(
     prepared: &Prepared,
     welcome: &Welcome,
     layout: &ParamLayout,
     ring: &mut dyn Collective,
+    held: &mut Option<Held>,
 ) -> Result<(Vec<f32>, OptimizerState)> {
+    let start_step = welcome.start_step;
     let mut optimizer = OptimizerState::new(layout.total);
-    let params = match &welcome.checkpoint {
-        Some(dir) => {
+    match &welcome.start {
+        StartFrom::Init => {
+            let mut params = prepared.initial.clone();
+            ring.broadcast(&mut params, 0)?;
+            Ok((params, optimizer))
+        }
+        StartFrom::Checkpoint(dir) => {
             let mut params = vec![0.0; layout.total];
             if welcome.rank == 0 {
                 let loaded = checkpoint::load(dir, layout)?;
-                if loaded.trainer.step != welcome.start_step
-                    || loaded.optimizer.step != welcome.start_step
-                {
-                    bail!(
-                        "checkpoint {} is not at step {}",
-                        dir.display(),
-                        welcome.start_step
-                    );
+                if loaded.trainer.step != start_step || loaded.optimizer.step != start_step {
+                    bail!("checkpoint {} is not at step {start_step}", dir.display());
                 }
-                tracing::info!(checkpoint = %dir.display(), step = welcome.start_step, "loaded");
+                tracing::info!(checkpoint = %dir.display(), step = start_step, "loaded");
                 params = loaded.params;
                 optimizer = loaded.optimizer;
             }
             ring.broadcast(&mut optimizer.exp_avg, 0)?;
             ring.broadcast(&mut optimizer.exp_avg_sq, 0)?;
-            optimizer.step = welcome.start_step;
-            params
+            ring.broadcast(&mut params, 0)?;
+            optimizer.step = start_step;
+            Ok((params, optimizer))
         }
-        None => prepared.initial.clone(),
-    };
-    // Every rank starts from rank 0's parameters, whatever it loaded itself.
-    let mut params = params;
-    ring.broadcast(&mut params, 0)?;
-    Ok((params, optimizer))
+        &StartFrom::Peer { rank: source } => {
+            let mut params = Vec::new();
+            let mine = match held.as_mut() {
+                Some(h) if welcome.rank == source => {
+                    if h.step != start_step {
+                        bail!(
+                            "the coordinator asked for the state of step {start_step}, but this rank kept step {}",
+                            h.step
+                        );
+                    }
+                    (&mut h.params, &mut h.optimizer)
+                }
+                _ if welcome.rank == source => {
+                    bail!("the coordinator asked for a kept state, but this rank kept none")
+                }
+                _ => {
+                    params = vec![0.0; layout.total];
+                    (&mut params, &mut optimizer)
+                }
+            };
+            ring.broadcast(&mut mine.1.exp_avg, source)?;
+            ring.broadcast(&mut mine.1.exp_avg_sq, source)?;
+            ring.broadcast(mine.0, source)?;
+            if welcome.rank == source {
+                let h = held.take().expect("the source holds a state");
+                tracing::info!(
+                    step = start_step,
+                    "continuing from the state this rank kept"
+                );
+                params = h.params;
+                optimizer = h.optimizer;
+            }
+            optimizer.step = start_step;
+            *held = None;
+            Ok((params, optimizer))
+        }
+    }
 }
 
 /// Rank 0's checkpointing: snapshots taken between steps, written in the background, one

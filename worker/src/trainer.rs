@@ -172,6 +172,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(())
     }
 
+    /// Whether the master parameters and optimizer state live on the device (see
+    /// [`Trainer::keep_on_device`]).
+    pub fn keeps_state_on_device(&self) -> bool {
+        self.resident.is_some()
+    }
+
     /// Brings `params` and `state` up to date (a copy from the device when the state lives
     /// there; nothing otherwise). Checkpoints call it first.
     pub fn sync_host(&mut self) {
@@ -461,6 +467,44 @@ mod tests {
         fn barrier(&mut self) -> Result<()> {
             Ok(())
         }
+    }
+
+    /// A peer lost in the middle of the all-reduce: the collective fails after it has
+    /// written part of the buffer.
+    struct FailingCollective;
+
+    impl Collective for FailingCollective {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_mean(&mut self, buf: &mut [f32]) -> Result<()> {
+            let half = buf.len() / 2;
+            buf[..half].fill(f32::NAN);
+            anyhow::bail!("connection reset by peer")
+        }
+        fn broadcast(&mut self, _buf: &mut [f32], _root: usize) -> Result<()> {
+            Ok(())
+        }
+        fn barrier(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What recovery from a live peer relies on: a step whose all-reduce fails changes
+    /// neither the parameters, nor the optimizer state, nor the model, so a survivor holds
+    /// exactly the state after its last completed step.
+    #[test]
+    fn a_failed_all_reduce_leaves_the_state_of_the_last_completed_step() {
+        let mut trainer = train_three_steps(false, &mut LocalCollective);
+        let (params, state) = (trainer.params.clone(), trainer.state.clone());
+        let failed = trainer.step(3, 0, &[batch(3)], 1e-2, false, &mut FailingCollective);
+        assert!(failed.is_err());
+        assert_eq!(trainer.state, state);
+        assert!(trainer.params == params, "parameters moved");
+        assert!(flatten_params(&trainer.model) == params, "the model moved");
     }
 
     /// Three steps of two micro-batches each, with decay and clipping, with the master
