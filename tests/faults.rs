@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use bertrain_coordinator::faults;
 use common::*;
 
 const STEPS: u64 = 120;
@@ -187,16 +188,7 @@ fn killed_worker_is_replaced_from_its_peer_and_the_result_is_exact() {
         log.contains("starting it again"),
         "launch restarted the worker\n{log}"
     );
-    let journal = journal(&run);
-    let failed = journal
-        .iter()
-        .find(|v| v["event"] == "generation_failed")
-        .unwrap_or_else(|| panic!("no failed generation in the journal\n{log}"));
-    let restarted = journal
-        .iter()
-        .find(|v| v["event"] == "generation_started" && v["generation"] == 2)
-        .unwrap_or_else(|| panic!("no second generation in the journal\n{log}"));
-    let last_step = failed["last_step"].as_u64().unwrap();
+    let (failed, restarted) = assert_continued_from_a_survivor(&run, &log);
     let start_step = restarted["start_step"].as_u64().unwrap();
     // Figures (not assertions): from the kill to the coordinator noticing, to the next
     // generation starting, and to its first step's report (journal and metrics timestamps).
@@ -206,18 +198,127 @@ fn killed_worker_is_replaced_from_its_peer_and_the_result_is_exact() {
         .and_then(|v| v["time"].as_f64())
         .unwrap();
     eprintln!(
-        "worker SIGKILL at step {last_step}: noticed after {:.2} s; next generation from step {start_step} ({}) after {:.2} s; its first step done after {:.2} s",
+        "worker SIGKILL at step {start_step}: noticed after {:.2} s; next generation ({}) after {:.2} s; its first step done after {:.2} s",
         failed["time"].as_f64().unwrap() - killed_at,
         restarted["source"],
         restarted["time"].as_f64().unwrap() - killed_at,
         first_step - killed_at,
     );
+    assert_same_run(&run, "worker killed");
+}
+
+/// The second generation's record in the journal and the failure before it; asserts that
+/// it continued from a survivor's state, at or after the last step any rank reported (no
+/// step redone).
+fn assert_continued_from_a_survivor(
+    run: &Path,
+    log: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let journal = journal(run);
+    let failed = journal
+        .iter()
+        .find(|v| v["event"] == "generation_failed")
+        .unwrap_or_else(|| panic!("no failed generation in the journal\n{log}"))
+        .clone();
+    let restarted = journal
+        .iter()
+        .find(|v| v["event"] == "generation_started" && v["generation"] == 2)
+        .unwrap_or_else(|| panic!("no second generation in the journal\n{log}"))
+        .clone();
     assert!(
-        restarted["source"].as_str().unwrap().contains("kept"),
+        restarted["source"].as_str().unwrap().ends_with("kept"),
         "the survivor's state, not a checkpoint: {restarted}\n{log}"
     );
-    assert_eq!(start_step, last_step, "steps redone\n{log}");
-    assert_same_run(&run, "worker killed");
+    // A survivor may have completed a step whose report the coordinator did not get
+    // before the failure: it continues after it, never before the last reported step.
+    assert!(
+        restarted["start_step"].as_u64() >= failed["last_step"].as_u64(),
+        "steps redone: {failed} then {restarted}\n{log}"
+    );
+    (failed, restarted)
+}
+
+/// SIGSTOP one worker: it stays connected but says nothing. The heartbeat timeout finds it,
+/// the survivor leaves the all-reduce it was waiting in, and once the silent worker is
+/// continued (SIGCONT) it finds its generation gone and rejoins with its state: no step is
+/// redone, and the job ends exactly as the uninterrupted run.
+#[test]
+fn silent_worker_is_found_by_the_heartbeat_timeout() {
+    reference();
+    let tmp = TempDir::new("silent-worker");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    let timeouts = [
+        "cluster.heartbeat_interval_s=0.2".to_string(),
+        "cluster.heartbeat_timeout_s=3".to_string(),
+    ];
+    let mut launch = Running::start(launch_command(&job, &run, &timeouts));
+    wait_until(LIMIT, "a few steps", || steps_logged(&run) > 5);
+    let workers = children_with(launch.pid(), "worker");
+    assert_eq!(workers.len(), 2, "{}", launch.output());
+    let stopped_at = unix_now();
+    // SAFETY: kill(2) on a process of this test's job; SIGCONT follows below.
+    unsafe { libc::kill(workers[1] as libc::pid_t, libc::SIGSTOP) };
+    wait_until(LIMIT, "the coordinator to notice", || {
+        journal(&run)
+            .iter()
+            .any(|v| v["event"] == "generation_failed")
+    });
+    let noticed_at = unix_now();
+    // SAFETY: as above.
+    unsafe { libc::kill(workers[1] as libc::pid_t, libc::SIGCONT) };
+    let status = launch.wait(LIMIT);
+    let log = launch.output();
+    assert!(status.success(), "{log}");
+    let (failed, restarted) = assert_continued_from_a_survivor(&run, &log);
+    assert!(
+        failed["reason"].as_str().unwrap().contains("silent for"),
+        "{failed}"
+    );
+    eprintln!(
+        "worker SIGSTOP: noticed after {:.2} s (heartbeat_timeout_s = 3); after SIGCONT, the next generation started in {:.2} s",
+        failed["time"].as_f64().unwrap() - stopped_at,
+        restarted["time"].as_f64().unwrap() - noticed_at,
+    );
+    assert_same_run(&run, "worker silent");
+}
+
+/// A worker whose training thread hangs (its heartbeats go on, its peer waits in the
+/// all-reduce): the step timeout finds it, the coordinator stops the generation, the hung
+/// worker exits when it cannot leave its step, launch starts it again, and the job goes on
+/// from the survivor's state to exactly the uninterrupted run's end.
+#[test]
+fn hung_collective_is_found_by_the_step_timeout() {
+    reference();
+    let tmp = TempDir::new("hung");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    let timeouts = [
+        "cluster.step_timeout_s=6".to_string(),
+        "cluster.heartbeat_interval_s=0.2".to_string(),
+        "cluster.heartbeat_timeout_s=2".to_string(),
+    ];
+    let mut launch = launch_command(&job, &run, &timeouts);
+    let hang = EVERY + 5;
+    launch.env(
+        faults::HANG_IN_STEP,
+        format!("{hang}:{}", tmp.path().join("hung").display()),
+    );
+    let out = run_bounded(launch, LIMIT);
+    let log = describe(&out);
+    ok(&out);
+    let (failed, restarted) = assert_continued_from_a_survivor(&run, &log);
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no step completed"),
+        "{failed}"
+    );
+    assert_eq!(restarted["start_step"].as_u64(), Some(hang));
+    assert!(log.contains("did not come back"), "{log}");
+    assert!(log.contains("starting it again"), "{log}");
+    assert_same_run(&run, "hung collective");
 }
 
 /// SIGKILL the coordinator mid-run and start it again with --resume: the workers (started
@@ -285,7 +386,7 @@ fn crash_while_writing_a_checkpoint_keeps_the_previous_one() {
     let marker = tmp.path().join("crashed");
     let mut launch = launch_command(&job, &run, &[]);
     launch.env(
-        "BERTRAIN_CRASH_WRITING_STEP",
+        faults::CRASH_WRITING_CHECKPOINT,
         format!("{crash}:{}", marker.display()),
     );
     let out = run_bounded(launch, LIMIT);

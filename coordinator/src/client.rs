@@ -57,7 +57,8 @@ pub struct WorkerClient {
     rank: usize,
     stop: Arc<Mutex<Option<StopRequest>>>,
     checkpoint_request: Arc<Mutex<Option<String>>>,
-    bootstrap: Receiver<Vec<u8>>,
+    /// Behind a mutex so that the client can be shared with a watching thread.
+    bootstrap: Mutex<Receiver<Vec<u8>>>,
     finished: Arc<AtomicBool>,
     heartbeat: Option<JoinHandle<()>>,
 }
@@ -107,7 +108,7 @@ impl WorkerClient {
             rank: 0,
             stop: stop.clone(),
             checkpoint_request: Arc::new(Mutex::new(None)),
-            bootstrap: mpsc::channel().1,
+            bootstrap: Mutex::new(mpsc::channel().1),
             finished,
             heartbeat: Some(heartbeat),
         };
@@ -128,7 +129,7 @@ impl WorkerClient {
         reader.get_ref().set_read_timeout(None)?;
         let (bootstrap_tx, bootstrap_rx) = mpsc::channel();
         client.rank = welcome.rank;
-        client.bootstrap = bootstrap_rx;
+        client.bootstrap = Mutex::new(bootstrap_rx);
         let finished = client.finished.clone();
         let checkpoint_request = client.checkpoint_request.clone();
         thread::spawn(move || listen(reader, bootstrap_tx, stop, checkpoint_request, finished));
@@ -187,7 +188,12 @@ impl WorkerClient {
                     stop.reason
                 );
             }
-            match self.bootstrap.recv_timeout(Duration::from_millis(100)) {
+            let received = self
+                .bootstrap
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .recv_timeout(Duration::from_millis(100));
+            match received {
                 Ok(blob) => return Ok(blob),
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
                 Err(RecvTimeoutError::Timeout) => {

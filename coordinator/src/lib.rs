@@ -3,6 +3,7 @@
 
 pub mod checkpoints;
 pub mod client;
+pub mod faults;
 mod http;
 pub mod job;
 pub mod job_keys;

@@ -27,6 +27,7 @@ use anyhow::{Context, Result, bail};
 use bertrain_dataprep::Manifest;
 
 use crate::checkpoints::{self, Found};
+use crate::faults;
 use crate::http;
 use crate::job::{JobConfig, Override, Resume};
 use crate::journal::{self, Entry, Journal};
@@ -992,6 +993,9 @@ impl Machine {
             seconds,
         }) {
             return Flow::End(e);
+        }
+        if faults::due(faults::CRASH_COMMITTING_CHECKPOINT, step) {
+            std::process::abort();
         }
         if let Err(e) = checkpoints::set_latest(&ckpt_dir, step) {
             tracing::error!("cannot update {}/latest: {e:#}", ckpt_dir.display());

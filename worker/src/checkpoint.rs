@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use bertrain_coordinator::checkpoints::{
     self as layout, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, TrainerState, VOCAB_FILE,
 };
+use bertrain_coordinator::faults;
 use bertrain_model::params::{flat_to_hf, hf_to_flat};
 use bertrain_model::{BertConfig, ParamLayout, hf};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -100,20 +101,10 @@ pub fn write(checkpoints: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
     Ok(target)
 }
 
-/// Fault injection for the crash tests: with `BERTRAIN_CRASH_WRITING_STEP=N:MARKER` the
-/// process dies (abort: no cleanup, like a SIGKILL) halfway through writing the checkpoint
-/// of step N, once: only if the file MARKER does not exist yet (it is created first).
+/// See `faults::CRASH_WRITING_CHECKPOINT`.
 fn crash_if_injected(step: u64) {
-    let Ok(spec) = std::env::var("BERTRAIN_CRASH_WRITING_STEP") else {
-        return;
-    };
-    let Some((at, marker)) = spec.split_once(':') else {
-        return;
-    };
-    if at.trim() == step.to_string() && fs::File::create_new(marker).is_ok() {
-        eprintln!(
-            "BERTRAIN_CRASH_WRITING_STEP={step}: dying in the middle of the checkpoint write"
-        );
+    if faults::due(faults::CRASH_WRITING_CHECKPOINT, step) {
+        eprintln!("dying in the middle of the checkpoint write of step {step}");
         std::process::abort();
     }
 }

@@ -16,10 +16,12 @@
 
 use std::net::{ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bertrain_coordinator::checkpoints::{self, TrainerState};
+use bertrain_coordinator::faults;
 use bertrain_coordinator::job::{self, JobConfig};
 use bertrain_coordinator::protocol::StartFrom;
 use bertrain_coordinator::{
@@ -42,6 +44,8 @@ use crate::schedule::LrSchedule;
 use crate::throughput::{Meter, Peak};
 use crate::trainer::{StepStats, Trainer};
 
+/// Exit status of a worker whose training was stuck when the coordinator stopped it.
+const EXIT_STUCK: i32 = 75;
 /// Steps the loader may run ahead of training.
 const PREFETCH_STEPS: usize = 4;
 /// Rank 0 prints its throughput and MFU every this many steps and at the end...
@@ -455,127 +459,183 @@ impl TrainRun<'_> {
             }
         };
         let collective = collective.as_mut();
-
-        let model = BertForPreTraining::<B>::new(&prepared.config, &device);
-        let layout = ParamLayout::of(&model);
-        let resend = held.as_ref().and_then(|h| h.report.clone()).filter(|r| {
-            matches!(welcome.start, StartFrom::Peer { .. }) && r.step == welcome.start_step
-        });
-        let (params, optimizer_state) =
-            starting_state(prepared, welcome, &layout, collective, held)?;
-        if let Some(report) = resend {
-            client.report_step(&report)?;
-        }
-        let model = load_flat_params(model, &params, &layout);
-        let t = &job.train;
-        let mut trainer = Trainer::from_job(model, t, device);
-        trainer.state = optimizer_state;
-        trainer.padded = std::env::var(crate::PADDED_FORWARD_ENV).is_ok_and(|v| v == "padded");
-        // On a GPU the optimizer runs where the gradients are. On the CPU the host path is
-        // the device path, and the TCP ring wants host buffers anyway.
-        if job.cluster.backend == job::Backend::Cuda {
-            match t.optimizer {
-                Optimizer::Adamw => trainer.keep_on_device()?,
-                Optimizer::Lamb => tracing::warn!(
-                    "train.optimizer = \"lamb\" runs on the CPU (only AdamW runs on the GPU); expect slow steps"
-                ),
-            }
-        }
-        let schedule = LrSchedule::from_job(t);
-        let shape = BatchShape::from_job(t, rank, world);
-        let source = SampleSource::for_training(prepared.train.clone(), job, &prepared.config)?;
-        let loader = Prefetcher::start(source, shape, welcome.start_step, PREFETCH_STEPS);
-        let mut evaluator = prepared
-            .validation
-            .as_ref()
-            .map(|m| Evaluator::new(m.clone(), job, &prepared.config, rank, world))
-            .transpose()?;
-        let mut saver = (rank == 0)
-            .then(|| Saver::new(job, prepared, world))
-            .transpose()?;
-        let sample_trace = SampleTrace::from_env(rank)?;
-        let mut meter = Meter::new(THROUGHPUT_SKIP_STEPS);
-
-        // Any error ends the generation; the state after the last completed step stays
-        // with this process for the next one (see `Held`).
-        let mut last_report = None;
-        let mut train = || -> Result<Outcome> {
-            for step in welcome.start_step..t.max_steps {
-                if let Some(stop) = client.stop_requested() {
-                    bail!("stopping at step {step}: {}", stop.reason);
+        // A stop from the coordinator ends the collective's wait for a peer that is gone.
+        let abort = collective.abort_handle();
+        let finished = AtomicBool::new(false);
+        let grace = Duration::from_secs_f64(job.cluster.heartbeat_timeout_s);
+        std::thread::scope(|scope| {
+            scope.spawn(|| watch_for_stop(client, abort, &finished, grace));
+            let outcome = (|| -> Result<Outcome> {
+                let model = BertForPreTraining::<B>::new(&prepared.config, &device);
+                let layout = ParamLayout::of(&model);
+                let resend = held.as_ref().and_then(|h| h.report.clone()).filter(|r| {
+                    matches!(welcome.start, StartFrom::Peer { .. }) && r.step == welcome.start_step
+                });
+                let (params, optimizer_state) =
+                    starting_state(prepared, welcome, &layout, collective, held)?;
+                if let Some(report) = resend {
+                    client.report_step(&report)?;
                 }
-                let stop_vote = client.checkpoint_requested().is_some();
-                let started = Instant::now();
-                let data = loader.next()?;
-                let data_wait_s = started.elapsed().as_secs_f64();
-                let lr = schedule.at(step);
-                if let Some(trace) = &sample_trace {
-                    trace.record(step, &data.samples)?;
-                }
-                let stats = trainer.step(
-                    step,
-                    rank,
-                    &data.micro_batches,
-                    lr as f32,
-                    stop_vote,
-                    collective,
-                )?;
-                let step_time = started.elapsed();
-                let step_time_s = step_time.as_secs_f64();
-                let flops = data
-                    .micro_batches
-                    .iter()
-                    .map(|b| b.training_flops(&prepared.config))
-                    .sum();
-                meter.record(step + 1, stats.tokens, flops, step_time);
-                let report = step_metrics(step + 1, lr, &stats, step_time_s, data_wait_s);
-                // Kept before it is sent: a report the coordinator never got is sent again.
-                last_report = Some(report.clone());
-                client.report_step(&report)?;
-
-                let done = step + 1;
-                let last = done == t.max_steps;
-                if rank == 0
-                    && (done % THROUGHPUT_EVERY_STEPS == 0 || last)
-                    && let Some(line) = meter.report(done, peak.as_ref())
-                {
-                    tracing::info!("throughput of rank 0, {line}");
-                }
-                if let Some(evaluator) = evaluator.as_mut()
-                    && (evaluator.due(done) || last)
-                {
-                    client.report_eval(&evaluator.run(&trainer, done)?)?;
-                }
-                if let Some(saver) = saver.as_mut() {
-                    saver.report_finished(client)?;
-                    if saver.due(done) || last || stats.stop_agreed {
-                        trainer.sync_host();
-                        saver.start(client, &trainer, done, lr)?;
+                let model = load_flat_params(model, &params, &layout);
+                let t = &job.train;
+                let mut trainer = Trainer::from_job(model, t, device);
+                trainer.state = optimizer_state;
+                trainer.padded =
+                    std::env::var(crate::PADDED_FORWARD_ENV).is_ok_and(|v| v == "padded");
+                // On a GPU the optimizer runs where the gradients are. On the CPU the host path is
+                // the device path, and the TCP ring wants host buffers anyway.
+                if job.cluster.backend == job::Backend::Cuda {
+                    match t.optimizer {
+                        Optimizer::Adamw => trainer.keep_on_device()?,
+                        Optimizer::Lamb => tracing::warn!(
+                            "train.optimizer = \"lamb\" runs on the CPU (only AdamW runs on the GPU); expect slow steps"
+                        ),
                     }
                 }
-                if stats.stop_agreed {
+                let schedule = LrSchedule::from_job(t);
+                let shape = BatchShape::from_job(t, rank, world);
+                let source =
+                    SampleSource::for_training(prepared.train.clone(), job, &prepared.config)?;
+                let loader = Prefetcher::start(source, shape, welcome.start_step, PREFETCH_STEPS);
+                let mut evaluator = prepared
+                    .validation
+                    .as_ref()
+                    .map(|m| Evaluator::new(m.clone(), job, &prepared.config, rank, world))
+                    .transpose()?;
+                let mut saver = (rank == 0)
+                    .then(|| Saver::new(job, prepared, world))
+                    .transpose()?;
+                let sample_trace = SampleTrace::from_env(rank)?;
+                let mut meter = Meter::new(THROUGHPUT_SKIP_STEPS);
+
+                // Any error ends the generation; the state after the last completed step stays
+                // with this process for the next one (see `Held`).
+                let mut last_report = None;
+                let mut train = || -> Result<Outcome> {
+                    for step in welcome.start_step..t.max_steps {
+                        if let Some(stop) = client.stop_requested() {
+                            bail!("stopping at step {step}: {}", stop.reason);
+                        }
+                        if faults::due(faults::HANG_IN_STEP, step) {
+                            loop {
+                                std::thread::park();
+                            }
+                        }
+                        let stop_vote = client.checkpoint_requested().is_some();
+                        let started = Instant::now();
+                        let data = loader.next()?;
+                        let data_wait_s = started.elapsed().as_secs_f64();
+                        let lr = schedule.at(step);
+                        if let Some(trace) = &sample_trace {
+                            trace.record(step, &data.samples)?;
+                        }
+                        let stats = trainer.step(
+                            step,
+                            rank,
+                            &data.micro_batches,
+                            lr as f32,
+                            stop_vote,
+                            collective,
+                        )?;
+                        let step_time = started.elapsed();
+                        let step_time_s = step_time.as_secs_f64();
+                        let flops = data
+                            .micro_batches
+                            .iter()
+                            .map(|b| b.training_flops(&prepared.config))
+                            .sum();
+                        meter.record(step + 1, stats.tokens, flops, step_time);
+                        let report = step_metrics(step + 1, lr, &stats, step_time_s, data_wait_s);
+                        // Kept before it is sent: a report the coordinator never got is sent again.
+                        last_report = Some(report.clone());
+                        client.report_step(&report)?;
+
+                        let done = step + 1;
+                        let last = done == t.max_steps;
+                        if rank == 0
+                            && (done % THROUGHPUT_EVERY_STEPS == 0 || last)
+                            && let Some(line) = meter.report(done, peak.as_ref())
+                        {
+                            tracing::info!("throughput of rank 0, {line}");
+                        }
+                        if let Some(evaluator) = evaluator.as_mut()
+                            && (evaluator.due(done) || last)
+                        {
+                            client.report_eval(&evaluator.run(&trainer, done)?)?;
+                        }
+                        if let Some(saver) = saver.as_mut() {
+                            saver.report_finished(client)?;
+                            if saver.due(done) || last || stats.stop_agreed {
+                                trainer.sync_host();
+                                saver.start(client, &trainer, done, lr)?;
+                            }
+                        }
+                        if stats.stop_agreed {
+                            if let Some(saver) = saver.as_mut() {
+                                saver.wait(client)?;
+                            }
+                            let reason = client
+                                .checkpoint_requested()
+                                .unwrap_or_else(|| "another rank asked to stop".into());
+                            return Ok(Outcome::Stopped(format!(
+                                "{reason}; checkpointed step {done}"
+                            )));
+                        }
+                    }
                     if let Some(saver) = saver.as_mut() {
                         saver.wait(client)?;
                     }
-                    let reason = client
-                        .checkpoint_requested()
-                        .unwrap_or_else(|| "another rank asked to stop".into());
-                    return Ok(Outcome::Stopped(format!(
-                        "{reason}; checkpointed step {done}"
-                    )));
+                    Ok(Outcome::Finished)
+                };
+                let outcome = train();
+                if outcome.is_err() {
+                    *held = Held::of(trainer, job, last_report);
                 }
-            }
-            if let Some(saver) = saver.as_mut() {
-                saver.wait(client)?;
-            }
-            Ok(Outcome::Finished)
-        };
-        let outcome = train();
-        if outcome.is_err() {
-            *held = Held::of(trainer, job, last_report);
-        }
-        outcome
+                outcome
+            })();
+            finished.store(true, Ordering::SeqCst);
+            outcome
+        })
     }
+}
+
+/// Runs beside training until it `finished`: when the coordinator says stop (or is lost),
+/// aborts the collective, so a rank waiting in an all-reduce for a peer that went silent
+/// leaves at once with the state of its last completed step. A training thread that does
+/// not come back within `grace` (`cluster.heartbeat_timeout_s`: how long a worker may be
+/// unresponsive) after that is stuck, in a kernel or a driver call: the process exits, so
+/// that its supervisor (`launch`, the cluster's) starts it again.
+fn watch_for_stop(
+    client: &WorkerClient,
+    abort: Option<collective::AbortHandle>,
+    finished: &AtomicBool,
+    grace: Duration,
+) {
+    let poll = Duration::from_millis(50);
+    let stop = loop {
+        if finished.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(stop) = client.stop_requested() {
+            break stop;
+        }
+        std::thread::sleep(poll);
+    };
+    if let Some(abort) = &abort {
+        abort.abort();
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if finished.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(poll);
+    }
+    tracing::error!(
+        "told to stop ({}), but training did not come back within {grace:?} (cluster.heartbeat_timeout_s); exiting so that this worker is started again",
+        stop.reason
+    );
+    std::process::exit(EXIT_STUCK);
 }
 
 /// Parameters and optimizer state the generation starts from, the same on every rank: the

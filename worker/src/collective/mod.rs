@@ -63,6 +63,29 @@ pub trait Collective: Send {
     fn as_nccl(&mut self) -> Option<&mut NcclCollective> {
         None
     }
+    /// A handle that ends this collective's operations from another thread; `None` where
+    /// that is not possible (one rank, NCCL).
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        None
+    }
+}
+
+/// Ends a collective's operations in progress and to come, from another thread: they fail
+/// at once instead of waiting for a peer that is gone (the coordinator said so).
+pub struct AbortHandle {
+    streams: Vec<std::net::TcpStream>,
+}
+
+impl AbortHandle {
+    pub(crate) fn new(streams: Vec<std::net::TcpStream>) -> AbortHandle {
+        AbortHandle { streams }
+    }
+
+    pub fn abort(&self) {
+        for stream in &self.streams {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// The collective of a job with one worker: every operation is the identity.

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use socket2::SockRef;
 
-use super::Collective;
 use super::wire::{Framing, SEGMENT_BYTES};
+use super::{AbortHandle, Collective};
 
 /// Identifies a ring connection's opening message.
 const MAGIC: u32 = u32::from_le_bytes(*b"BRNG");
@@ -621,6 +621,15 @@ impl Collective for TcpRing {
 
     fn barrier(&mut self) -> Result<()> {
         self.all_reduce_mean(&mut [0.0])
+    }
+
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        let links = self.links.as_ref()?;
+        let streams = [&links.next_ctl, &links.prev_ctl]
+            .into_iter()
+            .filter_map(|s| s.try_clone().ok())
+            .collect();
+        Some(AbortHandle::new(streams))
     }
 }
 
