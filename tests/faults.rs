@@ -308,11 +308,13 @@ fn hung_collective_is_found_by_the_step_timeout() {
     let log = describe(&out);
     ok(&out);
     let (failed, restarted) = assert_continued_from_a_survivor(&run, &log);
+    // The coordinator's step timeout, or the ring's read timeout (also step_timeout_s) on
+    // the rank waiting for the hung one, whichever fires first.
     assert!(
         failed["reason"]
             .as_str()
             .unwrap()
-            .contains("no step completed"),
+            .contains("(cluster.step_timeout_s"),
         "{failed}"
     );
     assert_eq!(restarted["start_step"].as_u64(), Some(hang));
@@ -321,13 +323,131 @@ fn hung_collective_is_found_by_the_step_timeout() {
     assert_same_run(&run, "hung collective");
 }
 
+/// A tmpfs mounted for one test, unmounted when dropped (mounting needs root, which the
+/// test machines and CI have).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, bytes: u64) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", describe(&out));
+        Tmpfs(at.to_path_buf())
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let path = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        // SAFETY: statvfs(3) fills the zeroed struct for a NUL-terminated path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The run directory's disk fills up after the first checkpoint: the checkpoints that no
+/// longer fit fail (nothing partial is left), training goes on, and the job, whose end is
+/// not saved, fails saying so. The committed checkpoint stays; once there is room again,
+/// `--resume` continues from it to exactly the uninterrupted run's end.
+#[test]
+fn full_disk_keeps_the_committed_checkpoint_and_the_job_resumes() {
+    reference();
+    let tmp = TempDir::new("disk-full");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    // A checkpoint of this model is about 1.1 MB.
+    let disk = Tmpfs::mount(&run, 16 << 20);
+    let mut launch = Running::start(launch_command(&job, &run, &[]));
+    wait_until(LIMIT, "the first checkpoint", || {
+        latest_checkpoint(&run).is_some()
+    });
+    // Leave room for the logs, not for another checkpoint.
+    let filler = run.join("filler");
+    let room = 256 << 10;
+    std::fs::write(&filler, vec![0u8; (disk.free_bytes() - room) as usize]).unwrap();
+    let status = launch.wait(LIMIT);
+    let log = launch.output();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("No space left on device")
+            && log.contains("could not be written")
+            && log.contains("make room in job.run_dir and continue with --resume"),
+        "{log}"
+    );
+    let committed = latest_checkpoint(&run).unwrap();
+    assert!(committed < STEPS, "{log}");
+    let entries: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !entries.iter().any(|e| e.contains("partial")),
+        "a failed write left {entries:?}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let mut resume = launch_command(&job, &run, &[]);
+    resume.arg("--resume");
+    let out = run_bounded(resume, LIMIT);
+    ok(&out);
+    assert!(
+        describe(&out).contains(&format!("step-{committed:08}")),
+        "resumed from the committed checkpoint\n{}",
+        describe(&out)
+    );
+    assert_same_run(&run, "disk full");
+    drop(disk);
+}
+
 /// SIGKILL the coordinator mid-run and start it again with --resume: the workers (started
-/// by hand here, as a cluster's supervisor would) rejoin by themselves, and the job ends
-/// exactly as the uninterrupted run.
+/// by hand here, as a cluster's supervisor would) rejoin by themselves with the state they
+/// kept, and the job ends exactly as the uninterrupted run.
 #[test]
 fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
+    coordinator_dies_and_is_restarted("kill-coordinator", None, |_| {});
+}
+
+/// The coordinator dies in the middle of committing a checkpoint (journaled, `latest` not
+/// yet moved): after its restart every committed checkpoint is still there and valid, the
+/// job goes on, and it ends exactly as the uninterrupted run.
+#[test]
+fn coordinator_dying_while_committing_loses_no_checkpoint() {
+    coordinator_dies_and_is_restarted("crash-committing", Some(2 * EVERY), |run| {
+        let committed: Vec<u64> = journal(run)
+            .iter()
+            .filter(|v| v["event"] == "checkpoint_committed")
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect();
+        assert!(committed.contains(&(2 * EVERY)), "{committed:?}");
+        // keep_last = 3: the newest three of all that were committed are on disk, whole.
+        for step in committed.iter().rev().take(3) {
+            let dir = run.join(format!("checkpoints/step-{step:08}"));
+            assert!(dir.join("COMMITTED").exists(), "{} is gone", dir.display());
+        }
+    });
+}
+
+/// Runs the job with a coordinator that dies (SIGKILL after the first checkpoint, or an
+/// abort while committing the checkpoint of `crash_committing`) and one started again with
+/// `--resume`; checks the result, then runs `check` on the run directory.
+fn coordinator_dies_and_is_restarted(
+    tag: &str,
+    crash_committing: Option<u64>,
+    check: impl FnOnce(&Path),
+) {
     reference();
-    let tmp = TempDir::new("kill-coordinator");
+    let tmp = TempDir::new(tag);
     let job = job(tmp.path());
     let run = tmp.path().join("run");
     let addr = format!("127.0.0.1:{}", free_port());
@@ -337,17 +457,30 @@ fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
         if resume {
             c.arg("--resume");
         }
+        if let Some(step) = crash_committing {
+            let marker = tmp.path().join("crashed");
+            c.env(
+                faults::CRASH_COMMITTING_CHECKPOINT,
+                format!("{step}:{}", marker.display()),
+            );
+        }
         Running::start(c)
     };
     let mut first = coordinator(false);
     let token = run.join("token");
     wait_until(LIMIT, "the job token", || token.exists());
     let mut workers = start_workers(2, &addr, &token);
-    wait_until(LIMIT, "a committed checkpoint", || {
-        latest_checkpoint(&run).is_some()
-    });
-    first.signal(libc::SIGKILL);
-    first.wait(LIMIT);
+    match crash_committing {
+        None => {
+            wait_until(LIMIT, "a committed checkpoint", || {
+                latest_checkpoint(&run).is_some()
+            });
+            first.signal(libc::SIGKILL);
+        }
+        Some(_) => {}
+    }
+    let status = first.wait(LIMIT);
+    assert!(!status.success(), "{}", first.output());
     let committed = latest_checkpoint(&run).unwrap();
     let mut second = coordinator(true);
     let status = second.wait(LIMIT);
@@ -368,7 +501,8 @@ fn killed_coordinator_is_restarted_and_the_workers_rejoin() {
         "{resumed}\n{}",
         second.output()
     );
-    assert_same_run(&run, "coordinator killed");
+    assert_same_run(&run, tag);
+    check(&run);
 }
 
 /// A worker dies while writing a checkpoint: the partial one is never used (the job

@@ -45,9 +45,14 @@ pub struct Fingerprint {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StopRequest {
     pub reason: String,
-    /// The job goes on: join again (the coordinator restarts the generation from the latest
-    /// checkpoint, or it was lost and will be back).
+    /// The job goes on: join again (the coordinator restarts the generation, or it was
+    /// lost and will be back).
     pub rejoin: bool,
+    /// The coordinator ended the generation (a rank is lost): collective operations in
+    /// progress are abandoned. Not when the connection to the coordinator broke: the ranks
+    /// then finish the step in progress together and stop at the next one, so that they
+    /// all keep the same step (an abandoned all-reduce can complete on some ranks only).
+    pub ends_generation: bool,
 }
 
 /// A worker's live connection to the coordinator. Heartbeats run on a background thread
@@ -367,6 +372,7 @@ fn spawn_heartbeat(
                         &stop,
                         format!("heartbeat to the coordinator failed: {e:#}"),
                         true,
+                        false,
                     );
                     return;
                 }
@@ -390,7 +396,9 @@ fn listen(
             Ok(Some(CoordinatorMsg::Bootstrap { blob })) => {
                 let _ = bootstrap.send(blob);
             }
-            Ok(Some(CoordinatorMsg::Stop { reason, rejoin })) => set_stop(&stop, reason, rejoin),
+            Ok(Some(CoordinatorMsg::Stop { reason, rejoin })) => {
+                set_stop(&stop, reason, rejoin, true)
+            }
             Ok(Some(CoordinatorMsg::CheckpointAndStop { reason })) => {
                 let mut slot = checkpoint_request.lock().unwrap_or_else(|e| e.into_inner());
                 slot.get_or_insert(reason);
@@ -401,7 +409,12 @@ fn listen(
             ),
             Ok(None) => {
                 if !finished.load(Ordering::SeqCst) {
-                    set_stop(&stop, "the coordinator closed the connection".into(), true);
+                    set_stop(
+                        &stop,
+                        "the coordinator closed the connection".into(),
+                        true,
+                        false,
+                    );
                 }
                 return;
             }
@@ -411,6 +424,7 @@ fn listen(
                         &stop,
                         format!("connection to the coordinator broke: {e:#}"),
                         true,
+                        false,
                     );
                 }
                 return;
@@ -419,10 +433,19 @@ fn listen(
     }
 }
 
-fn set_stop(stop: &Mutex<Option<StopRequest>>, reason: String, rejoin: bool) {
+fn set_stop(
+    stop: &Mutex<Option<StopRequest>>,
+    reason: String,
+    rejoin: bool,
+    ends_generation: bool,
+) {
     let mut slot = stop.lock().unwrap_or_else(|e| e.into_inner());
     // The first reason is the cause; later ones are usually its consequences.
-    slot.get_or_insert(StopRequest { reason, rejoin });
+    slot.get_or_insert(StopRequest {
+        reason,
+        rejoin,
+        ends_generation,
+    });
 }
 
 fn name_of(msg: &CoordinatorMsg) -> &'static str {

@@ -525,6 +525,9 @@ struct Machine {
     watchdog: Watchdog,
     /// Set once the job was interrupted: the workers are checkpointing before they stop.
     stopping: Option<String>,
+    /// Why the newest checkpoint could not be written (a full disk, say), until one is
+    /// committed again: training goes on, but a job whose end is not saved fails.
+    unsaved: Option<String>,
 }
 
 impl Machine {
@@ -576,6 +579,7 @@ impl Machine {
             restarts,
             watchdog: Watchdog::from_job(&c.job.cluster),
             stopping: None,
+            unsaved: None,
         })
     }
 
@@ -675,9 +679,10 @@ impl Machine {
                     step,
                     "checkpoint failed, the previous committed one stays: {reason}"
                 );
-                self.board.update(|s| {
-                    s.error = Some(format!("checkpoint at step {step} failed: {reason}"))
-                });
+                let failure =
+                    format!("the checkpoint of step {step} could not be written: {reason}");
+                self.board.update(|s| s.error = Some(failure.clone()));
+                self.unsaved = Some(failure);
                 self.journal_append(&Entry::CheckpointFailed { step, reason })
             }
             (Stage::Member(rank), WorkerMsg::Done) => {
@@ -700,12 +705,31 @@ impl Machine {
                         };
                         Flow::End(Err(anyhow::anyhow!("{reason}; {saved}")))
                     }
-                    None => {
-                        let _ = self.journal.append(&Entry::JobFinished {
-                            step: self.job.train.max_steps,
-                        });
-                        Flow::End(Ok(()))
-                    }
+                    None => match self.unsaved.clone() {
+                        // The end of the job is not saved: not a success.
+                        Some(failure) => {
+                            let at = self.board.update(|s| s.last_checkpoint);
+                            let committed = match at {
+                                Some(step) => {
+                                    format!("the newest committed checkpoint is step {step}")
+                                }
+                                None => "no checkpoint was committed".to_string(),
+                            };
+                            let reason = format!(
+                                "{failure}; {committed}; make room in job.run_dir and continue with --resume"
+                            );
+                            let _ = self.journal.append(&Entry::JobStopped {
+                                reason: reason.clone(),
+                            });
+                            Flow::End(Err(anyhow::anyhow!(reason)))
+                        }
+                        None => {
+                            let _ = self.journal.append(&Entry::JobFinished {
+                                step: self.job.train.max_steps,
+                            });
+                            Flow::End(Ok(()))
+                        }
+                    },
                 }
             }
             (Stage::Member(rank), WorkerMsg::Failed { reason }) => {
@@ -1012,6 +1036,7 @@ impl Machine {
             "checkpoint of step {step} committed in {seconds:.2} s: {}",
             dir.display()
         );
+        self.unsaved = None;
         self.board.update(|s| s.last_checkpoint = Some(step));
         Flow::Continue
     }

@@ -42,7 +42,7 @@ use crate::loader::{BatchShape, Prefetcher, SampleSource};
 use crate::optim::{Optimizer, OptimizerState};
 use crate::schedule::LrSchedule;
 use crate::throughput::{Meter, Peak};
-use crate::trainer::{StepStats, Trainer};
+use crate::trainer::{AllReduceFailed, StepStats, Trainer};
 
 /// Exit status of a worker whose training was stuck when the coordinator stopped it.
 const EXIT_STUCK: i32 = 75;
@@ -155,9 +155,27 @@ struct Held {
     step: u64,
     params: Vec<f32>,
     optimizer: OptimizerState,
-    /// This rank's report of step `step`, sent again when the next generation starts there:
-    /// the coordinator may not have logged it (it was lost itself, or restarted).
-    report: Option<StepMetrics>,
+    /// This rank's reports of the last steps it computed, up to `step`, or `step + 1` if
+    /// that step's all-reduce failed here while it completed on another rank. The
+    /// coordinator may not have logged them (it was lost itself, or restarted), so the
+    /// ones up to where the next generation starts are sent again; it keeps what it lacks.
+    reports: Vec<StepMetrics>,
+}
+
+/// The reports a rank sent last (see `Held::reports`).
+#[derive(Default)]
+struct RecentReports(std::collections::VecDeque<StepMetrics>);
+
+impl RecentReports {
+    /// More steps than a worker runs between losing the coordinator and noticing.
+    const KEPT: usize = 64;
+
+    fn push(&mut self, report: StepMetrics) {
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(report);
+    }
 }
 
 impl Held {
@@ -173,7 +191,7 @@ impl Held {
     fn of<B: AutodiffBackend>(
         trainer: Trainer<B>,
         job: &JobConfig,
-        report: Option<StepMetrics>,
+        reports: RecentReports,
     ) -> Option<Held> {
         if trainer.keeps_state_on_device() {
             return None;
@@ -184,7 +202,11 @@ impl Held {
             step,
             params: trainer.params,
             optimizer: trainer.state,
-            report: report.filter(|r| r.step == step),
+            reports: reports
+                .0
+                .into_iter()
+                .filter(|r| r.step <= step + 1)
+                .collect(),
         })
     }
 }
@@ -468,13 +490,14 @@ impl TrainRun<'_> {
             let outcome = (|| -> Result<Outcome> {
                 let model = BertForPreTraining::<B>::new(&prepared.config, &device);
                 let layout = ParamLayout::of(&model);
-                let resend = held.as_ref().and_then(|h| h.report.clone()).filter(|r| {
-                    matches!(welcome.start, StartFrom::Peer { .. }) && r.step == welcome.start_step
-                });
+                let resend: Vec<StepMetrics> = match (&welcome.start, held.as_ref()) {
+                    (StartFrom::Peer { .. }, Some(h)) => h.reports.clone(),
+                    _ => Vec::new(),
+                };
                 let (params, optimizer_state) =
                     starting_state(prepared, welcome, &layout, collective, held)?;
-                if let Some(report) = resend {
-                    client.report_step(&report)?;
+                for report in resend.iter().filter(|r| r.step <= welcome.start_step) {
+                    client.report_step(report)?;
                 }
                 let model = load_flat_params(model, &params, &layout);
                 let t = &job.train;
@@ -510,7 +533,7 @@ impl TrainRun<'_> {
 
                 // Any error ends the generation; the state after the last completed step stays
                 // with this process for the next one (see `Held`).
-                let mut last_report = None;
+                let mut reports = RecentReports::default();
                 let mut train = || -> Result<Outcome> {
                     for step in welcome.start_step..t.max_steps {
                         if let Some(stop) = client.stop_requested() {
@@ -529,14 +552,28 @@ impl TrainRun<'_> {
                         if let Some(trace) = &sample_trace {
                             trace.record(step, &data.samples)?;
                         }
-                        let stats = trainer.step(
-                            step,
-                            rank,
-                            &data.micro_batches,
-                            lr as f32,
-                            stop_vote,
-                            collective,
-                        )?;
+                        let stats = trainer
+                            .step(
+                                step,
+                                rank,
+                                &data.micro_batches,
+                                lr as f32,
+                                stop_vote,
+                                collective,
+                            )
+                            .inspect_err(|e| {
+                                // A step done again reports these losses (see `Held`).
+                                if let Some(f) = e.downcast_ref::<AllReduceFailed>() {
+                                    let elapsed = started.elapsed().as_secs_f64();
+                                    reports.push(step_metrics(
+                                        step + 1,
+                                        lr,
+                                        &f.stats,
+                                        elapsed,
+                                        data_wait_s,
+                                    ));
+                                }
+                            })?;
                         let step_time = started.elapsed();
                         let step_time_s = step_time.as_secs_f64();
                         let flops = data
@@ -547,7 +584,7 @@ impl TrainRun<'_> {
                         meter.record(step + 1, stats.tokens, flops, step_time);
                         let report = step_metrics(step + 1, lr, &stats, step_time_s, data_wait_s);
                         // Kept before it is sent: a report the coordinator never got is sent again.
-                        last_report = Some(report.clone());
+                        reports.push(report.clone());
                         client.report_step(&report)?;
 
                         let done = step + 1;
@@ -589,7 +626,7 @@ impl TrainRun<'_> {
                 };
                 let outcome = train();
                 if outcome.is_err() {
-                    *held = Held::of(trainer, job, last_report);
+                    *held = Held::of(trainer, job, reports);
                 }
                 outcome
             })();
@@ -599,7 +636,7 @@ impl TrainRun<'_> {
     }
 }
 
-/// Runs beside training until it `finished`: when the coordinator says stop (or is lost),
+/// Runs beside training until it `finished`: when the coordinator ends the generation,
 /// aborts the collective, so a rank waiting in an all-reduce for a peer that went silent
 /// leaves at once with the state of its last completed step. A training thread that does
 /// not come back within `grace` (`cluster.heartbeat_timeout_s`: how long a worker may be
@@ -616,7 +653,7 @@ fn watch_for_stop(
         if finished.load(Ordering::SeqCst) {
             return;
         }
-        if let Some(stop) = client.stop_requested() {
+        if let Some(stop) = client.stop_requested().filter(|s| s.ends_generation) {
             break stop;
         }
         std::thread::sleep(poll);

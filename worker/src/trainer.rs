@@ -62,6 +62,23 @@ pub struct StepStats {
     pub optimizer_s: f64,
 }
 
+/// The error of a step whose all-reduce failed (a peer was lost): the trainer still holds
+/// the state of the step before, and `stats` is what this rank computed of the failed
+/// step, whose losses are those the step reports when it is done again.
+#[derive(Debug)]
+pub struct AllReduceFailed {
+    pub stats: StepStats,
+    pub error: anyhow::Error,
+}
+
+impl std::fmt::Display for AllReduceFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl std::error::Error for AllReduceFailed {}
+
 /// Running sums of losses and prediction counts over micro-batches.
 #[derive(Debug, Default)]
 struct Tally {
@@ -118,6 +135,13 @@ impl Tally {
 
 fn count_equal<B: Backend>(a: Tensor<B, 1, Int>, b: Tensor<B, 1, Int>) -> usize {
     a.equal(b).int().sum().into_scalar().elem::<i64>() as usize
+}
+
+/// [`AllReduceFailed`] with what the step computed before its all-reduce.
+fn failed(tally: &Tally, started: Instant, error: anyhow::Error) -> anyhow::Error {
+    let mut stats = tally.stats();
+    stats.compute_s = started.elapsed().as_secs_f64();
+    anyhow::Error::new(AllReduceFailed { stats, error })
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -262,7 +286,10 @@ impl<B: AutodiffBackend> Trainer<B> {
                 if micro_batches.is_empty() {
                     resident.zero_grads(&self.layout);
                 }
-                let stop_agreed = resident.all_reduce(collective, stop_vote)?;
+                let stop_agreed = match resident.all_reduce(collective, stop_vote) {
+                    Ok(agreed) => agreed,
+                    Err(error) => return Err(failed(&tally, started, error)),
+                };
                 let communicated = Instant::now();
                 let grad_norm = resident.clip(self.max_grad_norm);
                 resident.adamw(&self.optimizer, &mut self.state, lr);
@@ -272,7 +299,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
             None => {
                 self.grads[total] = if stop_vote { 1.0 } else { 0.0 };
-                collective.all_reduce_mean(&mut self.grads)?;
+                if let Err(error) = collective.all_reduce_mean(&mut self.grads) {
+                    return Err(failed(&tally, started, error));
+                }
                 let stop_agreed = self.grads[total] > 0.0;
                 let communicated = Instant::now();
                 let grad_norm = optim::clip_grad_norm(&mut self.grads[..total], self.max_grad_norm);
@@ -501,7 +530,9 @@ mod tests {
         let mut trainer = train_three_steps(false, &mut LocalCollective);
         let (params, state) = (trainer.params.clone(), trainer.state.clone());
         let failed = trainer.step(3, 0, &[batch(3)], 1e-2, false, &mut FailingCollective);
-        assert!(failed.is_err());
+        let failed = failed.unwrap_err();
+        let computed = &failed.downcast_ref::<AllReduceFailed>().unwrap().stats;
+        assert!(computed.loss > 0.0 && computed.tokens > 0, "{computed:?}");
         assert_eq!(trainer.state, state);
         assert!(trainer.params == params, "parameters moved");
         assert!(flatten_params(&trainer.model) == params, "the model moved");

@@ -95,6 +95,7 @@ impl RingListener {
                 links: None,
                 broken: None,
                 scratch: Vec::new(),
+                io_timeout: options.io_timeout,
             });
         }
         let deadline = Instant::now() + options.connect_timeout;
@@ -131,6 +132,7 @@ impl RingListener {
             links: Some(links),
             broken: None,
             scratch: Vec::new(),
+            io_timeout: options.io_timeout,
         })
     }
 }
@@ -255,6 +257,18 @@ impl Links {
     }
 }
 
+/// Whether `e` is a socket read or write that ran out of time.
+fn timed_out(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        })
+    })
+}
+
 /// What the receiving side does with the bytes of each step.
 #[derive(Clone, Copy)]
 enum Apply {
@@ -273,6 +287,8 @@ pub struct TcpRing {
     /// Set after the first failure: the ring's state is unknown, every later call fails.
     broken: Option<String>,
     scratch: Vec<f32>,
+    /// How long a read waits for a peer (`RingOptions::io_timeout`), for error messages.
+    io_timeout: Duration,
 }
 
 impl TcpRing {
@@ -287,8 +303,18 @@ impl TcpRing {
     /// waiting for a timeout) and marks the ring broken.
     fn guarded(&mut self, what: &str, op: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
         self.ensure_usable()?;
-        let result =
-            op(self).with_context(|| format!("{what} on rank {} of {}", self.rank, self.world));
+        let timeout = self.io_timeout;
+        let result = op(self)
+            .map_err(|e| {
+                if timed_out(&e) {
+                    e.context(format!(
+                        "nothing came for {timeout:?} (cluster.step_timeout_s): a peer is hung or silent"
+                    ))
+                } else {
+                    e
+                }
+            })
+            .with_context(|| format!("{what} on rank {} of {}", self.rank, self.world));
         if let Err(e) = &result {
             self.broken = Some(format!("{e:#}"));
             if let Some(links) = &self.links {
@@ -796,6 +822,7 @@ mod tests {
                         links: None,
                         broken: None,
                         scratch: Vec::new(),
+                        io_timeout: Duration::ZERO,
                     },
                 );
                 drop(dead);
