@@ -470,14 +470,11 @@ fn coordinator_dies_and_is_restarted(
     let token = run.join("token");
     wait_until(LIMIT, "the job token", || token.exists());
     let mut workers = start_workers(2, &addr, &token);
-    match crash_committing {
-        None => {
-            wait_until(LIMIT, "a committed checkpoint", || {
-                latest_checkpoint(&run).is_some()
-            });
-            first.signal(libc::SIGKILL);
-        }
-        Some(_) => {}
+    if crash_committing.is_none() {
+        wait_until(LIMIT, "a committed checkpoint", || {
+            latest_checkpoint(&run).is_some()
+        });
+        first.signal(libc::SIGKILL);
     }
     let status = first.wait(LIMIT);
     assert!(!status.success(), "{}", first.output());
