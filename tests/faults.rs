@@ -136,19 +136,39 @@ fn resume_at_another_world_size_uses_each_sample_once() {
     second.arg("--resume").env("BERTRAIN_TRACE_SAMPLES", &trace);
     ok(&run_bounded(second, LIMIT));
 
-    let mut seen = std::collections::HashMap::new();
-    let mut per_step = std::collections::BTreeMap::<u64, usize>::new();
-    for file in std::fs::read_dir(&trace).unwrap().flatten() {
+    assert_each_sample_once(&trace, steps);
+}
+
+/// Reads the `BERTRAIN_TRACE_SAMPLES` files in `trace`: the first `steps` steps of the
+/// epoch used 16 samples each and every sample once. A step that a lost generation began
+/// counts in the generation that did it again.
+fn assert_each_sample_once(trace: &Path, steps: u64) {
+    let mut lines = Vec::new();
+    for file in std::fs::read_dir(trace).unwrap().flatten() {
         for line in std::fs::read_to_string(file.path()).unwrap().lines() {
             let f: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
-            *per_step.entry(f[0]).or_default() += 1;
-            *seen.entry((f[1], f[2])).or_insert(0) += 1;
+            if f[0] < steps {
+                lines.push((f[0], f[1], f[2], f[3]));
+            }
         }
     }
-    assert_eq!(per_step.len() as u64, steps, "every step traced once");
+    let mut last_generation = std::collections::BTreeMap::<u64, u64>::new();
+    for &(step, _, _, generation) in &lines {
+        let g = last_generation.entry(step).or_insert(generation);
+        *g = (*g).max(generation);
+    }
+    let mut seen = std::collections::HashMap::new();
+    let mut per_step = std::collections::BTreeMap::<u64, usize>::new();
+    for &(step, shard, row, generation) in &lines {
+        if last_generation[&step] == generation {
+            *per_step.entry(step).or_default() += 1;
+            *seen.entry((shard, row)).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(per_step.len() as u64, steps, "every step traced");
     assert!(
         per_step.values().all(|&n| n == 16),
-        "16 samples per step over all ranks"
+        "16 samples per step over all ranks: {per_step:?}"
     );
     let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(repeated.is_empty(), "samples used twice: {repeated:?}");
@@ -205,6 +225,87 @@ fn killed_worker_is_replaced_from_its_peer_and_the_result_is_exact() {
         first_step - killed_at,
     );
     assert_same_run(&run, "worker killed");
+}
+
+/// An elastic job (`min_workers = 1`) loses a worker that goes silent (SIGSTOP). After
+/// `rejoin_timeout_s` it goes on alone at the same global batch; when the worker is back
+/// (SIGCONT), the job takes it in at the next step boundary. Every sample of the epoch is
+/// used once, and the run ends where the uninterrupted one did, up to float rounding (only
+/// the order of the gradient sums differs).
+#[test]
+fn elastic_job_shrinks_and_grows_back() {
+    reference();
+    let tmp = TempDir::new("shrink-grow");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    let trace = tmp.path().join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let elastic = [
+        "cluster.min_workers=1".to_string(),
+        "cluster.rejoin_timeout_s=1".to_string(),
+        "cluster.heartbeat_interval_s=0.2".to_string(),
+        "cluster.heartbeat_timeout_s=2".to_string(),
+    ];
+    let mut launch = launch_command(&job, &run, &elastic);
+    launch.env("BERTRAIN_TRACE_SAMPLES", &trace);
+    let mut launch = Running::start(launch);
+    wait_until(LIMIT, "a few steps", || steps_logged(&run) > 5);
+    let workers = children_with(launch.pid(), "worker");
+    assert_eq!(workers.len(), 2, "{}", launch.output());
+    // SAFETY: kill(2) on a process of this test's job; SIGCONT follows below.
+    unsafe { libc::kill(workers[1] as libc::pid_t, libc::SIGSTOP) };
+    let generations = |run: &Path| -> Vec<u64> {
+        journal(run)
+            .iter()
+            .filter(|v| v["event"] == "generation_started")
+            .map(|v| v["world_size"].as_u64().unwrap())
+            .collect()
+    };
+    wait_until(LIMIT, "a generation of one worker", || {
+        generations(&run).last() == Some(&1)
+    });
+    let alone_from = steps_logged(&run);
+    wait_until(LIMIT, "steps with one worker", || {
+        steps_logged(&run) >= alone_from + 10
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(workers[1] as libc::pid_t, libc::SIGCONT) };
+    let status = launch.wait(LIMIT);
+    let log = launch.output();
+    assert!(status.success(), "{log}");
+    assert_eq!(generations(&run), [2, 1, 2], "{log}");
+    assert!(
+        journal(&run)
+            .iter()
+            .any(|v| v["event"] == "generation_regrouped"),
+        "{log}"
+    );
+    assert_each_sample_once(&trace, STEPS.min(dataset_rows(dataset()) / 16));
+    let (losses, expected) = (step_losses(&run), step_losses(reference()));
+    assert_eq!(losses.len(), expected.len());
+    let worst_loss = losses
+        .iter()
+        .zip(&expected)
+        .map(|(&(s, a), &(t, b))| {
+            assert_eq!(s, t);
+            (a - b).abs() / b.abs()
+        })
+        .fold(0.0, f64::max);
+    let worst_weight = final_weights(&run)
+        .iter()
+        .zip(final_weights(reference()))
+        .flat_map(|((_, a), (_, b))| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0.0, f32::max);
+    eprintln!(
+        "shrink to 1 worker and back: largest relative loss difference {worst_loss:.2e}, largest parameter difference {worst_weight:.2e}"
+    );
+    assert!(worst_loss < 1e-4, "losses drifted by {worst_loss}");
+    assert!(worst_weight < 1e-4, "parameters drifted by {worst_weight}");
 }
 
 /// The second generation's record in the journal and the failure before it; asserts that

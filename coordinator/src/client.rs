@@ -62,6 +62,7 @@ pub struct WorkerClient {
     rank: usize,
     stop: Arc<Mutex<Option<StopRequest>>>,
     checkpoint_request: Arc<Mutex<Option<String>>>,
+    regroup_request: Arc<Mutex<Option<String>>>,
     /// Behind a mutex so that the client can be shared with a watching thread.
     bootstrap: Mutex<Receiver<Vec<u8>>>,
     finished: Arc<AtomicBool>,
@@ -113,6 +114,7 @@ impl WorkerClient {
             rank: 0,
             stop: stop.clone(),
             checkpoint_request: Arc::new(Mutex::new(None)),
+            regroup_request: Arc::new(Mutex::new(None)),
             bootstrap: Mutex::new(mpsc::channel().1),
             finished,
             heartbeat: Some(heartbeat),
@@ -136,8 +138,12 @@ impl WorkerClient {
         client.rank = welcome.rank;
         client.bootstrap = Mutex::new(bootstrap_rx);
         let finished = client.finished.clone();
-        let checkpoint_request = client.checkpoint_request.clone();
-        thread::spawn(move || listen(reader, bootstrap_tx, stop, checkpoint_request, finished));
+        let requests = Requests {
+            stop,
+            checkpoint: client.checkpoint_request.clone(),
+            regroup: client.regroup_request.clone(),
+        };
+        thread::spawn(move || listen(reader, bootstrap_tx, requests, finished));
         Ok((client, welcome))
     }
 
@@ -226,9 +232,24 @@ impl WorkerClient {
             .clone()
     }
 
+    /// Why the coordinator asked the ranks to leave the generation at an agreed step and
+    /// join again, if it did.
+    pub fn regroup_requested(&self) -> Option<String> {
+        self.regroup_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Tells the coordinator this rank finished its work, and disconnects.
     pub fn done(mut self) -> Result<()> {
         self.end(WorkerMsg::Done)
+    }
+
+    /// Tells the coordinator this rank left the generation after `step` steps to regroup,
+    /// and disconnects.
+    pub fn regrouped(mut self, step: u64) -> Result<()> {
+        self.end(WorkerMsg::Regrouped { step })
     }
 
     /// Tells the coordinator this rank's generation failed and why, staying connected to
@@ -383,24 +404,38 @@ fn spawn_heartbeat(
     })
 }
 
-/// Background reader after the welcome: relays bootstrap data, records stop requests.
+/// What the coordinator asked of a worker, as the background reader records it.
+struct Requests {
+    stop: Arc<Mutex<Option<StopRequest>>>,
+    checkpoint: Arc<Mutex<Option<String>>>,
+    regroup: Arc<Mutex<Option<String>>>,
+}
+
+/// Background reader after the welcome: relays bootstrap data, records requests.
 fn listen(
     mut reader: BufReader<TcpStream>,
     bootstrap: Sender<Vec<u8>>,
-    stop: Arc<Mutex<Option<StopRequest>>>,
-    checkpoint_request: Arc<Mutex<Option<String>>>,
+    requests: Requests,
     finished: Arc<AtomicBool>,
 ) {
+    let stop = &requests.stop;
     loop {
         match read_frame::<CoordinatorMsg>(&mut reader) {
             Ok(Some(CoordinatorMsg::Bootstrap { blob })) => {
                 let _ = bootstrap.send(blob);
             }
             Ok(Some(CoordinatorMsg::Stop { reason, rejoin })) => {
-                set_stop(&stop, reason, rejoin, true)
+                set_stop(stop, reason, rejoin, true)
             }
             Ok(Some(CoordinatorMsg::CheckpointAndStop { reason })) => {
-                let mut slot = checkpoint_request.lock().unwrap_or_else(|e| e.into_inner());
+                let mut slot = requests
+                    .checkpoint
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert(reason);
+            }
+            Ok(Some(CoordinatorMsg::Regroup { reason })) => {
+                let mut slot = requests.regroup.lock().unwrap_or_else(|e| e.into_inner());
                 slot.get_or_insert(reason);
             }
             Ok(Some(other)) => tracing::warn!(
@@ -410,7 +445,7 @@ fn listen(
             Ok(None) => {
                 if !finished.load(Ordering::SeqCst) {
                     set_stop(
-                        &stop,
+                        stop,
                         "the coordinator closed the connection".into(),
                         true,
                         false,
@@ -421,7 +456,7 @@ fn listen(
             Err(e) => {
                 if !finished.load(Ordering::SeqCst) {
                     set_stop(
-                        &stop,
+                        stop,
                         format!("connection to the coordinator broke: {e:#}"),
                         true,
                         false,
@@ -456,6 +491,7 @@ fn name_of(msg: &CoordinatorMsg) -> &'static str {
         CoordinatorMsg::Bootstrap { .. } => "bootstrap data",
         CoordinatorMsg::Stop { .. } => "a stop",
         CoordinatorMsg::CheckpointAndStop { .. } => "a checkpoint-and-stop",
+        CoordinatorMsg::Regroup { .. } => "a regroup",
     }
 }
 

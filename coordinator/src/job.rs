@@ -156,9 +156,17 @@ pub struct ClusterSection {
     /// Default: the bf16 dense peak of known NVIDIA data-centre GPUs (H100, H200, A100,
     /// L40S); none on the CPU, where MFU is then not computed.
     pub device_peak_tflops: Option<f64>,
-    /// Times the worker set may be restarted from the latest checkpoint after a lost, failed
-    /// or hung worker before the job is given up. Default: 3.
+    /// Times the worker set may be restarted after a lost, failed or hung worker before the
+    /// job is given up. Default: 3.
     pub max_restarts: u32,
+    /// Elastic jobs: when a lost worker is not back within `rejoin_timeout_s`, training goes
+    /// on with as few as this many workers (at the same global batch, with more
+    /// accumulation), and takes returning workers back at the next step boundary.
+    /// Default: `world_size` (not elastic).
+    pub min_workers: Option<u32>,
+    /// Seconds an elastic job waits for lost workers to come back before it goes on without
+    /// them. Default: 60.
+    pub rejoin_timeout_s: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -261,6 +269,8 @@ impl Default for ClusterSection {
             step_timeout_s: 900.0,
             device_peak_tflops: None,
             max_restarts: 3,
+            min_workers: None,
+            rejoin_timeout_s: 60.0,
         }
     }
 }
@@ -418,6 +428,17 @@ impl JobConfig {
                 "train.precision = \"bf16\" needs cluster.backend = \"cuda\"; on the CPU use \"fp32\""
             );
         }
+        if let Some(min) = c.min_workers {
+            let per_pass = u64::from(min) * t.micro_batch_size;
+            if min == 0 || min > c.world_size || t.global_batch_size % per_pass != 0 {
+                bail!(
+                    "cluster.min_workers = {min}; it must be between 1 and cluster.world_size ({}), \
+                     and train.global_batch_size ({}) a multiple of min_workers x train.micro_batch_size ({per_pass})",
+                    c.world_size,
+                    t.global_batch_size
+                );
+            }
+        }
         let per_pass = u64::from(c.world_size) * t.micro_batch_size;
         if t.global_batch_size % per_pass != 0 {
             let lower = (t.global_batch_size / per_pass).max(1) * per_pass;
@@ -456,6 +477,7 @@ impl JobConfig {
             ("cluster.heartbeat_interval_s", c.heartbeat_interval_s),
             ("cluster.heartbeat_timeout_s", c.heartbeat_timeout_s),
             ("cluster.step_timeout_s", c.step_timeout_s),
+            ("cluster.rejoin_timeout_s", c.rejoin_timeout_s),
         ] {
             if !v.is_finite() || v <= 0.0 || v > 1e6 {
                 bail!("{name} = {v}; it must be a positive number of seconds");
@@ -703,6 +725,28 @@ mod tests {
         );
         let job = load(MINIMAL, &["train.precision=bf16", "cluster.backend=cuda"]).unwrap();
         assert_eq!(job.train.precision, Precision::Bf16);
+    }
+
+    #[test]
+    fn min_workers_must_fit_the_world_and_the_batch() {
+        let elastic = |min: &str, batch: &str| {
+            let sets = [
+                "cluster.world_size=4".to_string(),
+                format!("cluster.min_workers={min}"),
+                format!("train.global_batch_size={batch}"),
+                "train.micro_batch_size=8".to_string(),
+            ];
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            load(MINIMAL, &sets).map_err(|e| format!("{e:#}"))
+        };
+        assert!(elastic("2", "64").is_ok());
+        for (min, batch) in [("0", "64"), ("5", "64"), ("3", "64")] {
+            let err = elastic(min, batch).unwrap_err();
+            assert!(
+                err.contains(&format!("cluster.min_workers = {min}")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

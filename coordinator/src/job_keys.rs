@@ -17,6 +17,8 @@ pub const READ_BY_COORDINATOR: &[&str] = &[
     "cluster.heartbeat_timeout_s",
     "cluster.step_timeout_s",
     "cluster.max_restarts",
+    "cluster.min_workers",
+    "cluster.rejoin_timeout_s",
 ];
 
 #[cfg(test)]
@@ -140,6 +142,21 @@ mod tests {
                 key: "cluster.max_restarts",
                 value: "5",
                 observe: watchdog,
+            },
+            Probe {
+                key: "cluster.min_workers",
+                value: "1",
+                // With the job's world of 4 workers: how few it goes on with.
+                observe: |j, _| {
+                    let mut cluster = j.cluster.clone();
+                    cluster.world_size = 4;
+                    Watchdog::from_job(&cluster).min_workers.to_string()
+                },
+            },
+            Probe {
+                key: "cluster.rejoin_timeout_s",
+                value: "5",
+                observe: |j, _| format!("{:?}", Watchdog::from_job(&j.cluster).rejoin_timeout),
             },
         ]
     }

@@ -37,6 +37,11 @@ pub enum Entry {
         #[serde(default)]
         last_step: Option<u64>,
     },
+    /// The ranks left the generation after `step` to take waiting workers in.
+    GenerationRegrouped {
+        generation: u64,
+        step: u64,
+    },
     CheckpointCommitted {
         step: u64,
         dir: PathBuf,

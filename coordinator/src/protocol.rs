@@ -14,7 +14,9 @@
 //!    `EvalReport` after each evaluation, and finally `Done` (or `Failed`).
 //! 6. Rank 0 -> `Checkpointed` (or `CheckpointFailed`) after each checkpoint write.
 //! 7. Coordinator -> `Stop{reason, rejoin}` when a generation must end (a rank was lost:
-//!    the others rejoin), or `CheckpointAndStop` when the job is interrupted.
+//!    the others rejoin), `CheckpointAndStop` when the job is interrupted, or `Regroup`
+//!    when an elastic job can take back workers; after a regroup, each rank ->
+//!    `Regrouped` and joins again.
 //!
 //! `generation`, `start_step` and `start` in `Welcome` are how a restarted generation
 //! (after a lost worker or a resume) tells workers where to continue; `held_step` in
@@ -66,6 +68,11 @@ pub enum WorkerMsg {
     Failed {
         reason: String,
     },
+    /// This rank left the generation after the step the ranks agreed on (see
+    /// `CoordinatorMsg::Regroup`), keeping its state; it joins again at once.
+    Regrouped {
+        step: u64,
+    },
 }
 
 /// Messages the coordinator sends.
@@ -92,6 +99,11 @@ pub enum CoordinatorMsg {
     /// Agree with the other ranks on a step, checkpoint there, and stop (SIGTERM/SIGINT of
     /// the job: the run can be resumed exactly).
     CheckpointAndStop {
+        reason: String,
+    },
+    /// Agree with the other ranks on a step, leave the generation there keeping the state,
+    /// and join again: workers are waiting to join (an elastic job grows back).
+    Regroup {
         reason: String,
     },
 }

@@ -528,6 +528,9 @@ struct Machine {
     /// Why the newest checkpoint could not be written (a full disk, say), until one is
     /// committed again: training goes on, but a job whose end is not saved fails.
     unsaved: Option<String>,
+    /// Set while the members are asked to leave at an agreed step so that waiting workers
+    /// can join (an elastic job growing back).
+    regrouping: bool,
 }
 
 impl Machine {
@@ -580,6 +583,7 @@ impl Machine {
             watchdog: Watchdog::from_job(&c.job.cluster),
             stopping: None,
             unsaved: None,
+            regrouping: false,
         })
     }
 
@@ -732,6 +736,9 @@ impl Machine {
                     },
                 }
             }
+            (Stage::Member(rank), WorkerMsg::Regrouped { step }) => {
+                self.on_regrouped(id, rank, step)
+            }
             (Stage::Member(rank), WorkerMsg::Failed { reason }) => {
                 let host = self.members[rank].view.host.clone();
                 self.generation_failed(format!("rank {rank} ({host}) failed: {reason}"))
@@ -765,7 +772,10 @@ impl Machine {
             ))
         } else if !tokens_equal(token, &self.token) {
             Some("wrong job token; pass the job's token file with --token-file".to_string())
-        } else if matches!(self.phase, Phase::Running) {
+        } else if matches!(self.phase, Phase::Running)
+            && (self.members.len() + self.waiting.len() >= self.world_size()
+                || self.stopping.is_some())
+        {
             Some(format!(
                 "the job is already running with all {} workers",
                 self.world_size()
@@ -819,15 +829,85 @@ impl Machine {
         );
         conn.stage = Stage::Waiting(Box::new(request));
         self.waiting.push(id);
-        if self.waiting.len() == self.world_size() {
-            return self.start_generation();
+        match self.phase {
+            Phase::Rendezvous if self.waiting.len() == self.world_size() => {
+                self.start_generation(self.waiting.len())
+            }
+            Phase::Running => {
+                self.regroup_if_it_grows();
+                Flow::Continue
+            }
+            Phase::Rendezvous => Flow::Continue,
         }
+    }
+
+    /// How many workers a generation of an elastic job takes when `available` are there:
+    /// the most, up to `world_size`, that split the global batch into whole micro-batches;
+    /// `None` below `min_workers`.
+    fn generation_size(&self, available: usize) -> Option<usize> {
+        let t = &self.job.train;
+        (self.watchdog.min_workers..=available.min(self.world_size()))
+            .rev()
+            .find(|&w| t.global_batch_size % (w as u64 * t.micro_batch_size) == 0)
+    }
+
+    /// Workers joined a running elastic job that trains with fewer than `world_size`: asks
+    /// the members to leave at a step they agree on (their vote rides in the all-reduce),
+    /// keeping their state, so that everyone starts the next generation together.
+    fn regroup_if_it_grows(&mut self) {
+        let available = self.members.len() + self.waiting.len();
+        if self.regrouping
+            || self.stopping.is_some()
+            || self
+                .generation_size(available)
+                .is_none_or(|w| w <= self.members.len())
+        {
+            return;
+        }
+        let reason = format!(
+            "{} worker(s) waiting to join the {} training",
+            self.waiting.len(),
+            self.members.len()
+        );
+        tracing::info!("regrouping at the next step: {reason}");
+        self.regrouping = true;
+        for m in 0..self.members.len() {
+            self.send(
+                self.members[m].conn,
+                &CoordinatorMsg::Regroup {
+                    reason: reason.clone(),
+                },
+            );
+        }
+    }
+
+    /// A member left its generation to regroup; once all have, back to rendezvous (where
+    /// the waiting workers already are, and the members join again).
+    fn on_regrouped(&mut self, id: ConnId, rank: usize, step: u64) -> Flow {
+        tracing::info!(rank, step, "rank left the generation to regroup");
+        if let Some(conn) = self.conns.get_mut(&id) {
+            // Its connection ends now; that is not a loss.
+            conn.stage = Stage::New;
+        }
+        self.members[rank].view.done = true;
+        if !self.members.iter().all(|m| m.view.done) {
+            return Flow::Continue;
+        }
+        let _ = self.journal.append(&Entry::GenerationRegrouped {
+            generation: self.generation,
+            step,
+        });
+        self.members.clear();
+        self.regrouping = false;
+        self.phase = Phase::Rendezvous;
+        self.last_progress = Instant::now();
         Flow::Continue
     }
 
-    /// The world is complete: ranks in join order, the starting state chosen
+    /// The world is complete (or, for an elastic job, large enough): the first `size`
+    /// waiting workers become ranks in join order, the starting state is chosen
     /// ([`starting_point`]), then everyone is welcomed.
-    fn start_generation(&mut self) -> Flow {
+    fn start_generation(&mut self, size: usize) -> Flow {
         self.generation += 1;
         // A fresh job's first generation takes nothing a worker kept: that state would be
         // from another run of the same job file.
@@ -835,7 +915,8 @@ impl Machine {
         let mut members = Vec::new();
         let mut peers = Vec::new();
         let mut held = Vec::new();
-        for (rank, &id) in self.waiting.iter().enumerate() {
+        let joining: Vec<ConnId> = self.waiting.drain(..size).collect();
+        for (rank, &id) in joining.iter().enumerate() {
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
             };
@@ -858,9 +939,11 @@ impl Machine {
                 },
             });
         }
-        self.waiting.clear();
         self.members = members;
         self.phase = Phase::Running;
+        let world = self.members.len();
+        self.steps = Gather::new(world);
+        self.evals = Gather::new(world);
         self.last_progress = Instant::now();
         let checkpoint = self
             .resume_from
@@ -889,13 +972,13 @@ impl Machine {
         let _ = self.journal.append(&Entry::GenerationStarted {
             generation: self.generation,
             start_step,
-            world_size: self.world_size(),
+            world_size: world,
             source,
         });
         for rank in 0..self.members.len() {
             let welcome = Welcome {
                 rank,
-                world_size: self.world_size(),
+                world_size: world,
                 generation: self.generation,
                 peers: peers.clone(),
                 job: self.job.clone(),
@@ -1091,9 +1174,8 @@ impl Machine {
         self.start_step = found.as_ref().map_or(0, |f| f.state.step);
         self.resume_from = found.map(|f| f.dir);
         let world = self.world_size();
-        self.steps = Gather::new(world);
-        self.evals = Gather::new(world);
         self.model_hash = None;
+        self.regrouping = false;
         self.phase = Phase::Rendezvous;
         self.last_progress = Instant::now();
         let restarts = self.restarts;
@@ -1155,6 +1237,20 @@ impl Machine {
                 ));
             }
         } else if self.generation > 0 {
+            // An elastic job goes on with the workers it has once the others had their
+            // time to come back.
+            let waited = self.last_progress.elapsed();
+            if waited >= self.watchdog.rejoin_timeout
+                && let Some(size) = self.generation_size(self.waiting.len())
+            {
+                tracing::warn!(
+                    "{} of {} workers are back after {:.0} s (cluster.rejoin_timeout_s); going on with {size}",
+                    self.waiting.len(),
+                    self.world_size(),
+                    waited.as_secs_f64()
+                );
+                return self.start_generation(size);
+            }
             // After a failed generation the job waits for its workers to come back, but
             // not forever: nobody may be left to restart them.
             let limit = self.watchdog.step_timeout.as_secs_f64();

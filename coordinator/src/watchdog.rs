@@ -1,5 +1,5 @@
 //! When the coordinator stops waiting, from the job's `[cluster]` section: for a silent
-//! worker, for the next step, and for another restart.
+//! worker, for the next step, for another restart, and for lost workers to come back.
 
 use std::time::Duration;
 
@@ -16,6 +16,12 @@ pub(crate) struct Watchdog {
     pub step_timeout: Duration,
     /// Restarts of the worker set before the job is given up (`max_restarts`).
     pub max_restarts: u32,
+    /// The fewest workers an elastic job trains with (`min_workers`; the world size when
+    /// the job is not elastic).
+    pub min_workers: usize,
+    /// How long an elastic job waits for lost workers before it goes on without them
+    /// (`rejoin_timeout_s`).
+    pub rejoin_timeout: Duration,
 }
 
 impl Watchdog {
@@ -25,6 +31,8 @@ impl Watchdog {
             silence: Duration::from_secs_f64(c.heartbeat_timeout_s),
             step_timeout: Duration::from_secs_f64(c.step_timeout_s),
             max_restarts: c.max_restarts,
+            min_workers: c.min_workers.unwrap_or(c.world_size) as usize,
+            rejoin_timeout: Duration::from_secs_f64(c.rejoin_timeout_s),
         }
     }
 

@@ -412,7 +412,8 @@ struct Placed<B: Backend> {
     /// `[batch, 1]` and `[masked, 1]`: the rows of the [CLS] tokens and of the predictions.
     cls: Tensor<B, 2, Int>,
     masked: Tensor<B, 2, Int>,
-    /// Dropout keys of the rows (see [`dropout`]): `sequence << 32 | position`.
+    /// Dropout keys of the rows (see [`dropout`]): `sequence << 32 | position`, the
+    /// sequence counted in the step's global batch.
     keys: Vec<u64>,
     /// The rows as `[groups, per group]` (see [`per_sequence`]).
     view: [usize; 2],
@@ -505,8 +506,9 @@ impl Unpadding {
         let seq = self.seq as u32;
         let positions: Vec<i64> = rows.iter().map(|&p| i64::from(p)).collect();
         let keys = if dropout::uses_keys::<B>(device) {
+            let first = dropout::first_sequence();
             rows.iter()
-                .map(|&p| (u64::from(p / seq) << 32) | u64::from(p % seq))
+                .map(|&p| ((first + u64::from(p / seq)) << 32) | u64::from(p % seq))
                 .collect()
         } else {
             Vec::new()
@@ -570,7 +572,8 @@ impl<B: Backend> BertModel<B> {
         let [batch, seq] = input_ids.dims();
         let device = input_ids.device();
         let keys = if dropout::uses_keys::<B>(&device) {
-            (0..batch as u64)
+            let first = dropout::first_sequence();
+            (first..first + batch as u64)
                 .flat_map(|row| (0..seq as u64).map(move |p| (row << 32) | p))
                 .collect()
         } else {
@@ -622,7 +625,8 @@ impl<B: Backend> BertModel<B> {
         if !dropout::uses_keys::<B>(device) {
             return Vec::new();
         }
-        (0..(batch * heads) as u64)
+        let first = dropout::first_sequence() * heads as u64;
+        (first..first + (batch * heads) as u64)
             .flat_map(|row| (0..seq as u64).map(move |q| (row << 32) | q))
             .collect()
     }
@@ -824,7 +828,7 @@ mod tests {
         batch: &PretrainingBatch<Train>,
         forward: impl Fn() -> PretrainingOutput<Train>,
     ) -> (Vec<f32>, Vec<f32>) {
-        seed_dropout(11);
+        seed_dropout(11, 0);
         let output = forward();
         let loss = model.loss(&output, batch).loss;
         let layout = ParamLayout::of(model);

@@ -9,12 +9,15 @@
 //!
 //! A tensor's mask is drawn row by row (a row is its last dimension), each row from a
 //! stream of its own keyed by what the row is: (sequence, position) for hidden states,
-//! (sequence, head, query) for attention probabilities. So the padded and the unpadded
-//! encoder, which hold the same token in different rows, drop the same units of it.
+//! (sequence, head, query) for attention probabilities, where the sequence is counted in
+//! the step's global batch. So the padded and the unpadded encoder, which hold the same
+//! token in different rows, drop the same units of it, and a sequence gets the same masks
+//! whichever rank and micro-batch it falls in: a step's result does not depend on the world
+//! size beyond the order of sums (what an elastic job relies on).
 //! Each call takes one value from a per-thread stream that [`seed_dropout`] sets, which the
-//! trainer does with the same (seed, step, rank, micro-batch) seed it gives burn: a step's
-//! masks are a function of that seed, so resumed runs repeat it bit for bit. The drop
-//! probability is rounded to a multiple of 1/65536 (0.1 becomes 0.100006).
+//! trainer does once per micro-batch with a (seed, step) seed: a step's masks are a
+//! function of it, so resumed runs repeat it bit for bit. The drop probability is rounded
+//! to a multiple of 1/65536 (0.1 becomes 0.100006).
 
 use std::cell::Cell;
 
@@ -24,11 +27,19 @@ use burn::tensor::TensorData;
 
 thread_local! {
     static STATE: Cell<u64> = const { Cell::new(0x5EED_D50F_0000_0001) };
+    static FIRST_SEQUENCE: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Restarts this thread's mask stream from `seed`.
-pub fn seed_dropout(seed: u64) {
+/// Restarts this thread's mask stream from `seed`, for a batch whose first sequence is
+/// sequence `first_sequence` of the step's global batch.
+pub fn seed_dropout(seed: u64, first_sequence: u64) {
     STATE.with(|s| s.set(seed));
+    FIRST_SEQUENCE.with(|f| f.set(first_sequence));
+}
+
+/// Where the keys of the batch's sequences start (see [`seed_dropout`]).
+pub(crate) fn first_sequence() -> u64 {
+    FIRST_SEQUENCE.with(Cell::get)
 }
 
 /// `dropout` applied to `x`, whose rows (last dimension) are identified by `keys`: the
@@ -111,7 +122,7 @@ mod tests {
 
     #[test]
     fn masks_drop_at_the_rate_and_keep_the_mean() {
-        seed_dropout(3);
+        seed_dropout(3, 0);
         let keys: Vec<u64> = (0..1000).collect();
         let mask = host_mask(&keys, 1003, 0.1);
         assert_eq!(mask.len(), 1_003_000);
@@ -123,11 +134,11 @@ mod tests {
 
     #[test]
     fn masks_are_a_function_of_the_seed() {
-        seed_dropout(9);
+        seed_dropout(9, 0);
         let a = (host_mask(&[1, 2], 500, 0.1), host_mask(&[1], 10, 0.5));
-        seed_dropout(9);
+        seed_dropout(9, 0);
         let b = (host_mask(&[1, 2], 500, 0.1), host_mask(&[1], 10, 0.5));
-        seed_dropout(10);
+        seed_dropout(10, 0);
         let c = host_mask(&[1, 2], 500, 0.1);
         assert_eq!(a, b);
         assert_ne!(a.0, c);
@@ -139,9 +150,9 @@ mod tests {
     /// drawn with it: what lets the unpadded encoder drop what the padded one drops.
     #[test]
     fn a_rows_mask_is_a_function_of_its_key() {
-        seed_dropout(5);
+        seed_dropout(5, 0);
         let padded = host_mask(&[10, 11, 12, 20, 21, 22], 64, 0.1);
-        seed_dropout(5);
+        seed_dropout(5, 0);
         let packed = host_mask(&[10, 11, 20], 64, 0.1);
         assert_eq!(packed[..128], padded[..128]);
         assert_eq!(packed[128..], padded[3 * 64..4 * 64]);

@@ -26,6 +26,10 @@ pub struct HostBatch {
     pub tokens: usize,
     /// The positions the unpadded encoder computes.
     pub unpadding: Unpadding,
+    /// Index of the batch's first row in the step's global batch: what its dropout masks
+    /// are keyed by (see `bertrain_model::seed_dropout`), so that a row is dropped alike
+    /// whichever rank and micro-batch it falls in. 0 until the loader sets it.
+    pub first_row: u64,
 }
 
 impl HostBatch {
@@ -51,6 +55,7 @@ impl HostBatch {
             tokens: 0,
             // Made from the mask and the predictions once the rows are in.
             unpadding: Unpadding::default(),
+            first_row: 0,
         };
         for (row, instance) in instances.iter().enumerate() {
             let base = row * seq_len;

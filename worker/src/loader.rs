@@ -353,11 +353,16 @@ pub fn step_data(source: &mut SampleSource, shape: BatchShape, step: u64) -> Res
     let range = source
         .plan()
         .rank_slice(step, shape.rank, shape.world, shape.global_batch);
+    let first_row = range.start - step * shape.global_batch;
     let samples = source.samples(range)?;
     let instances = source.read(&samples)?;
     let micro_batches = instances
         .chunks(shape.micro_batch)
-        .map(HostBatch::collate)
+        .enumerate()
+        .map(|(i, rows)| HostBatch {
+            first_row: first_row + (i * shape.micro_batch) as u64,
+            ..HostBatch::collate(rows)
+        })
         .collect();
     Ok(StepData {
         step,

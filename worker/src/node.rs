@@ -119,6 +119,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 tracing::warn!("stopped: {reason}");
                 return Ok(());
             }
+            Ok(Outcome::Regrouped) => {
+                backoff = Duration::from_millis(200);
+                tracing::info!("left the generation to regroup; joining again");
+            }
             Err(failure) if failure.rejoin => {
                 tracing::warn!(
                     "generation ended: {:#}; joining again in {backoff:?}",
@@ -132,11 +136,47 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     }
 }
 
-/// How a generation ended well: the job finished, or it was interrupted and this rank
-/// stopped after the agreed checkpoint.
+/// How a generation ended well: the job finished, it was interrupted and this rank
+/// stopped after the agreed checkpoint, or the ranks left it at an agreed step to regroup
+/// (keeping their state: see `Held`).
 pub enum Outcome {
     Finished,
     Stopped(String),
+    Regrouped,
+}
+
+/// Why the ranks agreed to leave the generation (see `Trainer::step`'s `stop_vote`).
+enum Leave {
+    /// Checkpoint the agreed step and stop: the job was interrupted.
+    CheckpointAndStop(String),
+    /// Join again with the state of the agreed step: workers are waiting to join.
+    Regroup,
+}
+
+impl Leave {
+    /// What the coordinator asked for, once the ranks agreed to leave: each rank learns it
+    /// from the coordinator's own message to it, which may arrive after the vote of another
+    /// rank did, so it is waited for (up to `grace`). A checkpoint wins over a regroup.
+    fn agreed(client: &WorkerClient, step: u64, grace: Duration) -> Result<Leave> {
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(reason) = client.checkpoint_requested() {
+                return Ok(Leave::CheckpointAndStop(reason));
+            }
+            if client.regroup_requested().is_some() {
+                return Ok(Leave::Regroup);
+            }
+            if let Some(stop) = client.stop_requested() {
+                bail!("stopping after step {step}: {}", stop.reason);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the ranks agreed to leave after step {step}, but the coordinator's request did not come within {grace:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// What a worker keeps from one generation for the next: what it built for the job (so a
@@ -185,16 +225,20 @@ impl Held {
         self.job.train == job.train && self.job.model == job.model && self.job.data == job.data
     }
 
-    /// The state of `trainer`, if it is on the host. On a GPU it is not kept: a failed
-    /// NCCL call leaves the device's stream in an unknown state, so the job goes back to
-    /// its checkpoint.
+    /// The state of `trainer`. State on a GPU is kept only when the generation ended well
+    /// (`device_intact`, a regroup): after a failed NCCL call the device's stream is in an
+    /// unknown state, so the job goes back to its checkpoint.
     fn of<B: AutodiffBackend>(
-        trainer: Trainer<B>,
+        mut trainer: Trainer<B>,
         job: &JobConfig,
         reports: RecentReports,
+        device_intact: bool,
     ) -> Option<Held> {
         if trainer.keeps_state_on_device() {
-            return None;
+            if !device_intact {
+                return None;
+            }
+            trainer.sync_host();
         }
         let step = trainer.state.step;
         Some(Held {
@@ -286,6 +330,13 @@ fn generation(
         },
     );
     match outcome {
+        Ok(Outcome::Regrouped) => {
+            let step = kept.held.as_ref().map_or(0, |h| h.step);
+            if let Err(e) = client.regrouped(step) {
+                tracing::warn!("{e:#}");
+            }
+            Ok(Outcome::Regrouped)
+        }
         Ok(outcome) => {
             kept.held = None;
             client.done().map_err(fatal)?;
@@ -528,7 +579,7 @@ impl TrainRun<'_> {
                 let mut saver = (rank == 0)
                     .then(|| Saver::new(job, prepared, world))
                     .transpose()?;
-                let sample_trace = SampleTrace::from_env(rank)?;
+                let sample_trace = SampleTrace::from_env(rank, welcome.generation)?;
                 let mut meter = Meter::new(THROUGHPUT_SKIP_STEPS);
 
                 // Any error ends the generation; the state after the last completed step stays
@@ -544,7 +595,8 @@ impl TrainRun<'_> {
                                 std::thread::park();
                             }
                         }
-                        let stop_vote = client.checkpoint_requested().is_some();
+                        let stop_vote = client.checkpoint_requested().is_some()
+                            || client.regroup_requested().is_some();
                         let started = Instant::now();
                         let data = loader.next()?;
                         let data_wait_s = started.elapsed().as_secs_f64();
@@ -600,23 +652,29 @@ impl TrainRun<'_> {
                         {
                             client.report_eval(&evaluator.run(&trainer, done)?)?;
                         }
+                        let leave = stats
+                            .stop_agreed
+                            .then(|| Leave::agreed(client, done, grace))
+                            .transpose()?;
+                        let checkpoint_and_stop =
+                            matches!(leave, Some(Leave::CheckpointAndStop(_)));
                         if let Some(saver) = saver.as_mut() {
                             saver.report_finished(client)?;
-                            if saver.due(done) || last || stats.stop_agreed {
+                            if saver.due(done) || last || checkpoint_and_stop {
                                 trainer.sync_host();
                                 saver.start(client, &trainer, done, lr)?;
                             }
                         }
-                        if stats.stop_agreed {
+                        if let Some(leave) = leave {
                             if let Some(saver) = saver.as_mut() {
                                 saver.wait(client)?;
                             }
-                            let reason = client
-                                .checkpoint_requested()
-                                .unwrap_or_else(|| "another rank asked to stop".into());
-                            return Ok(Outcome::Stopped(format!(
-                                "{reason}; checkpointed step {done}"
-                            )));
+                            return Ok(match leave {
+                                Leave::CheckpointAndStop(reason) => {
+                                    Outcome::Stopped(format!("{reason}; checkpointed step {done}"))
+                                }
+                                Leave::Regroup => Outcome::Regrouped,
+                            });
                         }
                     }
                     if let Some(saver) = saver.as_mut() {
@@ -625,8 +683,10 @@ impl TrainRun<'_> {
                     Ok(Outcome::Finished)
                 };
                 let outcome = train();
-                if outcome.is_err() {
-                    *held = Held::of(trainer, job, reports);
+                match &outcome {
+                    Err(_) => *held = Held::of(trainer, job, reports, false),
+                    Ok(Outcome::Regrouped) => *held = Held::of(trainer, job, reports, true),
+                    Ok(_) => {}
                 }
                 outcome
             })();
@@ -957,15 +1017,17 @@ impl Evaluator {
     }
 }
 
-/// With `BERTRAIN_TRACE_SAMPLES=DIR`, every rank appends `step shard row` for each sample
-/// it trains on to `DIR/samples-<pid>.txt`: how the tests check that a resumed epoch uses
-/// every sample exactly once. Off (and free) otherwise.
+/// With `BERTRAIN_TRACE_SAMPLES=DIR`, every rank appends `step shard row generation` for
+/// each sample it trains on to `DIR/samples-<pid>.txt`: how the tests check that a resumed
+/// or elastic epoch uses every sample exactly once (a step a lost generation began and the
+/// next one did again counts once, in the later generation). Off (and free) otherwise.
 struct SampleTrace {
     file: std::fs::File,
+    generation: u64,
 }
 
 impl SampleTrace {
-    fn from_env(rank: usize) -> Result<Option<SampleTrace>> {
+    fn from_env(rank: usize, generation: u64) -> Result<Option<SampleTrace>> {
         let Some(dir) = std::env::var_os("BERTRAIN_TRACE_SAMPLES") else {
             return Ok(None);
         };
@@ -976,14 +1038,14 @@ impl SampleTrace {
             .open(&path)
             .with_context(|| format!("BERTRAIN_TRACE_SAMPLES: cannot open {}", path.display()))?;
         tracing::debug!(rank, path = %path.display(), "tracing samples");
-        Ok(Some(SampleTrace { file }))
+        Ok(Some(SampleTrace { file, generation }))
     }
 
     fn record(&self, step: u64, samples: &[bertrain_coordinator::SampleRef]) -> Result<()> {
         use std::io::Write;
         let mut text = String::new();
         for s in samples {
-            text += &format!("{step} {} {}\n", s.shard, s.row);
+            text += &format!("{step} {} {} {}\n", s.shard, s.row, self.generation);
         }
         (&self.file)
             .write_all(text.as_bytes())

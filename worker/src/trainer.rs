@@ -244,9 +244,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let mut tally = Tally::default();
         for (micro, batch) in micro_batches.iter().enumerate() {
-            let seed = dropout_seed(self.seed, step, rank, micro);
-            B::seed(&self.device, seed);
-            bertrain_model::seed_dropout(seed);
+            // burn's dropout (on a GPU) draws by position: a stream per micro-batch. The
+            // host-drawn masks key each row by its place in the step's global batch, from
+            // one stream per step.
+            B::seed(&self.device, dropout_seed(self.seed, step, rank, micro));
+            bertrain_model::seed_dropout(dropout_seed(self.seed, step, 0, 0), batch.first_row);
             let device_batch = batch.to_device::<B>(&self.device);
             let output = if self.padded {
                 self.model.forward_padded(&device_batch)
