@@ -603,6 +603,116 @@ fn coordinator_dies_and_is_restarted(
     check(&run);
 }
 
+/// Opens one malformed or unauthenticated connection of kind `kind` to the coordinator at
+/// `addr` and sends its junk; `None` if nothing listens there any more.
+fn junk_connection(addr: &str, kind: u64) -> Option<std::net::TcpStream> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    let frame = |body: &[u8]| {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    };
+    let junk = match kind % 7 {
+        // Says nothing.
+        0 => Vec::new(),
+        // Random bytes.
+        1 => (0..64u8).map(|i| i.wrapping_mul(37) ^ kind as u8).collect(),
+        // A header announcing the largest frame, then nothing.
+        2 => u32::MAX.to_be_bytes().to_vec(),
+        // A wrong token.
+        3 => frame(br#"{"type":"hello","token":"guess","protocol_version":2}"#),
+        // A join without a hello.
+        4 => frame(br#"{"type":"join","host":"x","collective_addr":"x:1","model_hash":"m","dataset_hash":"d","held_step":null}"#),
+        // Not JSON.
+        5 => frame(b"{{{{"),
+        // A truncated frame.
+        _ => vec![0, 0, 1, 0, b'{'],
+    };
+    let _ = s.write_all(&junk);
+    let _ = s.set_nonblocking(true);
+    Some(s)
+}
+
+/// Whether the coordinator has closed `s` (a non-blocking read sees the end or an error).
+fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Malformed and unauthenticated connections flood the coordinator while a job trains: it
+/// closes them and the job ends exactly as the undisturbed run.
+#[test]
+fn flood_of_bad_connections_leaves_the_job_unharmed() {
+    reference();
+    let tmp = TempDir::new("flood");
+    let job = job(tmp.path());
+    let run = tmp.path().join("run");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut coordinator = Running::start(coordinator_command(&job, &addr, &http, &run, &sets()));
+    let token = run.join("token");
+    wait_until(LIMIT, "the job token", || token.exists());
+    let mut workers = start_workers(2, &addr, &token);
+    wait_until(LIMIT, "the first step", || steps_logged(&run) > 0);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    let flooders: Vec<_> = (0..3u64)
+        .map(|t| {
+            let (addr, done) = (addr.clone(), done.clone());
+            std::thread::spawn(move || {
+                // Connections stay open until the coordinator closes them (or 200 are
+                // open: then this thread drops the oldest).
+                let (mut tried, mut closed, mut open) = (0u64, 0u64, Vec::new());
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    let Some(s) = junk_connection(&addr, tried * 3 + t) else {
+                        break;
+                    };
+                    tried += 1;
+                    open.push(s);
+                    let before = open.len();
+                    open.retain_mut(|s| !closed_by_peer(s));
+                    closed += (before - open.len()) as u64;
+                    if open.len() > 200 {
+                        open.remove(0);
+                    }
+                }
+                (tried, closed)
+            })
+        })
+        .collect();
+    let status = coordinator.wait(LIMIT);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seconds = started.elapsed().as_secs_f64();
+    let (tried, closed) = flooders
+        .into_iter()
+        .map(|f| f.join().unwrap())
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+    eprintln!(
+        "flood: {tried} bad connections in {seconds:.1} s ({:.0}/s), {closed} closed by the coordinator ({:.0}/s) while the job trained",
+        tried as f64 / seconds,
+        closed as f64 / seconds
+    );
+    assert!(status.success(), "{}", coordinator.output());
+    for w in &mut workers {
+        let status = w.wait(LIMIT);
+        assert!(status.success(), "{}", w.output());
+    }
+    assert!(
+        tried > 100,
+        "the flood was too small to mean anything: {tried}"
+    );
+    assert_same_run(&run, "flooded");
+}
+
 /// A worker dies while writing a checkpoint: the partial one is never used (the job
 /// continues from the survivor's state; the previous committed checkpoint stays) and the
 /// job ends exactly as uninterrupted.

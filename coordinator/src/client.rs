@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::job::JobConfig;
 use crate::protocol::{
-    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, Welcome, WorkerMsg,
-    read_frame, write_frame,
+    CoordinatorMsg, EvalMetrics, JoinRequest, MAX_REASON_BYTES, PROTOCOL_VERSION, StepMetrics,
+    Welcome, WorkerMsg, read_frame, write_frame,
 };
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -174,7 +174,7 @@ impl WorkerClient {
             },
             Err(e) => WorkerMsg::CheckpointFailed {
                 step,
-                reason: format!("{e:#}"),
+                reason: cut(&format!("{e:#}")),
             },
         })
     }
@@ -256,7 +256,7 @@ impl WorkerClient {
     /// hear what happens next (see [`wait_for_stop`](Self::wait_for_stop)).
     pub fn report_failure(&self, reason: &str) -> Result<()> {
         self.send(&WorkerMsg::Failed {
-            reason: reason.to_string(),
+            reason: cut(reason),
         })
     }
 
@@ -481,6 +481,15 @@ fn set_stop(
         rejoin,
         ends_generation,
     });
+}
+
+/// `reason`, cut to what a worker frame may carry.
+fn cut(reason: &str) -> String {
+    let mut end = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
 }
 
 fn name_of(msg: &CoordinatorMsg) -> &'static str {

@@ -33,8 +33,27 @@ use crate::job::JobConfig;
 
 /// Bumped on any incompatible change; a worker of another version is refused.
 pub const PROTOCOL_VERSION: u32 = 2;
-/// Frames larger than this are rejected before anything is allocated for them.
+/// No frame is larger than this.
 pub const MAX_FRAME_BYTES: u32 = 16 << 20;
+
+/// A message type's largest frame: a reader refuses a longer one from its header, and
+/// allocates only as the body arrives, so a peer costs memory only for bytes it sent.
+pub trait Frame {
+    const MAX_BYTES: u32;
+}
+
+/// What the coordinator accepts from anyone who connects: worker messages are reports of
+/// a few hundred bytes (a failure's reason is cut to [`MAX_REASON_BYTES`]).
+impl Frame for WorkerMsg {
+    const MAX_BYTES: u32 = 64 << 10;
+}
+
+impl Frame for CoordinatorMsg {
+    const MAX_BYTES: u32 = MAX_FRAME_BYTES;
+}
+
+/// Longest reason a worker sends in `Failed` and `CheckpointFailed`.
+pub const MAX_REASON_BYTES: usize = 8 << 10;
 
 /// Messages a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,7 +236,7 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames. Oversized,
 /// truncated or malformed frames are errors, never panics.
-pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<Option<T>> {
+pub fn read_frame<T: DeserializeOwned + Frame>(r: &mut impl Read) -> Result<Option<T>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len[..1]) {
         Ok(()) => {}
@@ -227,11 +246,19 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<Option<T>> {
     r.read_exact(&mut len[1..])
         .context("truncated frame header")?;
     let len = u32::from_be_bytes(len);
-    if len > MAX_FRAME_BYTES {
-        bail!("frame of {len} bytes exceeds the {MAX_FRAME_BYTES} byte limit");
+    if len > T::MAX_BYTES {
+        bail!(
+            "frame of {len} bytes exceeds the {} byte limit",
+            T::MAX_BYTES
+        );
     }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).context("truncated frame body")?;
+    let mut body = Vec::new();
+    r.take(u64::from(len))
+        .read_to_end(&mut body)
+        .context("reading a frame body")?;
+    if body.len() != len as usize {
+        bail!("truncated frame body ({} of {len} bytes)", body.len());
+    }
     let msg = serde_json::from_slice(&body).context("malformed protocol message")?;
     Ok(Some(msg))
 }
@@ -293,6 +320,8 @@ mod tests {
     #[test]
     fn bad_frames_are_errors() {
         let oversized = (MAX_FRAME_BYTES + 1).to_be_bytes();
+        assert!(read_frame::<CoordinatorMsg>(&mut oversized.as_slice()).is_err());
+        let oversized = (WorkerMsg::MAX_BYTES + 1).to_be_bytes();
         assert!(read_frame::<WorkerMsg>(&mut oversized.as_slice()).is_err());
         let mut garbage = 5u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(b"{{{{{");

@@ -18,7 +18,7 @@ use std::io::{BufReader, ErrorKind};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -45,6 +45,11 @@ use crate::watchdog::Watchdog;
 const TICK: Duration = Duration::from_millis(200);
 /// A worker that does not take a message within this long is treated as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections beyond this are closed as they come: each costs a thread, and a flood
+/// of them must not starve the job's own.
+const MAX_CONNECTIONS: usize = 256;
+/// A connection that has not said a valid hello within this long is closed.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `bertrain coordinator`.
 #[derive(Debug, Clone, clap::Args)]
@@ -383,6 +388,8 @@ fn accept_loop(
     shutdown: Arc<AtomicBool>,
 ) {
     let mut next_id: ConnId = 0;
+    let open = Arc::new(AtomicUsize::new(0));
+    let (mut turned_away, mut reported) = (0u64, Instant::now());
     for stream in listener.incoming() {
         if shutdown.load(Ordering::SeqCst) {
             return;
@@ -395,6 +402,17 @@ fn accept_loop(
                 continue;
             }
         };
+        if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            drop(stream);
+            turned_away += 1;
+            if reported.elapsed() > Duration::from_secs(10) {
+                tracing::warn!(
+                    "{turned_away} connection(s) closed at once: {MAX_CONNECTIONS} are open already"
+                );
+                (turned_away, reported) = (0, Instant::now());
+            }
+            continue;
+        }
         next_id += 1;
         let conn = next_id;
         let peer = match stream.peer_addr() {
@@ -421,7 +439,12 @@ fn accept_loop(
             return;
         }
         let events = events.clone();
-        thread::spawn(move || read_loop(conn, reader, events, silence));
+        open.fetch_add(1, Ordering::SeqCst);
+        let open = open.clone();
+        thread::spawn(move || {
+            read_loop(conn, reader, events, silence);
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }
 
@@ -474,6 +497,7 @@ struct Conn {
     stream: TcpStream,
     peer: SocketAddr,
     stage: Stage,
+    since: Instant,
 }
 
 /// One rank of the running generation.
@@ -632,6 +656,7 @@ impl Machine {
                         stream,
                         peer,
                         stage: Stage::New,
+                        since: Instant::now(),
                     },
                 );
                 Flow::Continue
@@ -1188,6 +1213,11 @@ impl Machine {
     }
 
     fn tick(&mut self) -> Flow {
+        for conn in self.conns.values() {
+            if conn.stage == Stage::New && conn.since.elapsed() > HELLO_TIMEOUT {
+                let _ = conn.stream.shutdown(Shutdown::Both);
+            }
+        }
         let signal = signals::received();
         let interrupted = signal.is_some() || self.interrupt.load(Ordering::SeqCst);
         if interrupted {
