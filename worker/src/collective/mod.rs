@@ -14,7 +14,7 @@ mod nccl;
 #[cfg(feature = "cuda")]
 pub use nccl::{CudaTensor, NcclCollective};
 mod ring;
-mod wire;
+pub mod wire;
 
 pub use bootstrap::{UNIQUE_ID_LEN, share_unique_id};
 pub use ring::{RingListener, RingOptions, TcpRing, tune};

@@ -21,7 +21,7 @@ pub(crate) const SEGMENT_BYTES: usize = 1 << 20;
 
 /// One direction of a link: the frame counter and whether payloads are checksummed.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Framing {
+pub struct Framing {
     pub seq: u32,
     pub checksums: bool,
 }
