@@ -4,6 +4,7 @@
 //! started again with the same environment (by `launch`) runs normally.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The worker dies (abort: no cleanup, like a SIGKILL) halfway through writing the
 /// checkpoint of the step.
@@ -15,6 +16,25 @@ pub const HANG_IN_STEP: &str = "BERTRAIN_HANG_STEP";
 /// The coordinator dies (abort) in the middle of committing the checkpoint of the step:
 /// after journaling it, before pointing `latest` at it and pruning.
 pub const CRASH_COMMITTING_CHECKPOINT: &str = "BERTRAIN_CRASH_COMMITTING_STEP";
+
+/// The worker dies in the all-reduce of the step, after it has sent the first all-gather
+/// step's segments and waited a second (so that they are passed on), before the rest: of
+/// the survivors, its successor in the ring fails the step and the rank after completes
+/// it. Needs a ring of three or more.
+pub const DIE_IN_ALL_GATHER: &str = "BERTRAIN_DIE_IN_ALL_GATHER_STEP";
+
+/// The step this process is training, for faults that fire deep in the collective.
+static STEP: AtomicU64 = AtomicU64::new(0);
+
+/// Records the step the worker is about to train (see [`due_now`]).
+pub fn at_step(step: u64) {
+    STEP.store(step, Ordering::Relaxed);
+}
+
+/// [`due`] at the step last given to [`at_step`].
+pub fn due_now(var: &str) -> bool {
+    due(var, STEP.load(Ordering::Relaxed))
+}
 
 /// Whether the fault `var` is set for `step` and has not fired yet (it counts as fired
 /// from now on).

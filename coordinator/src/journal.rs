@@ -28,6 +28,9 @@ pub enum Entry {
         /// that kept it.
         #[serde(default)]
         source: String,
+        /// The step of the state each rank kept from the generation before, if any.
+        #[serde(default)]
+        held: Vec<Option<u64>>,
     },
     GenerationFailed {
         generation: u64,

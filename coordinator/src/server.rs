@@ -999,6 +999,7 @@ impl Machine {
             start_step,
             world_size: world,
             source,
+            held: held.clone(),
         });
         for rank in 0..self.members.len() {
             let welcome = Welcome {

@@ -590,6 +590,7 @@ impl TrainRun<'_> {
                         if let Some(stop) = client.stop_requested() {
                             bail!("stopping at step {step}: {}", stop.reason);
                         }
+                        faults::at_step(step);
                         if faults::due(faults::HANG_IN_STEP, step) {
                             loop {
                                 std::thread::park();

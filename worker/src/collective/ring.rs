@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use socket2::SockRef;
 
+use bertrain_coordinator::faults;
+
 use super::wire::{Framing, SEGMENT_BYTES};
 use super::{AbortHandle, Collective};
 
@@ -540,6 +542,10 @@ fn pipelined_all_reduce(
                         send.write(next, bytemuck::cast_slice(data))?;
                     }
                     progress.update(|p| p.steps_sent = i + 1);
+                    if i == schedule.len() / 2 && faults::due_now(faults::DIE_IN_ALL_GATHER) {
+                        thread::sleep(Duration::from_secs(1));
+                        std::process::abort();
+                    }
                 }
                 Ok(())
             })();
