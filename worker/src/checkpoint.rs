@@ -14,15 +14,21 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use bertrain_coordinator::WorkerClient;
 use bertrain_coordinator::checkpoints::{
     self as layout, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, TrainerState, VOCAB_FILE,
 };
 use bertrain_coordinator::faults;
+use bertrain_coordinator::job::JobConfig;
 use bertrain_model::params::{flat_to_hf, hf_to_flat};
 use bertrain_model::{BertConfig, ParamLayout, hf};
+use burn::tensor::backend::AutodiffBackend;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::optim::OptimizerState;
+use crate::prepare::Prepared;
+use crate::schedule::every;
+use crate::trainer::Trainer;
 
 /// Everything a checkpoint holds, copied off the trainer.
 pub struct Snapshot {
@@ -282,5 +288,117 @@ fn copy_into(to: &mut Vec<f32>, from: &[f32]) {
         to.copy_from_slice(from);
     } else {
         *to = from.to_vec();
+    }
+}
+/// Rank 0's checkpointing: snapshots taken between steps, written in the background, one
+/// at a time, each reported to the coordinator when done.
+pub(crate) struct Saver {
+    /// `checkpoint.every_steps`.
+    every_steps: u64,
+    checkpoints: PathBuf,
+    config: BertConfig,
+    vocab: PathBuf,
+    tokenizer_config: String,
+    base: TrainerState,
+    total_rows: u64,
+    pending: Option<PendingWrite>,
+    /// The last written snapshot, whose buffers the next checkpoint copies into.
+    spare: Option<Snapshot>,
+}
+
+impl Saver {
+    pub fn new(job: &JobConfig, prepared: &Prepared, world: usize) -> Result<Saver> {
+        let checkpoints = layout::checkpoints_dir(&job.job.run_dir);
+        std::fs::create_dir_all(&checkpoints)
+            .with_context(|| format!("cannot create {}", checkpoints.display()))?;
+        remove_partial_writes(&checkpoints)?;
+        let vocab = prepared.train.dir().join(&prepared.train.vocab_file);
+        let casing = bertrain_dataprep::Vocab::load(&vocab, None)?.casing;
+        Ok(Saver {
+            every_steps: job.checkpoint.every_steps,
+            checkpoints,
+            config: prepared.config.clone(),
+            tokenizer_config: casing.tokenizer_config_json(),
+            vocab,
+            base: TrainerState {
+                format_version: layout::TRAINER_FORMAT_VERSION,
+                step: 0,
+                epoch: 0,
+                samples_consumed: 0,
+                global_batch_size: job.train.global_batch_size,
+                lr: 0.0,
+                seed: job.train.seed,
+                world_size: world,
+                job_hash: prepared.job_hash(),
+                dataset_hash: prepared.train.content_hash(),
+            },
+            total_rows: prepared.train.total_rows(),
+            pending: None,
+            spare: None,
+        })
+    }
+
+    /// Whether `checkpoint.every_steps` asks for a checkpoint after `done` steps.
+    pub fn due(&self, done: u64) -> bool {
+        every(self.every_steps, done)
+    }
+
+    /// Copies the state after `step` steps and starts writing it (after the previous write
+    /// has finished: at most one write at a time).
+    pub fn start<B: AutodiffBackend>(
+        &mut self,
+        client: &WorkerClient,
+        trainer: &Trainer<B>,
+        step: u64,
+        lr: f64,
+    ) -> Result<()> {
+        self.wait(client)?;
+        let samples = step * self.base.global_batch_size;
+        let trainer_state = TrainerState {
+            step,
+            epoch: samples / self.total_rows,
+            samples_consumed: samples,
+            lr,
+            ..self.base.clone()
+        };
+        let snapshot = match self.spare.take() {
+            Some(mut spare) => {
+                spare.refill(&trainer.params, &trainer.state);
+                spare.trainer = trainer_state;
+                spare
+            }
+            None => Snapshot {
+                config: self.config.clone(),
+                layout: trainer.layout.clone(),
+                params: trainer.params.clone(),
+                optimizer: trainer.state.clone(),
+                trainer: trainer_state,
+                vocab: self.vocab.clone(),
+                tokenizer_config: self.tokenizer_config.clone(),
+            },
+        };
+        self.pending = Some(PendingWrite::start(self.checkpoints.clone(), snapshot));
+        Ok(())
+    }
+
+    /// Reports a write that has finished, without waiting for one that has not.
+    pub fn report_finished(&mut self, client: &WorkerClient) -> Result<()> {
+        if self.pending.as_ref().is_some_and(PendingWrite::is_finished) {
+            self.wait(client)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the write in progress, if any, and reports it.
+    pub fn wait(&mut self, client: &WorkerClient) -> Result<()> {
+        if let Some(pending) = self.pending.take() {
+            let mut written = pending.finish();
+            self.spare = written.snapshot.take();
+            if let Err(e) = &written.result {
+                tracing::error!("checkpoint of step {} failed: {e:#}", written.step);
+            }
+            client.report_checkpoint(written.step, &written.result, written.seconds)?;
+        }
+        Ok(())
     }
 }

@@ -10,11 +10,14 @@ pub mod batch;
 pub mod checkpoint;
 pub mod collective;
 pub mod device;
+mod eval;
 pub mod loader;
 pub mod node;
 pub mod optim;
+mod prepare;
 pub mod resident;
 pub mod schedule;
+mod survivor;
 pub mod throughput;
 pub mod trainer;
 
@@ -27,3 +30,6 @@ pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
 /// Set to `padded` in a worker's environment, it trains with the padded encoder instead of
 /// the unpadded one (the same function, more work): for benchmarks that compare the two.
 pub const PADDED_FORWARD_ENV: &str = "BERTRAIN_FORWARD";
+
+#[cfg(test)]
+mod job_keys_test;

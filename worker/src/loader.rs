@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
@@ -369,6 +370,42 @@ pub fn step_data(source: &mut SampleSource, shape: BatchShape, step: u64) -> Res
         samples,
         micro_batches,
     })
+}
+
+/// With `BERTRAIN_TRACE_SAMPLES=DIR`, every rank appends `step shard row generation` for
+/// each sample it trains on to `DIR/samples-<pid>.txt`: how the tests check that a resumed
+/// or elastic epoch uses every sample exactly once (a step a lost generation began and the
+/// next one did again counts once, in the later generation). Off (and free) otherwise.
+pub(crate) struct SampleTrace {
+    file: std::fs::File,
+    generation: u64,
+}
+
+impl SampleTrace {
+    pub fn from_env(rank: usize, generation: u64) -> Result<Option<SampleTrace>> {
+        let Some(dir) = std::env::var_os("BERTRAIN_TRACE_SAMPLES") else {
+            return Ok(None);
+        };
+        let path = Path::new(&dir).join(format!("samples-{}.txt", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("BERTRAIN_TRACE_SAMPLES: cannot open {}", path.display()))?;
+        tracing::debug!(rank, path = %path.display(), "tracing samples");
+        Ok(Some(SampleTrace { file, generation }))
+    }
+
+    pub fn record(&self, step: u64, samples: &[bertrain_coordinator::SampleRef]) -> Result<()> {
+        use std::io::Write;
+        let mut text = String::new();
+        for s in samples {
+            text += &format!("{step} {} {} {}\n", s.shard, s.row, self.generation);
+        }
+        (&self.file)
+            .write_all(text.as_bytes())
+            .context("BERTRAIN_TRACE_SAMPLES: write failed")
+    }
 }
 
 #[cfg(test)]

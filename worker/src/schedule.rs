@@ -43,6 +43,11 @@ impl LrSchedule {
     }
 }
 
+/// Whether a thing done every `every_steps` steps (0: never) is due after `done` steps.
+pub(crate) fn every(every_steps: u64, done: u64) -> bool {
+    every_steps > 0 && done.is_multiple_of(every_steps)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,11 +17,13 @@ use bertrain_model::{
 };
 use sha2::{Digest, Sha256};
 
-use super::{Evaluator, Prepared, Saver};
 use crate::CpuBackend;
+use crate::checkpoint::Saver;
 use crate::collective::LocalCollective;
 use crate::device::{self, DeviceChoice};
+use crate::eval::Evaluator;
 use crate::loader::{BatchShape, SampleSource, step_data};
+use crate::prepare::Prepared;
 use crate::schedule::LrSchedule;
 use crate::trainer::Trainer;
 
