@@ -56,7 +56,7 @@ pub struct StopRequest {
 }
 
 /// A worker's live connection to the coordinator. Heartbeats run on a background thread
-/// from join until [`done`](Self::done), [`failed`](Self::failed) or drop.
+/// from join until [`done`](Self::done), [`report_failure`](Self::report_failure) or drop.
 pub struct WorkerClient {
     writer: Arc<Mutex<TcpStream>>,
     rank: usize,

@@ -1,7 +1,7 @@
 //! `bertrain coordinator`: runs one job.
 //!
-//! Shape: an accept thread and one reader thread per connection ([`network`]) turn the
-//! network into events on a single channel; one state-machine loop ([`machine`]) consumes
+//! Shape: an accept thread and one reader thread per connection (`network`) turn the
+//! network into events on a single channel; one state-machine loop (`machine`) consumes
 //! them and is the only code that changes the job's state or writes to workers. Nothing is
 //! shared but the channel and the status board the HTTP server reads. This file sets the
 //! job up: it loads the job file, checks the data, finds where a resumed run starts and
