@@ -46,7 +46,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     // The casing as every other command decides it (the checkpoint's tokenizer_config.json,
     // or an inference for checkpoints without one), written out so HF tools use it too.
     let casing = bertrain_dataprep::Vocab::load(&vocab, None)?.casing;
-    hf::write_atomically(
+    bertrain_files::write_atomically(
         &args.output.join(hf::TOKENIZER_CONFIG_FILE),
         casing.tokenizer_config_json().as_bytes(),
     )?;

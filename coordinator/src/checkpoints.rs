@@ -20,11 +20,11 @@
 //! one is used.
 
 use std::fs;
-use std::io::Write;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-pub use bertrain_dataprep::sha256_file;
+use bertrain_files::{sha256_file, sync_dir, write_atomically, write_synced};
 use serde::{Deserialize, Serialize};
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -284,43 +284,6 @@ pub fn prune(checkpoints: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
-}
-
-/// Creates `path` with `bytes` and fsyncs it.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file =
-        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("cannot sync {}", path.display()))
-}
-
-/// Writes `bytes` to `path` through a temporary sibling: write, fsync, rename, fsync the
-/// directory. Readers see the old file or the new one, never a part.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    let result = write_synced(&tmp, bytes).and_then(|()| {
-        fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    if let Some(parent) = path.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
-}
-
-/// fsync of a directory, so that renames and new entries in it survive a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    let d =
-        fs::File::open(dir).with_context(|| format!("cannot open directory {}", dir.display()))?;
-    d.sync_all()
-        .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
 #[cfg(test)]

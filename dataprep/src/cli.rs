@@ -9,7 +9,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::input::{DocumentReader, expand_inputs};
-use crate::manifest::{Totals, temp_name, write_file_atomically};
+use bertrain_files::{temp_name, write_atomically};
+
+use crate::manifest::Totals;
 use crate::pipeline::{DataprepConfig, DataprepReport};
 use crate::synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus_with};
 use crate::vocab::{Casing, CasingSource, TOKENIZER_CONFIG, train_vocab};
@@ -181,12 +183,12 @@ pub fn run_vocab(args: VocabArgs) -> Result<()> {
     }
     let mut text = tokens.join("\n");
     text.push('\n');
-    write_file_atomically(&args.output, text.as_bytes())?;
+    write_atomically(&args.output, text.as_bytes())?;
     let casing = Casing {
         lowercase,
         source: CasingSource::Trained,
     };
-    write_file_atomically(&config, casing.tokenizer_config_json().as_bytes())?;
+    write_atomically(&config, casing.tokenizer_config_json().as_bytes())?;
     println!(
         "wrote {} ({} tokens{}; {}) and {}",
         args.output.display(),

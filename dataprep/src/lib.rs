@@ -21,9 +21,7 @@ mod wordpiece;
 
 pub use input::split_sentences;
 pub use inspect::{ShardStats, shard_stats};
-pub use manifest::{
-    DataprepOptions, MANIFEST_FILE, Manifest, ShardEntry, Totals, hex, sha256_file,
-};
+pub use manifest::{DataprepOptions, MANIFEST_FILE, Manifest, ShardEntry, Totals};
 pub use pipeline::{DataprepConfig, DataprepReport};
 pub use shards::{Instance, read_rows, row_group_rows};
 pub use synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus, synth_corpus_with};

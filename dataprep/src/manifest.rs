@@ -5,10 +5,11 @@
 //! [`Manifest::verify_files`] before trusting it: sizes and SHA-256 of every shard must match.
 
 use std::fs;
-use std::io::{Read, Write};
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use bertrain_files::{hex, sha256_file, write_atomically};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -254,67 +255,6 @@ impl Manifest {
     /// Writes the manifest into `dir` through a temporary name, fsyncs, renames.
     pub(crate) fn write(&self) -> Result<()> {
         let text = serde_json::to_string_pretty(self).context("serialising manifest")?;
-        write_file_atomically(&self.dir.join(MANIFEST_FILE), text.as_bytes())
+        write_atomically(&self.dir.join(MANIFEST_FILE), text.as_bytes())
     }
-}
-
-/// Writes `bytes` to `path` via `.NAME.tmp` in the same directory, fsync, rename, fsync dir.
-pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_name(path);
-    {
-        let mut f =
-            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-    }
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")));
-    Ok(())
-}
-
-/// `dir/.NAME.tmp` for `dir/NAME`: hidden, and recognisably ours when cleaning up.
-pub(crate) fn temp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
-}
-
-/// Makes a rename durable. Best effort: some filesystems refuse to fsync directories.
-pub(crate) fn sync_dir(dir: &Path) {
-    if let Ok(d) = fs::File::open(if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    }) {
-        let _ = d.sync_all();
-    }
-}
-
-/// SHA-256 (hex) and length of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
-    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut len = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((hex(&h.finalize()), len))
-}
-
-/// Lowercase hexadecimal of `bytes` (how digests are written everywhere in bertrain).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

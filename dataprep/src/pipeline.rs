@@ -43,15 +43,14 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use bertrain_files::write_atomically;
 use rayon::prelude::*;
 
 use crate::input::{DocumentReader, InputStats, expand_inputs};
 use crate::instances::{
     GenOptions, InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document,
 };
-use crate::manifest::{
-    DataprepOptions, MANIFEST_FILE, Manifest, ShardEntry, Totals, write_file_atomically,
-};
+use crate::manifest::{DataprepOptions, MANIFEST_FILE, Manifest, ShardEntry, Totals};
 use crate::progress::Progress;
 use crate::rng::{Rng, derive_seed};
 use crate::shards::{RowRef, RowSource, ShardWriter};
@@ -774,7 +773,7 @@ fn prepare_output(dir: &Path, overwrite: bool) -> Result<()> {
             fs::remove_file(&m).with_context(|| format!("removing {}", m.display()))?;
         }
     }
-    crate::manifest::sync_dir(dir);
+    bertrain_files::sync_dir(dir)?;
     ours.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for p in ours {
         if p.is_dir() {
@@ -818,8 +817,8 @@ fn is_dataset_file(name: &str) -> bool {
 
 /// Copies the vocabulary (and its lowercasing) into the dataset so it is self-contained.
 fn copy_vocab(vocab: &Vocab, bytes: &[u8], dir: &Path) -> Result<()> {
-    write_file_atomically(&dir.join("vocab.txt"), bytes)?;
-    write_file_atomically(
+    write_atomically(&dir.join("vocab.txt"), bytes)?;
+    write_atomically(
         &dir.join(TOKENIZER_CONFIG),
         vocab.casing.tokenizer_config_json().as_bytes(),
     )

@@ -31,7 +31,9 @@ use parquet::file::properties::{WriterProperties, WriterPropertiesPtr};
 use parquet::file::writer::SerializedFileWriter;
 use sha2::{Digest, Sha256};
 
-use crate::manifest::{ShardEntry, hex, sync_dir, temp_name};
+use bertrain_files::{hex, sync_dir, temp_name};
+
+use crate::manifest::ShardEntry;
 use crate::tasks::InOrder;
 
 /// One training example as stored in a shard.
@@ -366,7 +368,7 @@ impl ShardWriter {
                 shard.final_path.display()
             )
         })?;
-        sync_dir(&self.dir);
+        sync_dir(&self.dir)?;
         self.done.push(ShardEntry {
             file: shard.file_name,
             rows: shard.rows,

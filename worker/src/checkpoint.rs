@@ -20,6 +20,7 @@ use bertrain_coordinator::checkpoints::{
 };
 use bertrain_coordinator::faults;
 use bertrain_coordinator::job::JobConfig;
+use bertrain_files::{sync_dir, write_synced};
 use bertrain_model::params::{flat_to_hf, hf_to_flat};
 use bertrain_model::{BertConfig, ParamLayout, hf};
 use burn::tensor::backend::AutodiffBackend;
@@ -79,26 +80,26 @@ pub fn write(checkpoints: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
             &snapshot.layout,
             &snapshot.optimizer,
         )?;
-        layout::write_synced(
+        write_synced(
             &tmp.join(TRAINER_FILE),
             &serde_json::to_vec_pretty(&snapshot.trainer)?,
         )?;
-        layout::write_synced(
+        write_synced(
             &tmp.join(CONFIG_FILE),
             snapshot.config.to_hf_json().as_bytes(),
         )?;
         let vocab = fs::read(&snapshot.vocab)
             .with_context(|| format!("cannot read {}", snapshot.vocab.display()))?;
-        layout::write_synced(&tmp.join(VOCAB_FILE), &vocab)?;
+        write_synced(&tmp.join(VOCAB_FILE), &vocab)?;
         // The tokenizer's casing travels with the vocabulary.
-        layout::write_synced(
+        write_synced(
             &tmp.join(hf::TOKENIZER_CONFIG_FILE),
             snapshot.tokenizer_config.as_bytes(),
         )?;
         layout::seal(&tmp, step)?;
         fs::rename(&tmp, &target)
             .with_context(|| format!("cannot move {} into place", target.display()))?;
-        layout::sync_dir(checkpoints)
+        sync_dir(checkpoints)
     })();
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&tmp);
@@ -158,7 +159,7 @@ fn write_optimizer(path: &Path, layout: &ParamLayout, state: &OptimizerState) ->
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("step".to_string(), state.step.to_string())]);
     let bytes = safetensors::serialize(views, Some(meta))?;
-    layout::write_synced(path, &bytes)
+    write_synced(path, &bytes)
 }
 
 /// A checkpoint read back: parameters and optimizer state in `layout`'s order.

@@ -94,7 +94,7 @@ fn job_file(model: &str) -> String {
 }
 
 fn hash(bytes: &[u8]) -> String {
-    bertrain_dataprep::hex(&Sha256::digest(bytes))[..16].to_string()
+    bertrain_files::hex(&Sha256::digest(bytes))[..16].to_string()
 }
 
 /// What the worker builds from `job` and does with it, written out.

@@ -6,7 +6,8 @@ use std::net::{ToSocketAddrs, UdpSocket};
 use anyhow::{Context, Result, bail};
 use bertrain_coordinator::Fingerprint;
 use bertrain_coordinator::job::JobConfig;
-use bertrain_dataprep::{Manifest, hex};
+use bertrain_dataprep::Manifest;
+use bertrain_files::hex;
 use bertrain_model::{BertConfig, BertForPreTraining, ParamLayout, hf, init_bert};
 use sha2::{Digest, Sha256};
 
