@@ -13,7 +13,8 @@ use crate::protocol::{CoordinatorMsg, StartFrom, Welcome};
 use crate::status::WorkerView;
 
 use super::super::network::ConnId;
-use super::{Flow, Machine, Member, Phase, ProgressLine, Stage};
+use super::reports::ProgressLine;
+use super::{Flow, Machine, Member, Phase, Stage};
 
 /// Where a generation starts, given the newest committed checkpoint (`(step, dir)`) and the
 /// steps of the states the joining workers kept (`held[rank]`, see
