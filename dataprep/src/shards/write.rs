@@ -1,15 +1,5 @@
-//! Parquet shards: the on-disk form of instances, and streaming reads of row ranges.
-//!
-//! Columns (one row per instance):
-//! - `input_ids` list<int32>: `[CLS] A [SEP] B [SEP]`, unpadded, with masked positions
-//!   already replaced (by [MASK], a random token or themselves).
-//! - `token_type_ids` list<int8>: 0 for `[CLS] A [SEP]`, 1 for `B [SEP]`.
-//! - `masked_lm_positions` list<int32>: ascending positions chosen for prediction.
-//! - `masked_lm_ids` list<int32>: the original token at each of those positions.
-//! - `next_sentence_label` int8: 0 = IsNext, 1 = NotNext (the HF convention).
-//!
-//! Files are zstd-compressed with row groups of a few thousand rows so a reader can seek to a
-//! row by skipping whole row groups through the footer metadata.
+//! Writing shards: rows gathered into row groups, encoded and compressed by pool tasks,
+//! appended in order to a file under a temporary name, renamed once complete.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -18,13 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Int8Type, Int32Type};
 use arrow_array::{ArrayRef, Int8Array, Int32Array, ListArray, RecordBatch};
 use arrow_buffer::OffsetBuffer;
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use arrow_schema::{DataType, Field};
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowRowGroupWriterFactory, compute_leaves};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{WriterProperties, WriterPropertiesPtr};
@@ -36,27 +23,7 @@ use bertrain_files::{hex, sync_dir, temp_name};
 use crate::manifest::ShardEntry;
 use crate::tasks::InOrder;
 
-/// One training example as stored in a shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Instance {
-    pub input_ids: Vec<u32>,
-    pub token_type_ids: Vec<u8>,
-    pub masked_lm_positions: Vec<u32>,
-    pub masked_lm_ids: Vec<u32>,
-    /// 0 = IsNext, 1 = NotNext.
-    pub next_sentence_label: u8,
-}
-
-pub(crate) fn schema() -> SchemaRef {
-    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, false)));
-    Arc::new(Schema::new(vec![
-        Field::new("input_ids", list(DataType::Int32), false),
-        Field::new("token_type_ids", list(DataType::Int8), false),
-        Field::new("masked_lm_positions", list(DataType::Int32), false),
-        Field::new("masked_lm_ids", list(DataType::Int32), false),
-        Field::new("next_sentence_label", DataType::Int8, false),
-    ]))
-}
+use super::schema;
 
 /// One row as the generator holds it: `input_ids`, the length of `[CLS] A [SEP]` (token type
 /// 0), `masked_lm_positions`, `masked_lm_ids`, `next_sentence_label`.
@@ -152,7 +119,7 @@ impl RowBuffer {
 }
 
 /// A `Write` that hashes and counts what passes through, so a shard's SHA-256 needs no re-read.
-struct HashingFile {
+pub(super) struct HashingFile {
     file: File,
     hasher: Sha256,
     bytes: u64,
@@ -170,7 +137,7 @@ impl Write for HashingFile {
     }
 }
 
-struct OpenShard {
+pub(super) struct OpenShard {
     writer: SerializedFileWriter<io::BufWriter<HashingFile>>,
     final_path: PathBuf,
     file_name: String,
@@ -405,14 +372,14 @@ impl ShardWriter {
 
 /// A Parquet file writer with the shard schema (its Arrow form embedded in the footer, as
 /// `ArrowWriter` does) and the factory of its column encoders.
-fn new_file_writer<W: Write + Send>(
+pub(super) fn new_file_writer<W: Write + Send>(
     sink: W,
     props: &WriterPropertiesPtr,
 ) -> parquet::errors::Result<(SerializedFileWriter<W>, ArrowRowGroupWriterFactory)> {
     ArrowWriter::try_new(sink, schema(), Some(props.as_ref().clone()))?.into_serialized_writer()
 }
 
-struct EncodedGroup {
+pub(super) struct EncodedGroup {
     chunks: Vec<ArrowColumnChunk>,
     rows: u64,
     tokens: u64,
@@ -425,7 +392,7 @@ pub(crate) trait RowSource: Send + Sync {
 }
 
 /// One row group's rows: those carried over from the previous call, then a range of a source.
-struct GroupRows {
+pub(super) struct GroupRows {
     carried: RowBuffer,
     source: Option<(Arc<dyn RowSource>, Range<usize>)>,
 }
@@ -433,10 +400,10 @@ struct GroupRows {
 /// Rows gathered and turned into Arrow arrays at a time while encoding a row group. The
 /// encoders keep only their encoded pages, so a group's rows are never all copied at once,
 /// nor its Parquet levels (two i16 per token) all computed at once.
-const ENCODE_ROWS: usize = 1024;
+pub(super) const ENCODE_ROWS: usize = 1024;
 
 /// Gathers, encodes and compresses one row group's columns.
-fn encode(
+pub(super) fn encode(
     columns: &ArrowRowGroupWriterFactory,
     rows: GroupRows,
     ends_shard: bool,
@@ -488,208 +455,6 @@ fn encode(
         tokens,
         ends_shard,
     })
-}
-
-/// Number of rows in each row group of a shard, from its footer.
-pub fn row_group_rows(shard: &Path) -> Result<Vec<u64>> {
-    let file = File::open(shard).with_context(|| format!("opening shard {}", shard.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("reading Parquet footer of {}", shard.display()))?;
-    Ok(builder
-        .metadata()
-        .row_groups()
-        .iter()
-        .map(|g| g.num_rows() as u64)
-        .collect())
-}
-
-/// Streams rows `[start, end)` of one shard. Row groups entirely before `start` are skipped
-/// through the footer metadata without being read, so resuming in the middle of a shard costs
-/// at most one partial row group.
-pub fn read_rows(
-    shard: &Path,
-    start: u64,
-    end: u64,
-) -> Result<impl Iterator<Item = Result<Instance>> + use<>> {
-    // `use<>`: the iterator owns everything it needs and does not borrow `shard`.
-    let file = File::open(shard).with_context(|| format!("opening shard {}", shard.display()))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("reading Parquet footer of {}", shard.display()))?;
-    check_schema(builder.schema(), shard)?;
-    let total: u64 = builder
-        .metadata()
-        .row_groups()
-        .iter()
-        .map(|g| g.num_rows() as u64)
-        .sum();
-    if start > end || end > total {
-        bail!(
-            "rows {start}..{end} requested from shard {} which has {total} rows",
-            shard.display()
-        );
-    }
-    let mut groups = Vec::new();
-    let mut first_group_start = None;
-    let mut at = 0u64;
-    for (i, g) in builder.metadata().row_groups().iter().enumerate() {
-        let n = g.num_rows() as u64;
-        if at + n > start && at < end {
-            groups.push(i);
-            first_group_start.get_or_insert(at);
-        }
-        at += n;
-    }
-    let skip = start - first_group_start.unwrap_or(start);
-    let reader = builder
-        .with_row_groups(groups)
-        .with_offset(skip as usize)
-        .with_limit((end - start) as usize)
-        .with_batch_size(1024)
-        .build()
-        .with_context(|| format!("reading shard {}", shard.display()))?;
-    Ok(RowIter {
-        reader,
-        batch: None,
-        row: 0,
-        path: shard.to_path_buf(),
-        failed: false,
-    })
-}
-
-fn check_schema(found: &Schema, shard: &Path) -> Result<()> {
-    for expected in schema().fields() {
-        let field = found.field_with_name(expected.name()).map_err(|_| {
-            anyhow!(
-                "shard {} has no column `{}`; it was not written by `bertrain dataprep`",
-                shard.display(),
-                expected.name()
-            )
-        })?;
-        let same = match (field.data_type(), expected.data_type()) {
-            (DataType::List(a), DataType::List(b)) => a.data_type() == b.data_type(),
-            (a, b) => a == b,
-        };
-        if !same {
-            bail!(
-                "shard {} column `{}` has type {}, expected {}",
-                shard.display(),
-                expected.name(),
-                field.data_type(),
-                expected.data_type()
-            );
-        }
-    }
-    Ok(())
-}
-
-struct Columns {
-    input_ids: ListArray,
-    token_type_ids: ListArray,
-    positions: ListArray,
-    masked_ids: ListArray,
-    labels: Int8Array,
-}
-
-struct RowIter {
-    reader: ParquetRecordBatchReader,
-    batch: Option<Columns>,
-    row: usize,
-    path: PathBuf,
-    failed: bool,
-}
-
-impl RowIter {
-    fn column(&self, batch: &RecordBatch, name: &str) -> Result<ArrayRef> {
-        batch
-            .column_by_name(name)
-            .cloned()
-            .ok_or_else(|| anyhow!("shard {} has no column `{name}`", self.path.display()))
-    }
-
-    fn load(&self, batch: RecordBatch) -> Result<Columns> {
-        let list = |name: &str| -> Result<ListArray> {
-            let col = self.column(&batch, name)?;
-            col.as_list_opt::<i32>().cloned().ok_or_else(|| {
-                anyhow!(
-                    "shard {} column `{name}` is not a list",
-                    self.path.display()
-                )
-            })
-        };
-        let labels = self.column(&batch, "next_sentence_label")?;
-        Ok(Columns {
-            input_ids: list("input_ids")?,
-            token_type_ids: list("token_type_ids")?,
-            positions: list("masked_lm_positions")?,
-            masked_ids: list("masked_lm_ids")?,
-            labels: labels
-                .as_primitive_opt::<Int8Type>()
-                .cloned()
-                .ok_or_else(|| {
-                    anyhow!(
-                        "shard {} column `next_sentence_label` is not int8",
-                        self.path.display()
-                    )
-                })?,
-        })
-    }
-}
-
-fn i32_values(list: &ListArray, row: usize) -> Vec<u32> {
-    let v = list.value(row);
-    v.as_primitive::<Int32Type>()
-        .values()
-        .iter()
-        .map(|&x| x as u32)
-        .collect()
-}
-
-impl Iterator for RowIter {
-    type Item = Result<Instance>;
-
-    fn next(&mut self) -> Option<Result<Instance>> {
-        if self.failed {
-            return None;
-        }
-        loop {
-            if let Some(cols) = &self.batch {
-                if self.row < cols.labels.len() {
-                    let r = self.row;
-                    self.row += 1;
-                    let tt = cols.token_type_ids.value(r);
-                    return Some(Ok(Instance {
-                        input_ids: i32_values(&cols.input_ids, r),
-                        token_type_ids: tt
-                            .as_primitive::<Int8Type>()
-                            .values()
-                            .iter()
-                            .map(|&x| x as u8)
-                            .collect(),
-                        masked_lm_positions: i32_values(&cols.positions, r),
-                        masked_lm_ids: i32_values(&cols.masked_ids, r),
-                        next_sentence_label: cols.labels.value(r) as u8,
-                    }));
-                }
-            }
-            match self.reader.next()? {
-                Ok(batch) => match self.load(batch) {
-                    Ok(cols) => {
-                        self.batch = Some(cols);
-                        self.row = 0;
-                    }
-                    Err(e) => {
-                        self.failed = true;
-                        return Some(Err(e));
-                    }
-                },
-                Err(e) => {
-                    self.failed = true;
-                    return Some(Err(anyhow::Error::new(e)
-                        .context(format!("reading shard {}", self.path.display()))));
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
