@@ -18,7 +18,7 @@ use crate::trainer::Trainer;
 
 /// What a worker keeps from one generation for the next: what it built for the job (so a
 /// survivor does not verify the dataset again), and the training state it had when its
-/// generation ended badly.
+/// generation ended badly or to regroup.
 #[derive(Default)]
 pub(crate) struct Kept {
     pub prepared: Option<Prepared>,
@@ -26,7 +26,8 @@ pub(crate) struct Kept {
 }
 
 /// A rank's training state after `step` steps of `job`, kept when a peer or the
-/// coordinator was lost, and offered to the next generation (`StartFrom::Peer`).
+/// coordinator was lost (or the ranks regrouped), and offered to the next generation
+/// (`StartFrom::Peer`).
 pub(crate) struct Held {
     job: JobConfig,
     pub step: u64,
