@@ -91,7 +91,7 @@ fn interrupted_run_resumes_bit_for_bit() {
     );
     let stopped_at = latest_checkpoint(&run).expect("a checkpoint was committed on the way out");
     assert!(
-        stopped_at >= 10 && stopped_at < STEPS,
+        (10..STEPS).contains(&stopped_at),
         "stopped at {stopped_at}\n{log}"
     );
     assert!(log.contains("continue with --resume"), "{log}");

@@ -267,7 +267,7 @@ pub(super) fn dataset_rank(
         let mut config = BertConfig::preset(preset)?;
         config.vocab_size = data.vocab_size;
         let batch_size = bench_batch_size(preset);
-        if batch_size % world != 0 {
+        if !batch_size.is_multiple_of(world) {
             bail!("--workers {world} must divide the batch of {batch_size}");
         }
         let shape = BatchShape {
