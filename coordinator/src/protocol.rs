@@ -216,6 +216,20 @@ pub struct EvalMetrics {
     pub samples: u64,
 }
 
+/// Whether `err` comes from a socket read or write that ran out of its timeout (Linux
+/// reports those as `WouldBlock`): how both the coordinator and the ring tell a silent peer
+/// from a broken connection.
+pub fn is_timeout(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<io::Error>())
+        .any(|e| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+        })
+}
+
 /// Writes one frame.
 pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
     let body = serde_json::to_vec(msg).context("encoding a protocol message")?;

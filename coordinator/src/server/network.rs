@@ -1,7 +1,7 @@
 //! The network side: an accept thread and one reader thread per connection turn sockets
 //! into [`Event`]s on the state loop's channel.
 
-use std::io::{BufReader, ErrorKind};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -9,7 +9,7 @@ use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{WorkerMsg, read_frame};
+use crate::protocol::{WorkerMsg, is_timeout, read_frame};
 
 use super::{MAX_CONNECTIONS, WRITE_TIMEOUT};
 
@@ -120,11 +120,7 @@ fn read_loop(conn: ConnId, stream: TcpStream, events: Sender<Event>, silence: Du
 }
 
 fn describe_read_error(err: &anyhow::Error, silence: Duration) -> String {
-    let timed_out = err
-        .chain()
-        .filter_map(|e| e.downcast_ref::<std::io::Error>())
-        .any(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
-    if timed_out {
+    if is_timeout(err) {
         format!(
             "silent for {:.1} s (no heartbeat within cluster.heartbeat_timeout_s)",
             silence.as_secs_f64()

@@ -28,6 +28,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use socket2::SockRef;
 
 use bertrain_coordinator::faults;
+use bertrain_coordinator::protocol::is_timeout;
 
 use super::wire::{Framing, SEGMENT_BYTES};
 use super::{AbortHandle, Collective};
@@ -259,18 +260,6 @@ impl Links {
     }
 }
 
-/// Whether `e` is a socket read or write that ran out of time.
-fn timed_out(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(
-                io.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            )
-        })
-    })
-}
-
 /// What the receiving side does with the bytes of each step.
 #[derive(Clone, Copy)]
 enum Apply {
@@ -308,7 +297,7 @@ impl TcpRing {
         let timeout = self.io_timeout;
         let result = op(self)
             .map_err(|e| {
-                if timed_out(&e) {
+                if is_timeout(&e) {
                     e.context(format!(
                         "nothing came for {timeout:?} (cluster.step_timeout_s): a peer is hung or silent"
                     ))
