@@ -4,6 +4,7 @@
 //! started again with the same environment (by `launch`) runs normally.
 
 use std::fs::File;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The worker dies (abort: no cleanup, like a SIGKILL) halfway through writing the
@@ -39,6 +40,9 @@ pub fn due_now(var: &str) -> bool {
 /// Whether the fault `var` is set for `step` and has not fired yet (it counts as fired
 /// from now on).
 pub fn due(var: &str, step: u64) -> bool {
+    if !armed() {
+        return false;
+    }
     let Ok(spec) = std::env::var(var) else {
         return false;
     };
@@ -50,4 +54,20 @@ pub fn due(var: &str, step: u64) -> bool {
         return true;
     }
     false
+}
+
+/// Whether any fault is set for this process, read once: the training step and the ring
+/// ask every step, and then pay one load.
+fn armed() -> bool {
+    static ARMED: OnceLock<bool> = OnceLock::new();
+    *ARMED.get_or_init(|| {
+        [
+            CRASH_WRITING_CHECKPOINT,
+            HANG_IN_STEP,
+            CRASH_COMMITTING_CHECKPOINT,
+            DIE_IN_ALL_GATHER,
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+    })
 }
