@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use bertrain_coordinator::job::{Backend, Precision};
-use bertrain_worker::CpuBackend;
 use bertrain_worker::device::DeviceChoice;
 
 mod allreduce;
@@ -250,11 +249,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 precision,
                 peak_tflops: bertrain_worker::device::peak(choice, peak_tflops).map(|p| p.tflops),
                 state_on_device: backend == Backend::Cuda,
+                label: match backend {
+                    Backend::Cpu => "cpu".into(),
+                    Backend::Cuda => format!("GPU {device}"),
+                },
             };
-            match backend {
-                Backend::Cpu => step::run::<CpuBackend>(&bench, Default::default(), "cpu"),
-                Backend::Cuda => step_on_gpu(&bench, device),
-            }
+            bertrain_worker::device::with_backend(choice, &bench)
         }
         BenchKind::Scaling {
             workers,
@@ -267,20 +267,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
         }
     }
-}
-
-#[cfg(feature = "cuda")]
-fn step_on_gpu(bench: &step::StepBench, index: usize) -> Result<()> {
-    bertrain_worker::device::check(Backend::Cuda, index)?;
-    let device = burn::backend::cuda::CudaDevice::new(index);
-    let name = format!("GPU {index}");
-    step::run::<burn::backend::Autodiff<burn::backend::Cuda>>(bench, device, &name)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn step_on_gpu(_bench: &step::StepBench, index: usize) -> Result<()> {
-    // Says that this binary has no GPU support, in the worker's words.
-    bertrain_worker::device::check(Backend::Cuda, index)
 }
 
 /// A comma-separated list of numbers given to `flag`.

@@ -14,7 +14,7 @@ use bertrain_coordinator::job::Precision;
 use bertrain_model::{BertConfig, BertForPreTraining, init_bert};
 use bertrain_worker::collective::LocalCollective;
 use bertrain_worker::optim::{Optimizer, OptimizerConfig};
-use bertrain_worker::set_precision;
+use bertrain_worker::device::OnBackend;
 use bertrain_worker::trainer::Trainer;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -34,11 +34,21 @@ pub struct StepBench {
     /// Keep the optimizer state on the device, as a GPU worker does (see
     /// `bertrain_worker::resident`); the CPU worker keeps it on the host.
     pub state_on_device: bool,
+    /// The device, in the table's title ("cpu", "GPU 0").
+    pub label: String,
+}
+
+impl OnBackend for &StepBench {
+    type Output = ();
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+        run::<B>(self, device)
+    }
 }
 
 /// Runs the benchmark on the backend `B` (with autodiff) on `device`.
-pub fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device, label: &str) -> Result<()> {
-    set_precision::<B>(&device, bench.precision)?;
+fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device) -> Result<()> {
+    let label = &bench.label;
     let config = BertConfig::preset(&bench.preset)?;
     println!(
         "bench step: {} ({} parameters), seq {SEQ_LEN}, {:?}, {label}, mean of {} runs after 2 warm-up runs",

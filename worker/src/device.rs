@@ -6,12 +6,20 @@
 
 use anyhow::{Result, anyhow};
 use bertrain_coordinator::job::{Backend, JobConfig, Precision};
-use burn::tensor::backend::{Backend as BurnBackend, DeviceError};
+use burn::tensor::backend::{AutodiffBackend, Backend as BurnBackend, DeviceError};
 use burn::tensor::{FloatDType, IntDType};
 
 use crate::CpuBackend;
-use crate::node::{Outcome, TrainRun};
 use crate::throughput::Peak;
+
+/// Work written once for every training backend: a worker's generation, a benchmark, a
+/// fine-tuning run. [`with_backend`] picks the concrete backend at run time, so no caller
+/// keeps its own `cfg(feature = "cuda")` dispatch.
+pub trait OnBackend {
+    type Output;
+    /// Runs on `device` of backend `B`, whose precision is already set.
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+}
 
 /// A backend and, for CUDA, the GPU index.
 #[derive(Debug, Clone, Copy)]
@@ -76,17 +84,18 @@ pub fn peak(choice: DeviceChoice, configured_tflops: Option<f64>) -> Option<Peak
     }
 }
 
-/// Runs `run` on the chosen backend.
-pub fn with_backend(choice: DeviceChoice, run: TrainRun<'_>) -> Result<Outcome> {
+/// Runs `work` on the chosen backend, after checking that it is usable and setting the
+/// device's precision.
+pub fn with_backend<W: OnBackend>(choice: DeviceChoice, work: W) -> Result<W::Output> {
     match choice.backend {
         Backend::Cpu => {
             let device = Default::default();
             set_precision::<CpuBackend>(&device, choice.precision)?;
-            run.run::<CpuBackend>(device)
+            work.run::<CpuBackend>(device)
         }
         Backend::Cuda => {
             cuda::check(choice.index)?;
-            cuda::run(run, choice.index, choice.precision)
+            cuda::run(work, choice.index, choice.precision)
         }
     }
 }
@@ -97,7 +106,7 @@ mod cuda {
     use bertrain_coordinator::job::Precision;
     use cudarc::driver::result as driver;
 
-    use crate::node::{Outcome, TrainRun};
+    use super::OnBackend;
 
     type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
 
@@ -133,10 +142,10 @@ mod cuda {
         driver::device::get_name(device).ok()
     }
 
-    pub fn run(run: TrainRun<'_>, index: usize, precision: Precision) -> Result<Outcome> {
+    pub fn run<W: OnBackend>(work: W, index: usize, precision: Precision) -> Result<W::Output> {
         let device = burn::backend::cuda::CudaDevice::new(index);
         super::set_precision::<CudaBackend>(&device, precision)?;
-        run.run::<CudaBackend>(device)
+        work.run::<CudaBackend>(device)
     }
 }
 
@@ -145,7 +154,7 @@ mod cuda {
     use anyhow::{Result, bail};
     use bertrain_coordinator::job::Precision;
 
-    use crate::node::{Outcome, TrainRun};
+    use super::OnBackend;
 
     const NOT_BUILT: &str = "--backend cuda: this bertrain was built without GPU support; rebuild with \
                              `cargo build --release --features cuda`";
@@ -158,7 +167,7 @@ mod cuda {
         None
     }
 
-    pub fn run(_run: TrainRun<'_>, _index: usize, _precision: Precision) -> Result<Outcome> {
+    pub fn run<W: OnBackend>(_work: W, _index: usize, _precision: Precision) -> Result<W::Output> {
         bail!(NOT_BUILT)
     }
 }

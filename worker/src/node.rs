@@ -28,7 +28,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use crate::checkpoint::Saver;
 use crate::collective::{self, Collective, RingListener, RingOptions};
-use crate::device::{self, DeviceChoice};
+use crate::device::{self, DeviceChoice, OnBackend};
 use crate::eval::Evaluator;
 use crate::loader::{BatchShape, Prefetcher, SampleSource, SampleTrace};
 use crate::optim::Optimizer;
@@ -286,11 +286,13 @@ pub struct TrainRun<'a> {
     held: &'a mut Option<Held>,
 }
 
-impl TrainRun<'_> {
+impl OnBackend for TrainRun<'_> {
+    type Output = Outcome;
+
     /// One generation on backend `B`: connect the collective, then [`train`], with a
     /// watcher beside it that aborts the collective when the coordinator ends the
     /// generation.
-    pub fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Outcome> {
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Outcome> {
         let job = &self.welcome.job;
         let (rank, world) = (self.welcome.rank, self.welcome.world_size);
         let timeout = Duration::from_secs_f64(job.cluster.step_timeout_s);
