@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use bertrain_coordinator::{LaunchArgs, Override};
+use bertrain_dataprep::DataprepOptions;
 use bertrain_dataprep::cli::{DataprepArgs, VocabArgs, run_dataprep, run_vocab};
+use bertrain_dataprep::pipeline::DEFAULT_WINDOW_MB;
 
 /// Marks a directory as made by the demo, so a second run may replace it (and nothing
 /// else: a directory without the marker is never touched).
@@ -157,18 +159,15 @@ pub(crate) fn synthetic_dataset(dir: &Path, docs: usize, seed: u64) -> Result<Pa
         input: vec![corpus],
         vocab,
         output: data.clone(),
-        max_seq_len: 128,
-        max_predictions: 20,
-        masked_lm_prob: 0.15,
-        short_seq_prob: 0.1,
-        dupe_factor: 3,
-        whole_word_mask: false,
-        seed,
-        shard_rows: 8192,
-        row_group_rows: 1024,
+        options: DataprepOptions {
+            dupe_factor: 3,
+            seed,
+            shard_rows: 8192,
+            validation_fraction: 0.05,
+            ..Default::default()
+        },
         threads: None,
-        validation_fraction: 0.05,
-        window_mb: 4,
+        window_mb: DEFAULT_WINDOW_MB,
         lowercase: true,
         cased: false,
         overwrite: true,

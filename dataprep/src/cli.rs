@@ -12,7 +12,8 @@ use crate::input::{DocumentReader, expand_inputs};
 use bertrain_files::{temp_name, write_atomically};
 
 use crate::manifest::Totals;
-use crate::pipeline::{DataprepConfig, DataprepReport};
+use crate::options::DataprepOptions;
+use crate::pipeline::{DEFAULT_WINDOW_MB, DataprepConfig, DataprepReport};
 use crate::synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus_with};
 use crate::vocab::{Casing, CasingSource, TOKENIZER_CONFIG, train_vocab};
 
@@ -52,41 +53,15 @@ pub struct DataprepArgs {
     /// Output dataset directory.
     #[arg(long)]
     pub output: PathBuf,
-    #[arg(long, default_value_t = 128)]
-    pub max_seq_len: usize,
-    #[arg(long, default_value_t = 20)]
-    pub max_predictions: usize,
-    #[arg(long, default_value_t = 0.15)]
-    pub masked_lm_prob: f64,
-    #[arg(long, default_value_t = 0.1)]
-    pub short_seq_prob: f64,
-    /// Passes over the corpus, each with fresh segmentation and masking.
-    #[arg(long, default_value_t = 5)]
-    pub dupe_factor: usize,
-    /// Mask all WordPiece pieces of a word together.
-    #[arg(long)]
-    pub whole_word_mask: bool,
-    #[arg(long, default_value_t = 12345)]
-    pub seed: u64,
-    /// Rows per shard file.
-    #[arg(long, default_value_t = 100_000)]
-    pub shard_rows: usize,
-    /// Rows per Parquet row group (the unit a reader can skip to). Each pending row group
-    /// holds its rows and its encoders until written, so this sets most of dataprep's peak
-    /// memory: 1024 peaks 25-32% lower than 4096, at the same speed (README, dataprep
-    /// figures).
-    #[arg(long, default_value_t = 1024)]
-    pub row_group_rows: usize,
+    #[command(flatten)]
+    pub options: DataprepOptions,
     /// Threads that do all the work: read, tokenise, generate, encode and append (default:
     /// all cores). The output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Fraction of documents held out (whole) into OUTPUT/validation/.
-    #[arg(long, default_value_t = 0.0)]
-    pub validation_fraction: f64,
     /// Text per window in MiB: the unit processed at once, and the pool NotNext draws
     /// its random document from. Bounds memory.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = DEFAULT_WINDOW_MB)]
     pub window_mb: usize,
     /// Force lowercasing (must agree with a tokenizer_config.json beside the vocab).
     #[arg(long, conflicts_with = "cased")]
@@ -212,19 +187,10 @@ impl DataprepArgs {
         let mut c =
             DataprepConfig::new(self.input.clone(), self.vocab.clone(), self.output.clone());
         c.lowercase = flag(self.lowercase, self.cased);
-        c.max_seq_len = self.max_seq_len;
-        c.max_predictions = self.max_predictions;
-        c.masked_lm_prob = self.masked_lm_prob;
-        c.short_seq_prob = self.short_seq_prob;
-        c.dupe_factor = self.dupe_factor;
-        c.whole_word_mask = self.whole_word_mask;
-        c.seed = self.seed;
-        c.shard_rows = self.shard_rows;
-        c.row_group_rows = self.row_group_rows;
+        c.options = self.options.clone();
         if let Some(t) = self.threads {
             c.threads = t;
         }
-        c.validation_fraction = self.validation_fraction;
         c.window_bytes = self.window_mb.saturating_mul(1 << 20);
         c.overwrite = self.overwrite;
         c.show_progress = !self.quiet;

@@ -23,6 +23,7 @@
 //! and could fall back to the same one), and random replacement tokens are drawn from the
 //! vocabulary without the special and `[unused*]` tokens (which the model never sees as input).
 
+use crate::options::DataprepOptions;
 use crate::rng::Rng;
 use crate::vocab::Vocab;
 
@@ -58,16 +59,6 @@ impl TokenizedDoc {
     fn end(&self, sentence: usize) -> usize {
         self.ends[sentence] as usize
     }
-}
-
-/// Generation options (a subset of the CLI's).
-#[derive(Debug, Clone)]
-pub struct GenOptions {
-    pub max_seq_len: usize,
-    pub max_predictions: usize,
-    pub masked_lm_prob: f64,
-    pub short_seq_prob: f64,
-    pub whole_word_mask: bool,
 }
 
 /// What masking needs to know about the vocabulary.
@@ -196,7 +187,7 @@ struct Scratch {
 pub fn instances_from_document(
     docs: &[TokenizedDoc],
     doc_index: usize,
-    opts: &GenOptions,
+    opts: &DataprepOptions,
     vocab: &MaskVocab,
     rng: &mut Rng,
     out: &mut InstanceBatch,
@@ -214,7 +205,7 @@ thread_local! {
 fn document_instances(
     docs: &[TokenizedDoc],
     doc_index: usize,
-    opts: &GenOptions,
+    opts: &DataprepOptions,
     vocab: &MaskVocab,
     rng: &mut Rng,
     scratch: &mut Scratch,
@@ -330,7 +321,7 @@ fn push_instance(
     a: &[u32],
     b: &[u32],
     is_random_next: bool,
-    opts: &GenOptions,
+    opts: &DataprepOptions,
     vocab: &MaskVocab,
     rng: &mut Rng,
     s: &mut Scratch,
@@ -415,12 +406,10 @@ mod tests {
                 doc
             })
             .collect();
-        let opts = GenOptions {
+        let opts = DataprepOptions {
             max_seq_len: 32,
             max_predictions: 5,
-            masked_lm_prob: 0.15,
-            short_seq_prob: 0.1,
-            whole_word_mask: false,
+            ..Default::default()
         };
         let vocab = MaskVocab {
             cls: 1,

@@ -10,6 +10,7 @@ mod input;
 mod inspect;
 pub mod instances;
 mod manifest;
+mod options;
 pub mod pipeline;
 mod progress;
 mod rng;
@@ -21,7 +22,8 @@ mod wordpiece;
 
 pub use input::split_sentences;
 pub use inspect::{ShardStats, shard_stats};
-pub use manifest::{DataprepOptions, MANIFEST_FILE, Manifest, ShardEntry, Totals};
+pub use manifest::{MANIFEST_FILE, Manifest, RecordedOptions, ShardEntry, Totals};
+pub use options::DataprepOptions;
 pub use pipeline::{DataprepConfig, DataprepReport};
 pub use shards::{Instance, read_rows, row_group_rows};
 pub use synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus, synth_corpus_with};

@@ -20,7 +20,7 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// The options instances were generated with (everything that changes the bytes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DataprepOptions {
+pub struct RecordedOptions {
     pub masked_lm_prob: f64,
     pub short_seq_prob: f64,
     pub dupe_factor: usize,
@@ -96,7 +96,7 @@ pub struct Manifest {
     pub vocab_sha256: String,
     pub max_seq_len: usize,
     pub max_predictions: usize,
-    pub options: DataprepOptions,
+    pub options: RecordedOptions,
     pub inputs: Vec<String>,
     /// The vocabulary, copied into the dataset directory so the dataset is self-contained.
     pub vocab_file: String,
@@ -118,7 +118,7 @@ impl Manifest {
         vocab_sha256: String,
         max_seq_len: usize,
         max_predictions: usize,
-        options: DataprepOptions,
+        options: RecordedOptions,
         inputs: Vec<String>,
         vocab_file: String,
         totals: Totals,

@@ -49,12 +49,12 @@ fn fixture() -> &'static Fixture {
 fn config(inputs: Vec<PathBuf>, out: &Path) -> DataprepConfig {
     let f = fixture();
     let mut c = DataprepConfig::new(inputs, f.vocab.clone(), out.to_path_buf());
-    c.shard_rows = 1500;
-    c.row_group_rows = 256;
+    c.options.shard_rows = 1500;
+    c.options.row_group_rows = 256;
     c.window_bytes = 40_000;
     // Several slices per window, so slicing is part of what the tests check.
     c.slice_tokens = 2_000;
-    c.dupe_factor = 2;
+    c.options.dupe_factor = 2;
     c
 }
 
@@ -186,7 +186,7 @@ fn output_is_identical_for_any_thread_count_and_rows_read_back() {
     // A different seed gives different data.
     let out3 = f.root.join("det3");
     let mut c3 = config(vec![f.corpus.clone()], &out3);
-    c3.seed = 7;
+    c3.options.seed = 7;
     let r3 = bertrain_dataprep::pipeline::run(&c3).unwrap();
     assert_ne!(r3.train.content_hash(), r1.train.content_hash());
 }
@@ -253,7 +253,7 @@ fn validation_split_holds_out_whole_documents() {
     let f = fixture();
     let out = f.root.join("val");
     let mut c = config(vec![f.corpus.clone()], &out);
-    c.validation_fraction = 0.1;
+    c.options.validation_fraction = 0.1;
     let r = bertrain_dataprep::pipeline::run(&c).unwrap();
     let v = Manifest::load(&out.join("validation")).unwrap();
     v.verify_files().unwrap();
@@ -296,7 +296,7 @@ fn existing_dataset_needs_overwrite_and_foreign_files_are_never_removed() {
     assert!(err.contains("--overwrite"), "{err}");
     let mut c = config(vec![f.corpus.clone()], &out);
     c.overwrite = true;
-    c.shard_rows = 100_000;
+    c.options.shard_rows = 100_000;
     let r = bertrain_dataprep::pipeline::run(&c).unwrap();
     assert_eq!(r.train.shards.len(), 1);
     // The old run's extra shards are gone.
@@ -330,7 +330,7 @@ fn a_failed_run_leaves_no_manifest_and_a_damaged_shard_is_named() {
     let bad = f.root.join("bad.parquet");
     fs::write(&bad, b"not parquet").unwrap();
     let mut c = config(vec![f.corpus.clone(), bad], &out);
-    c.shard_rows = 300;
+    c.options.shard_rows = 300;
     let err = bertrain_dataprep::pipeline::run(&c).unwrap_err();
     assert!(format!("{err:#}").contains("bad.parquet"), "{err:#}");
     assert!(!out.join(MANIFEST_FILE).exists());
@@ -473,7 +473,7 @@ fn a_real_uncased_vocabulary_alone_lowercases_and_unknown_tokens_are_counted() {
     let run = |lowercase: Option<bool>, out: &str| {
         let mut c = DataprepConfig::new(vec![corpus.clone()], vocab.clone(), dir.path().join(out));
         c.lowercase = lowercase;
-        c.validation_fraction = 0.2;
+        c.options.validation_fraction = 0.2;
         c.show_progress = false;
         bertrain_dataprep::pipeline::run(&c).unwrap()
     };

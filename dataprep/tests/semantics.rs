@@ -1,10 +1,10 @@
 //! Statistical tests of the instance generator on documents whose token ids encode where each
 //! token came from (document and position), so every property can be checked exactly.
 
-use bertrain_dataprep::SeededRng;
 use bertrain_dataprep::instances::{
-    GenOptions, InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document,
+    InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document,
 };
+use bertrain_dataprep::{DataprepOptions, SeededRng};
 
 const CLS: u32 = 101;
 const SEP: u32 = 102;
@@ -48,7 +48,12 @@ fn vocab(continuation: impl Fn(u32) -> bool) -> MaskVocab {
     }
 }
 
-fn generate(docs: &[TokenizedDoc], opts: &GenOptions, v: &MaskVocab, dupes: u64) -> InstanceBatch {
+fn generate(
+    docs: &[TokenizedDoc],
+    opts: &DataprepOptions,
+    v: &MaskVocab,
+    dupes: u64,
+) -> InstanceBatch {
     let mut out = InstanceBatch::new();
     for dupe in 0..dupes {
         let mut rng = SeededRng::from_parts(&[42, dupe]);
@@ -59,13 +64,12 @@ fn generate(docs: &[TokenizedDoc], opts: &GenOptions, v: &MaskVocab, dupes: u64)
     out
 }
 
-fn options(whole_word_mask: bool) -> GenOptions {
-    GenOptions {
+fn options(whole_word_mask: bool) -> DataprepOptions {
+    DataprepOptions {
         max_seq_len: 64,
         max_predictions: 8,
-        masked_lm_prob: 0.15,
-        short_seq_prob: 0.1,
         whole_word_mask,
+        ..Default::default()
     }
 }
 

@@ -54,9 +54,9 @@ fn data() -> &'static Data {
         .unwrap();
         for (name, seed) in [("a", 1), ("b", 2)] {
             let mut c = DataprepConfig::new(vec![corpus.clone()], vocab.clone(), root.join(name));
-            c.seed = seed;
-            c.dupe_factor = 1;
-            c.validation_fraction = 0.2;
+            c.options.seed = seed;
+            c.options.dupe_factor = 1;
+            c.options.validation_fraction = 0.2;
             c.show_progress = false;
             bertrain_dataprep::pipeline::run(&c).unwrap();
         }

@@ -42,8 +42,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::input::{InputStats, expand_inputs};
-use crate::instances::{GenOptions, InstanceBatch, MaskVocab, TokenizedDoc};
-use crate::manifest::{DataprepOptions, MANIFEST_FILE, Manifest, ShardEntry, Totals};
+use crate::instances::{InstanceBatch, MaskVocab, TokenizedDoc};
+use crate::manifest::{MANIFEST_FILE, Manifest, RecordedOptions, ShardEntry, Totals};
+use crate::options::DataprepOptions;
 use crate::progress::Progress;
 use crate::shards::{RowRef, RowSource, ShardWriter};
 use crate::vocab::Vocab;
@@ -62,6 +63,9 @@ pub const UNIT_DOCS: usize = 8;
 /// Default tokens of the documents a slice of instances is made from (about 1 MiB of text).
 /// A slice's instances (five times its tokens) stay alive until its last row group is
 /// encoded, so this sets most of the peak.
+/// Text per window by default, in MiB (`--window-mb`).
+pub const DEFAULT_WINDOW_MB: usize = 4;
+
 pub const SLICE_TOKENS: usize = 256 * 1024;
 /// A final window smaller than this is merged into the previous one.
 pub const MIN_WINDOW_DOCS: usize = 64;
@@ -79,17 +83,8 @@ pub struct DataprepConfig {
     pub vocab: PathBuf,
     pub lowercase: Option<bool>,
     pub output: PathBuf,
-    pub max_seq_len: usize,
-    pub max_predictions: usize,
-    pub masked_lm_prob: f64,
-    pub short_seq_prob: f64,
-    pub dupe_factor: usize,
-    pub whole_word_mask: bool,
-    pub seed: u64,
-    pub shard_rows: usize,
-    pub row_group_rows: usize,
+    pub options: DataprepOptions,
     pub threads: usize,
-    pub validation_fraction: f64,
     pub window_bytes: usize,
     /// Tokens of the documents each slice of instances is made from (see the module docs).
     pub slice_tokens: usize,
@@ -98,25 +93,16 @@ pub struct DataprepConfig {
 }
 
 impl DataprepConfig {
-    /// The defaults for everything but the paths.
+    /// The default options, all cores, for these paths.
     pub fn new(inputs: Vec<PathBuf>, vocab: PathBuf, output: PathBuf) -> DataprepConfig {
         DataprepConfig {
             inputs,
             vocab,
             lowercase: None,
             output,
-            max_seq_len: 128,
-            max_predictions: 20,
-            masked_lm_prob: 0.15,
-            short_seq_prob: 0.1,
-            dupe_factor: 5,
-            whole_word_mask: false,
-            seed: 12345,
-            shard_rows: 100_000,
-            row_group_rows: 1024,
+            options: DataprepOptions::default(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            validation_fraction: 0.0,
-            window_bytes: 4 << 20,
+            window_bytes: DEFAULT_WINDOW_MB << 20,
             slice_tokens: SLICE_TOKENS,
             overwrite: false,
             show_progress: false,
@@ -124,38 +110,9 @@ impl DataprepConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.max_seq_len < 8 {
-            bail!(
-                "--max-seq-len {} is too small; it must be at least 8",
-                self.max_seq_len
-            );
-        }
-        if self.max_seq_len > 1 << 20 {
-            bail!("--max-seq-len {} is too large", self.max_seq_len);
-        }
-        if self.max_predictions == 0 {
-            bail!("--max-predictions must be at least 1");
-        }
-        if !(self.masked_lm_prob > 0.0 && self.masked_lm_prob <= 1.0) {
-            bail!("--masked-lm-prob {} must be in (0, 1]", self.masked_lm_prob);
-        }
-        if !(0.0..=1.0).contains(&self.short_seq_prob) {
-            bail!("--short-seq-prob {} must be in [0, 1]", self.short_seq_prob);
-        }
-        if self.dupe_factor == 0 {
-            bail!("--dupe-factor must be at least 1");
-        }
-        if self.shard_rows == 0 || self.row_group_rows == 0 {
-            bail!("--shard-rows and --row-group-rows must be at least 1");
-        }
+        self.options.validate()?;
         if self.threads == 0 {
             bail!("--threads must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.validation_fraction) {
-            bail!(
-                "--validation-fraction {} must be in [0, 1)",
-                self.validation_fraction
-            );
         }
         if self.window_bytes == 0 {
             bail!("--window-mb must be positive");
@@ -241,7 +198,7 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         .with_context(|| format!("reading vocabulary {}", vocab.path.display()))?;
     prepare_output(&cfg.output, cfg.overwrite)?;
     let val_dir = cfg.output.join(VALIDATION_DIR);
-    if cfg.validation_fraction > 0.0 {
+    if cfg.options.validation_fraction > 0.0 {
         fs::create_dir_all(&val_dir).with_context(|| format!("creating {}", val_dir.display()))?;
     }
     copy_vocab(&vocab, &vocab_bytes, &cfg.output)?;
@@ -251,28 +208,12 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         .thread_name(|i| format!("dataprep-{i}"))
         .build()
         .context("starting worker threads")?;
-    let gen_opts = GenOptions {
-        max_seq_len: cfg.max_seq_len,
-        max_predictions: cfg.max_predictions,
-        masked_lm_prob: cfg.masked_lm_prob,
-        short_seq_prob: cfg.short_seq_prob,
-        whole_word_mask: cfg.whole_word_mask,
-    };
 
     // The whole loop runs on the pool, reading and appending included, so `--threads` is the
     // number of threads at work: with one, everything happens on that thread.
     let tokenizer = Arc::new(tokenizer);
-    let written = pool.install(|| {
-        write_splits(
-            cfg,
-            &files,
-            tokenizer,
-            &gen_opts,
-            &mask_vocab,
-            &val_dir,
-            input_bytes,
-        )
-    })?;
+    let written =
+        pool.install(|| write_splits(cfg, &files, tokenizer, &mask_vocab, &val_dir, input_bytes))?;
     let (train_shards, mut train_totals) = written.train;
     let (val_shards, val_totals) = written.validation;
     let stats = written.input_stats;
@@ -295,17 +236,17 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
         );
     }
 
-    let options = DataprepOptions {
-        masked_lm_prob: cfg.masked_lm_prob,
-        short_seq_prob: cfg.short_seq_prob,
-        dupe_factor: cfg.dupe_factor,
-        whole_word_mask: cfg.whole_word_mask,
-        seed: cfg.seed,
-        shard_rows: cfg.shard_rows,
-        row_group_rows: cfg.row_group_rows,
+    let options = RecordedOptions {
+        masked_lm_prob: cfg.options.masked_lm_prob,
+        short_seq_prob: cfg.options.short_seq_prob,
+        dupe_factor: cfg.options.dupe_factor,
+        whole_word_mask: cfg.options.whole_word_mask,
+        seed: cfg.options.seed,
+        shard_rows: cfg.options.shard_rows,
+        row_group_rows: cfg.options.row_group_rows,
         window_bytes: cfg.window_bytes,
         slice_tokens: cfg.slice_tokens,
-        validation_fraction: cfg.validation_fraction,
+        validation_fraction: cfg.options.validation_fraction,
         lowercase: vocab.casing.lowercase,
         casing: vocab.casing.to_string(),
     };
@@ -318,15 +259,15 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
                 shards,
                 vocab.len(),
                 vocab.sha256.clone(),
-                cfg.max_seq_len,
-                cfg.max_predictions,
+                cfg.options.max_seq_len,
+                cfg.options.max_predictions,
                 options.clone(),
                 inputs.clone(),
                 vocab_file.to_string(),
                 totals,
             )
         };
-    let validation = if cfg.validation_fraction > 0.0 {
+    let validation = if cfg.options.validation_fraction > 0.0 {
         let m = manifest(
             &val_dir,
             "validation",
@@ -369,7 +310,6 @@ fn write_splits(
     cfg: &DataprepConfig,
     files: &[PathBuf],
     tokenizer: Arc<SentenceTokenizer>,
-    gen_opts: &GenOptions,
     mask_vocab: &MaskVocab,
     val_dir: &Path,
     input_bytes: u64,
@@ -377,8 +317,12 @@ fn write_splits(
     let unk = tokenizer.unk();
     let mut windows = WindowReader::new(files.to_vec(), cfg.window_bytes, tokenizer);
     let mut writers = [
-        ShardWriter::new(&cfg.output, cfg.shard_rows, cfg.row_group_rows)?,
-        ShardWriter::new(val_dir, cfg.shard_rows, cfg.row_group_rows)?,
+        ShardWriter::new(
+            &cfg.output,
+            cfg.options.shard_rows,
+            cfg.options.row_group_rows,
+        )?,
+        ShardWriter::new(val_dir, cfg.options.shard_rows, cfg.options.row_group_rows)?,
     ];
     let mut progress = Progress::new(cfg.show_progress, input_bytes);
     let mut totals = [Totals::default(), Totals::default()];
@@ -396,7 +340,7 @@ fn write_splits(
                     writer.drain()?;
                 }
                 let key = [docs.index, split as u64, slice as u64];
-                let out = generate_slice(split_docs, units, key, cfg, gen_opts, mask_vocab);
+                let out = generate_slice(split_docs, units, key, cfg, mask_vocab);
                 add_instance_totals(&mut totals[split], &out.batches);
                 let count = out.order.len();
                 writers[split].write_rows(Arc::new(out), count)?;

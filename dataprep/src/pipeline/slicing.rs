@@ -5,9 +5,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::instances::{
-    GenOptions, InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document,
-};
+use crate::instances::{InstanceBatch, MaskVocab, TokenizedDoc, instances_from_document};
 use crate::rng::Rng;
 
 use super::{DataprepConfig, SALT_SHUFFLE, SALT_UNIT, SliceOutput, UNIT_DOCS};
@@ -39,21 +37,26 @@ pub(super) fn generate_slice(
     units: Range<usize>,
     [window, split, slice]: [u64; 3],
     cfg: &DataprepConfig,
-    gen_opts: &GenOptions,
     vocab: &MaskVocab,
 ) -> SliceOutput {
     let per_dupe = units.len();
-    let batches: Vec<InstanceBatch> = (0..cfg.dupe_factor * per_dupe)
+    let batches: Vec<InstanceBatch> = (0..cfg.options.dupe_factor * per_dupe)
         .into_par_iter()
         .map(|i| {
             let (dupe, unit) = (i / per_dupe, units.start + i % per_dupe);
-            let mut rng =
-                Rng::from_parts(&[cfg.seed, SALT_UNIT, window, split, dupe as u64, unit as u64]);
+            let mut rng = Rng::from_parts(&[
+                cfg.options.seed,
+                SALT_UNIT,
+                window,
+                split,
+                dupe as u64,
+                unit as u64,
+            ]);
             GROWING_BATCH.with_borrow_mut(|batch| {
                 batch.clear();
                 let first = unit * UNIT_DOCS;
                 for d in first..(first + UNIT_DOCS).min(docs.len()) {
-                    instances_from_document(docs, d, gen_opts, vocab, &mut rng, batch);
+                    instances_from_document(docs, d, &cfg.options, vocab, &mut rng, batch);
                 }
                 // A copy with exactly the room it needs, one block per column.
                 batch.clone()
@@ -65,7 +68,7 @@ pub(super) fn generate_slice(
         .enumerate()
         .flat_map(|(b, batch)| (0..batch.rows() as u32).map(move |r| (b as u32, r)))
         .collect();
-    Rng::from_parts(&[cfg.seed, SALT_SHUFFLE, window, split, slice]).shuffle(&mut order);
+    Rng::from_parts(&[cfg.options.seed, SALT_SHUFFLE, window, split, slice]).shuffle(&mut order);
     SliceOutput { batches, order }
 }
 

@@ -226,7 +226,11 @@ pub(super) fn split_window(w: Window, cfg: &DataprepConfig) -> WindowDocs {
     for (i, doc) in w.docs.into_iter().enumerate() {
         if doc.sentences() == 0 {
             out.empty += 1;
-        } else if is_validation(cfg.seed, w.first_doc + i as u64, cfg.validation_fraction) {
+        } else if is_validation(
+            cfg.options.seed,
+            w.first_doc + i as u64,
+            cfg.options.validation_fraction,
+        ) {
             out.validation.push(doc);
         } else {
             out.train.push(doc);
