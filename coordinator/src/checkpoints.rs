@@ -55,7 +55,7 @@ pub struct TrainerState {
     /// Epoch of the next sample to read.
     pub epoch: u64,
     /// The data position: global samples consumed since the job started (`step *
-    /// global_batch_size`; the data order is a pure function of it, see `plan`).
+    /// global_batch_size`; the data order is a pure function of it, see the worker's `plan`).
     pub samples_consumed: u64,
     pub global_batch_size: u64,
     /// Learning rate of the last step taken (the schedule is a pure function of the step).

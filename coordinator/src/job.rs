@@ -61,8 +61,8 @@ pub struct DataSection {
     pub validation_manifest: Option<PathBuf>,
     /// Order each shuffle window's rows by length before cutting them into steps, so
     /// that a step's sequences have about one length and attention pads little (see
-    /// `plan::DataPlan::length_binned`). Default: on for datasets whose `max_seq_len` is
-    /// 256 or more, where lengths vary most.
+    /// `DataPlan::length_binned` in the worker's `plan`). Default: on for datasets whose
+    /// `max_seq_len` is 256 or more, where lengths vary most.
     pub length_bins: Option<bool>,
 }
 

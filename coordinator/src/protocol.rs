@@ -157,7 +157,7 @@ pub struct Welcome {
     pub peers: Vec<String>,
     pub job: JobConfig,
     /// Optimizer steps already completed (0 for a fresh job): the next step's 0-based
-    /// index, which is also the data position (see `plan`).
+    /// index, which is also the data position (see the worker's `plan`).
     pub start_step: u64,
     /// Where the state after `start_step` steps comes from.
     pub start: StartFrom,

@@ -308,7 +308,7 @@ pub(crate) struct Saver {
 }
 
 impl Saver {
-    pub fn new(job: &JobConfig, prepared: &Prepared, world: usize) -> Result<Saver> {
+    pub fn from_job(job: &JobConfig, prepared: &Prepared, world: usize) -> Result<Saver> {
         let checkpoints = layout::checkpoints_dir(&job.job.run_dir);
         std::fs::create_dir_all(&checkpoints)
             .with_context(|| format!("cannot create {}", checkpoints.display()))?;

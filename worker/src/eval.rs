@@ -21,7 +21,7 @@ pub(crate) struct Evaluator {
 }
 
 impl Evaluator {
-    pub fn new(
+    pub fn from_job(
         manifest: Manifest,
         job: &JobConfig,
         model: &BertConfig,

@@ -136,9 +136,9 @@ fn what_the_worker_does(job: &JobConfig) -> String {
     let peak = device::peak(choice, job.cluster.device_peak_tflops).map(|p| p.tflops);
     out += &format!("device {choice:?} peak {peak:?}\n");
 
-    let saver = Saver::new(job, &prepared, 1).unwrap();
+    let saver = Saver::from_job(job, &prepared, 1).unwrap();
     let validation = prepared.validation.clone().unwrap();
-    let evaluator = Evaluator::new(validation, job, &prepared.config, 0, 1).unwrap();
+    let evaluator = Evaluator::from_job(validation, job, &prepared.config, 0, 1).unwrap();
     let due = |f: &dyn Fn(u64) -> bool| (1..=30).filter(|&s| f(s)).collect::<Vec<_>>();
     out += &format!(
         "checkpoints after {:?} evaluations after {:?} of {} samples\n",

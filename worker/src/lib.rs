@@ -14,6 +14,7 @@ mod eval;
 pub mod loader;
 pub mod node;
 pub mod optim;
+mod plan;
 mod prepare;
 pub mod resident;
 pub mod schedule;

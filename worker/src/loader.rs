@@ -14,9 +14,9 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
+use crate::plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW, SampleRef};
 use anyhow::{Context, Result, bail};
 use bertrain_coordinator::job::{JobConfig, TrainSection};
-use bertrain_coordinator::plan::{BLOCK_ROWS, DataPlan, SHUFFLE_WINDOW, SampleRef};
 use bertrain_dataprep::{Instance, Manifest, read_rows};
 use bertrain_model::BertConfig;
 
@@ -396,7 +396,7 @@ impl SampleTrace {
         Ok(Some(SampleTrace { file, generation }))
     }
 
-    pub fn record(&self, step: u64, samples: &[bertrain_coordinator::SampleRef]) -> Result<()> {
+    pub fn record(&self, step: u64, samples: &[SampleRef]) -> Result<()> {
         use std::io::Write;
         let mut text = String::new();
         for s in samples {

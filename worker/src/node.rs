@@ -402,10 +402,10 @@ fn steps<B: AutodiffBackend>(
     let mut evaluator = prepared
         .validation
         .as_ref()
-        .map(|m| Evaluator::new(m.clone(), job, &prepared.config, rank, world))
+        .map(|m| Evaluator::from_job(m.clone(), job, &prepared.config, rank, world))
         .transpose()?;
     let mut saver = (rank == 0)
-        .then(|| Saver::new(job, prepared, world))
+        .then(|| Saver::from_job(job, prepared, world))
         .transpose()?;
     let sample_trace = SampleTrace::from_env(rank, welcome.generation)?;
     let mut meter = Meter::new(THROUGHPUT_SKIP_STEPS);
