@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use allocator::Workload;
+
+mod allocator;
 mod bench;
 mod demo;
 mod export;
@@ -66,17 +69,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Training reuses the same large buffers every step; dataprep streams windows through and
-    // must keep its peak memory flat instead (a retained heap grows with fragmentation).
     let streams_data = matches!(
         cli.command,
         Command::SynthCorpus(_) | Command::Vocab(_) | Command::Dataprep(_) | Command::Inspect(_)
     );
-    if streams_data {
-        share_two_arenas();
+    allocator::tune_for(if streams_data {
+        Workload::Streaming
     } else {
-        keep_freed_memory();
-    }
+        Workload::Training
+    });
     init_logging(cli.log_format);
     // A panic is a bug in bertrain, not a user error: say so in one line, no backtrace.
     std::panic::set_hook(Box::new(|info| {
@@ -119,37 +120,5 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// glibc gives each thread an arena of its own (up to 8 per core), and each arena keeps its
-/// own high-water mark, so dataprep's peak grows with its thread count. Two arenas bound
-/// that whatever `--threads` is; one arena would be tighter still, but measured 20% slower
-/// with two threads (the threads then wait on its lock).
-fn share_two_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning parameters; called before any thread
-    // starts (argument parsing starts none).
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-/// glibc hands freed blocks above its mmap threshold straight back to the kernel, so every
-/// training step would page-fault its activations in again (measured: 15-20% of a CPU step
-/// for the tiny and mini models; jemalloc measured slower still). The threshold cannot go
-/// above 32 MB, and a mini model's MLM logits or flat gradients are larger than that, so
-/// mmap is turned off altogether (`M_MMAP_MAX` 0: large blocks come from the heap and are
-/// reused; measured +30% tiny, +11% mini with `bench train --workers 2`), and the heap is
-/// never trimmed.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning parameters; called before any thread
-    // starts (argument parsing starts none).
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }

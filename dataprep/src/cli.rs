@@ -199,28 +199,9 @@ impl DataprepArgs {
 }
 
 pub fn run_dataprep(args: DataprepArgs) -> Result<()> {
-    keep_freed_memory();
     let report = crate::pipeline::run(&args.to_config())?;
     print_summary(&report);
     Ok(())
-}
-
-/// Makes glibc keep the memory dataprep frees for its next allocations. Every row group
-/// allocates and frees a few MB of buffers; with glibc's defaults, those above its mmap
-/// threshold, and the top of the heap beyond its trim threshold, went back to the kernel
-/// and came back as fresh pages, and the page faults took a fifth of the CPU (measured on
-/// the benchmark's 35 MB corpus: 220,000 faults with defaults, 20,000 with these settings,
-/// and a quarter less time with one thread). The cost is memory: each arena keeps its
-/// high-water mark, so the resident size settles a few windows into the run, above the
-/// live heap (README's dataprep section has the figures).
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is called before any thread of the
-    // run starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
 }
 
 fn print_summary(r: &DataprepReport) {
