@@ -9,8 +9,8 @@ use bertrain_model::BertConfig;
 pub(super) fn bench_checkpoint(presets: &str, dir: &Path) -> Result<()> {
     use bertrain_coordinator::checkpoints::{TRAINER_FORMAT_VERSION, TrainerState};
     use bertrain_model::{BertForPreTraining, ParamLayout};
-    use bertrain_worker::checkpoint::{PendingWrite, Snapshot};
-    use bertrain_worker::optim::OptimizerState;
+    use bertrain_worker::OptimizerState;
+    use bertrain_worker::{PendingWrite, Snapshot};
     if dir.exists() {
         bail!(
             "{} exists; choose another --dir (the benchmark removes it when done)",

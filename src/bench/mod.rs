@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use bertrain_coordinator::job::{Backend, Precision};
-use bertrain_worker::device::DeviceChoice;
+use bertrain_worker::DeviceChoice;
 
 mod allreduce;
 mod checkpoint;
@@ -247,14 +247,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 batches: parse_list(&batch, "--batch")?,
                 iters,
                 precision,
-                peak_tflops: bertrain_worker::device::peak(choice, peak_tflops).map(|p| p.tflops),
+                peak_tflops: bertrain_worker::peak(choice, peak_tflops).map(|p| p.tflops),
                 state_on_device: backend == Backend::Cuda,
                 label: match backend {
                     Backend::Cpu => "cpu".into(),
                     Backend::Cuda => format!("GPU {device}"),
                 },
             };
-            bertrain_worker::device::with_backend(choice, &bench)
+            bertrain_worker::with_backend(choice, &bench)
         }
         BenchKind::Scaling {
             workers,

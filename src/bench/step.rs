@@ -12,10 +12,10 @@ use std::time::Instant;
 use anyhow::Result;
 use bertrain_coordinator::job::Precision;
 use bertrain_model::{BertConfig, BertForPreTraining, init_bert};
+use bertrain_worker::OnBackend;
+use bertrain_worker::Trainer;
 use bertrain_worker::collective::LocalCollective;
-use bertrain_worker::device::OnBackend;
-use bertrain_worker::optim::{Optimizer, OptimizerConfig};
-use bertrain_worker::trainer::Trainer;
+use bertrain_worker::{Optimizer, OptimizerConfig};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -32,7 +32,7 @@ pub struct StepBench {
     /// Dense peak of the device in TFLOP/s, for the MFU column.
     pub peak_tflops: Option<f64>,
     /// Keep the optimizer state on the device, as a GPU worker does (see
-    /// `bertrain_worker::resident`); the CPU worker keeps it on the host.
+    /// the worker's `resident` module); the CPU worker keeps it on the host.
     pub state_on_device: bool,
     /// The device, in the table's title ("cpu", "GPU 0").
     pub label: String,

@@ -9,11 +9,11 @@ use bertrain_dataprep::{Instance, Manifest};
 use bertrain_model::init::SplitMix64;
 use bertrain_model::{BertConfig, init_bert};
 use bertrain_worker::CpuBackend;
-use bertrain_worker::batch::HostBatch;
+use bertrain_worker::HostBatch;
+use bertrain_worker::Trainer;
 use bertrain_worker::collective::{Collective, LocalCollective, RingListener, RingOptions};
-use bertrain_worker::loader::{BatchShape, SampleSource, step_data};
-use bertrain_worker::optim::{Optimizer, OptimizerConfig};
-use bertrain_worker::trainer::Trainer;
+use bertrain_worker::{BatchShape, SampleSource, step_data};
+use bertrain_worker::{Optimizer, OptimizerConfig};
 
 use super::{ISSUE_REFERENCE, PREDICTIONS, SEQ_LEN, bench_batch_size};
 

@@ -1,29 +1,35 @@
 //! The worker: one process per device. It joins the job, streams its slice of the data,
 //! trains a replica of the model and averages gradients with the other workers.
 //!
-//! Data flows through the modules in this order: [`batch`] (collation) -> [`trainer`]
-//! (forward/backward) -> [`collective`] (all-reduce) -> [`optim`] (update, with the
-//! learning rate from [`schedule`]). [`node`] is the `bertrain worker` process that drives
+//! Data flows through the modules in this order: `batch` (collation) -> `trainer`
+//! (forward/backward) -> [`collective`] (all-reduce) -> `optim` (update, with the
+//! learning rate from `schedule`). `node` is the `bertrain worker` process that drives
 //! them, on the backend `device` picks.
 
-pub mod batch;
-pub mod checkpoint;
+mod batch;
+mod checkpoint;
 pub mod collective;
-pub mod device;
+mod device;
 mod eval;
-pub mod loader;
-pub mod node;
-pub mod optim;
+mod loader;
+mod node;
+mod optim;
 mod plan;
 mod prepare;
-pub mod resident;
-pub mod schedule;
+mod resident;
+mod schedule;
 mod survivor;
-pub mod throughput;
-pub mod trainer;
+mod throughput;
+mod trainer;
 
-pub use device::set_precision;
+pub use batch::HostBatch;
+pub use checkpoint::{PendingWrite, Snapshot};
+pub use device::{DeviceChoice, OnBackend, peak, set_precision, with_backend};
+pub use loader::{BatchShape, SampleSource, step_data};
 pub use node::{WorkerArgs, run};
+pub use optim::{Optimizer, OptimizerConfig, OptimizerState};
+pub use schedule::LrSchedule;
+pub use trainer::Trainer;
 
 /// The CPU training backend: burn's Flex (pure Rust, measured fastest here) with autodiff.
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
