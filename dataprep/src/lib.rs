@@ -20,13 +20,11 @@ mod tasks;
 mod vocab;
 mod wordpiece;
 
-pub use input::split_sentences;
-pub use inspect::{ShardStats, shard_stats};
-pub use manifest::{MANIFEST_FILE, Manifest, RecordedOptions, ShardEntry, Totals};
+pub use manifest::{MANIFEST_FILE, Manifest};
 pub use options::DataprepOptions;
 pub use pipeline::{DataprepConfig, DataprepReport};
 pub use shards::{Instance, read_rows, row_group_rows};
-pub use synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus, synth_corpus_with};
+pub use synth::{SynthOptions, synth_corpus, synth_corpus_with};
 pub use vocab::{Casing, CasingSource, Vocab, bert_tokenizer};
 
 /// Seeded RNG used by the generator, exposed so tests can drive [`instances`] directly.
