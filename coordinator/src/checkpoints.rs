@@ -24,21 +24,19 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+pub use bertrain_files::{CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE};
 use bertrain_files::{sha256_file, sync_dir, write_atomically, write_synced};
 use serde::{Deserialize, Serialize};
 
-pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
-pub const CONFIG_FILE: &str = "config.json";
-pub const VOCAB_FILE: &str = "vocab.txt";
 pub const CHECKSUMS_FILE: &str = "checksums.sha256";
 pub const COMMIT_MARKER: &str = "COMMITTED";
 pub const LATEST_FILE: &str = "latest";
 
 /// Files every checkpoint holds (besides the checksum list and the marker).
 pub const CHECKPOINT_FILES: &[&str] = &[
-    MODEL_FILE,
+    WEIGHTS_FILE,
     OPTIMIZER_FILE,
     TRAINER_FILE,
     CONFIG_FILE,
@@ -344,7 +342,7 @@ mod tests {
         assert!(reports[0].contains("no COMMITTED marker"), "{reports:?}");
 
         // Corrupt one byte of the step-200 model: fall back to 100, naming the file.
-        let model = second.join(MODEL_FILE);
+        let model = second.join(WEIGHTS_FILE);
         let mut bytes = fs::read(&model).unwrap();
         bytes[0] ^= 1;
         fs::write(&model, bytes).unwrap();

@@ -15,7 +15,8 @@ use crate::manifest::Totals;
 use crate::options::DataprepOptions;
 use crate::pipeline::{DEFAULT_WINDOW_MB, DataprepConfig, DataprepReport};
 use crate::synth::{DEFAULT_SYNTH_DOCS, SynthOptions, synth_corpus_with};
-use crate::vocab::{Casing, CasingSource, TOKENIZER_CONFIG, train_vocab};
+use crate::vocab::{Casing, CasingSource, train_vocab};
+use bertrain_files::TOKENIZER_CONFIG_FILE;
 
 /// Train a WordPiece vocabulary (HF BERT layout: [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102,
 /// [MASK]=103) and write vocab.txt plus tokenizer_config.json beside it.
@@ -123,7 +124,7 @@ fn flag(lowercase: bool, cased: bool) -> Option<bool> {
 
 pub fn run_vocab(args: VocabArgs) -> Result<()> {
     let files = expand_inputs(&args.input)?;
-    let config = args.output.with_file_name(TOKENIZER_CONFIG);
+    let config = args.output.with_file_name(TOKENIZER_CONFIG_FILE);
     for p in [&args.output, &config] {
         if p.exists() && !args.overwrite {
             bail!(

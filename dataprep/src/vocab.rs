@@ -28,11 +28,10 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, Model, Tokenizer};
 
-use bertrain_files::hex;
+use bertrain_files::{TOKENIZER_CONFIG_FILE, hex};
 
 pub(crate) const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 const UNUSED_BEFORE_UNK: usize = 99;
-pub(crate) const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 const TOKENIZER_JSON: &str = "tokenizer.json";
 
 /// A vocabulary is taken as cased when more than this share of its ordinary tokens holds
@@ -81,7 +80,7 @@ impl fmt::Display for Casing {
                 if self.lowercase { "lowercase" } else { "cased" }
             ),
             CasingSource::TokenizerConfig => {
-                write!(f, "{case} (do_lower_case in {TOKENIZER_CONFIG})")
+                write!(f, "{case} (do_lower_case in {TOKENIZER_CONFIG_FILE})")
             }
             CasingSource::TokenizerJson => write!(f, "{case} (the normaliser in {TOKENIZER_JSON})"),
             CasingSource::Trained => write!(f, "{case} (as `bertrain vocab` trained it)"),
@@ -102,7 +101,7 @@ impl fmt::Display for Casing {
 impl Casing {
     /// Decides the casing of `vocab_txt` (whose tokens are `tokens`), as the module docs say.
     pub fn decide(vocab_txt: &Path, tokens: &[String], flag: Option<bool>) -> Result<Casing> {
-        let config = vocab_txt.with_file_name(TOKENIZER_CONFIG);
+        let config = vocab_txt.with_file_name(TOKENIZER_CONFIG_FILE);
         let json = vocab_txt.with_file_name(TOKENIZER_JSON);
         // The first file that says something decides; one that says nothing is passed by.
         let mut said = None;
@@ -590,25 +589,25 @@ mod tests {
 
         // tokenizer_config.json comes first; one without do_lower_case says nothing.
         let config = r#"{"do_lower_case": false}"#;
-        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG, config), (TOKENIZER_JSON, &json)]);
+        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG_FILE, config), (TOKENIZER_JSON, &json)]);
         let c = casing(&path, None).unwrap();
         assert_eq!(
             (c.lowercase, &c.source),
             (false, &CasingSource::TokenizerConfig)
         );
-        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG, "{}"), (TOKENIZER_JSON, &json)]);
+        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG_FILE, "{}"), (TOKENIZER_JSON, &json)]);
         assert_eq!(
             casing(&path, None).unwrap().source,
             CasingSource::TokenizerJson
         );
-        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG, r#"{"do_lower_case": "yes"}"#)]);
+        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG_FILE, r#"{"do_lower_case": "yes"}"#)]);
         let err = casing(&path, None).unwrap_err().to_string();
         assert!(err.contains("do_lower_case must be true or false"), "{err}");
 
         // What we write says what decided it, and reads back the same.
         let written = c.tokenizer_config_json();
         assert!(written.contains("\"bertrain_casing\": \"cased (do_lower_case in"));
-        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG, &written)]);
+        let (_d, path) = uncased_with(&[(TOKENIZER_CONFIG_FILE, &written)]);
         assert!(!casing(&path, None).unwrap().lowercase);
     }
 

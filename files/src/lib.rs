@@ -12,6 +12,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+/// The files of a Hugging Face model directory, which checkpoints, exports and datasets
+/// (the vocabulary and its casing) share.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const VOCAB_FILE: &str = "vocab.txt";
+/// HF's tokenizer settings (`do_lower_case`); dataprep writes it beside the vocabulary.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
 /// `dir/.NAME.tmp` for `dir/NAME`: where [`write_atomically`] writes before it renames
 /// (dataprep removes such leftovers of an interrupted run).
 pub fn temp_name(path: &Path) -> PathBuf {

@@ -16,11 +16,7 @@ use crate::config::BertConfig;
 use crate::init::{SplitMix64, init_slot};
 use crate::params::{ParamLayout, ParamSlot, flat_to_hf, hf_to_flat};
 
-pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const VOCAB_FILE: &str = "vocab.txt";
-/// HF's tokenizer settings (`do_lower_case`); dataprep writes it beside the vocabulary.
-pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+pub use bertrain_files::{CONFIG_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE};
 
 /// Weights read from a directory, in this project's flat layout.
 #[derive(Debug)]

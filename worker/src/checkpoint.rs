@@ -16,7 +16,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use bertrain_coordinator::WorkerClient;
 use bertrain_coordinator::checkpoints::{
-    self as layout, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, TrainerState, VOCAB_FILE,
+    self as layout, CONFIG_FILE, OPTIMIZER_FILE, TRAINER_FILE, TrainerState, VOCAB_FILE,
+    WEIGHTS_FILE,
 };
 use bertrain_coordinator::faults;
 use bertrain_coordinator::job::JobConfig;
@@ -69,7 +70,7 @@ pub fn write(checkpoints: &Path, snapshot: &Snapshot) -> Result<PathBuf> {
     let result = (|| {
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         hf::write_safetensors(
-            &tmp.join(MODEL_FILE),
+            &tmp.join(WEIGHTS_FILE),
             &snapshot.layout,
             &snapshot.params,
             Some(meta),

@@ -40,6 +40,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use bertrain_files::VOCAB_FILE;
 
 use crate::input::{InputStats, expand_inputs};
 use crate::instances::{InstanceBatch, MaskVocab, TokenizedDoc};
@@ -280,13 +281,7 @@ pub fn run(cfg: &DataprepConfig) -> Result<DataprepReport> {
     } else {
         None
     };
-    let mut train = manifest(
-        &cfg.output,
-        "train",
-        train_shards,
-        train_totals,
-        "vocab.txt",
-    );
+    let mut train = manifest(&cfg.output, "train", train_shards, train_totals, VOCAB_FILE);
     if validation.is_some() {
         train.set_validation_manifest(Some(format!("{VALIDATION_DIR}/{MANIFEST_FILE}")));
     }

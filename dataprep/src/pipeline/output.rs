@@ -4,10 +4,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use bertrain_files::write_atomically;
+use bertrain_files::{TOKENIZER_CONFIG_FILE, VOCAB_FILE, write_atomically};
 
 use crate::manifest::MANIFEST_FILE;
-use crate::vocab::{TOKENIZER_CONFIG, Vocab};
+use crate::vocab::Vocab;
 
 use super::VALIDATION_DIR;
 
@@ -96,17 +96,17 @@ pub(super) fn dataset_entries(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
 
 pub(super) fn is_dataset_file(name: &str) -> bool {
     name == MANIFEST_FILE
-        || name == "vocab.txt"
-        || name == TOKENIZER_CONFIG
+        || name == VOCAB_FILE
+        || name == TOKENIZER_CONFIG_FILE
         || (name.starts_with("shard-") && name.ends_with(".parquet"))
         || (name.starts_with('.') && name.ends_with(".tmp"))
 }
 
 /// Copies the vocabulary (and its lowercasing) into the dataset so it is self-contained.
 pub(super) fn copy_vocab(vocab: &Vocab, bytes: &[u8], dir: &Path) -> Result<()> {
-    write_atomically(&dir.join("vocab.txt"), bytes)?;
+    write_atomically(&dir.join(VOCAB_FILE), bytes)?;
     write_atomically(
-        &dir.join(TOKENIZER_CONFIG),
+        &dir.join(TOKENIZER_CONFIG_FILE),
         vocab.casing.tokenizer_config_json().as_bytes(),
     )
 }
