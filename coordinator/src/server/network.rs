@@ -9,7 +9,7 @@ use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{WorkerMsg, is_timeout, read_frame};
+use crate::protocol::{ReadError, WorkerMsg, read_frame};
 
 use super::{MAX_CONNECTIONS, WRITE_TIMEOUT};
 
@@ -107,25 +107,22 @@ fn read_loop(conn: ConnId, stream: TcpStream, events: Sender<Event>, silence: Du
         let event = match read_frame::<WorkerMsg>(&mut reader) {
             Ok(Some(msg)) => Event::Message { conn, msg },
             Ok(None) => Event::Closed { conn, reason: None },
+            // The read timeout is the heartbeat check (see `accept_loop`).
+            Err(ReadError::TimedOut) => Event::Closed {
+                conn,
+                reason: Some(format!(
+                    "silent for {:.1} s (no heartbeat within cluster.heartbeat_timeout_s)",
+                    silence.as_secs_f64()
+                )),
+            },
             Err(e) => Event::Closed {
                 conn,
-                reason: Some(describe_read_error(&e, silence)),
+                reason: Some(e.to_string()),
             },
         };
         let last = matches!(event, Event::Closed { .. });
         if events.send(event).is_err() || last {
             return;
         }
-    }
-}
-
-fn describe_read_error(err: &anyhow::Error, silence: Duration) -> String {
-    if is_timeout(err) {
-        format!(
-            "silent for {:.1} s (no heartbeat within cluster.heartbeat_timeout_s)",
-            silence.as_secs_f64()
-        )
-    } else {
-        format!("{err:#}")
     }
 }
