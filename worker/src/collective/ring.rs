@@ -770,6 +770,21 @@ mod tests {
         always_checksum: bool,
         f: impl Fn(&mut TcpRing) -> T + Sync,
     ) -> Vec<T> {
+        let options = RingOptions {
+            connect_timeout: Duration::from_secs(20),
+            io_timeout: Duration::from_secs(20),
+            session: 5,
+            always_checksum,
+        };
+        with_ring_options(world, &options, f)
+    }
+
+    /// [`with_ring`] with the ring's `options`.
+    fn with_ring_options<T: Send>(
+        world: usize,
+        options: &RingOptions,
+        f: impl Fn(&mut TcpRing) -> T + Sync,
+    ) -> Vec<T> {
         let listeners: Vec<RingListener> = (0..world)
             .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
             .collect();
@@ -777,18 +792,12 @@ mod tests {
             .iter()
             .map(|l| l.local_addr().unwrap().to_string())
             .collect();
-        let options = RingOptions {
-            connect_timeout: Duration::from_secs(20),
-            io_timeout: Duration::from_secs(20),
-            session: 5,
-            always_checksum,
-        };
         thread::scope(|s| {
             let handles: Vec<_> = listeners
                 .into_iter()
                 .enumerate()
                 .map(|(rank, l)| {
-                    let (peers, options, f) = (&peers, &options, &f);
+                    let (peers, f) = (&peers, &f);
                     s.spawn(move || {
                         let mut ring = l.connect(rank, peers, options).unwrap();
                         f(&mut ring)
@@ -927,6 +936,55 @@ mod tests {
             assert!(err.contains("ring all-reduce"), "rank {rank}: {err}");
             assert!(second.unwrap_err().contains("broken"), "rank {rank}");
         }
+    }
+
+    #[test]
+    fn a_silent_peer_is_told_from_a_gone_one() {
+        let options = RingOptions {
+            connect_timeout: Duration::from_secs(20),
+            io_timeout: Duration::from_millis(300),
+            session: 6,
+            always_checksum: false,
+        };
+        // Rank 1 keeps its links open but sends nothing: rank 0 waits for the io timeout.
+        let silent = with_ring_options(2, &options, |ring| {
+            if ring.rank() == 1 {
+                thread::sleep(Duration::from_secs(2));
+                return None;
+            }
+            let first = ring.all_reduce_mean(&mut [1.0; 10]).unwrap_err();
+            let second = ring.all_reduce_mean(&mut [1.0; 10]).unwrap_err();
+            Some((first, second))
+        });
+        let (first, second) = silent[0].as_ref().unwrap();
+        match first.downcast_ref::<RingError>() {
+            Some(RingError::PeerSilent {
+                peer: 1,
+                direction: Direction::Receiving,
+                timeout,
+            }) => assert_eq!(*timeout, options.io_timeout),
+            _ => panic!("expected rank 1 to be silent: {first:#}"),
+        }
+        assert!(matches!(
+            second.downcast_ref::<RingError>(),
+            Some(RingError::Broken(_))
+        ));
+        // Rank 1 leaves: rank 0's link fails at once, well before the timeout.
+        let gone = with_ring_options(2, &options, |ring| {
+            if ring.rank() == 1 {
+                ring.links = None;
+                return None;
+            }
+            Some(ring.all_reduce_mean(&mut [1.0; 10]).unwrap_err())
+        });
+        let error = gone[0].as_ref().unwrap();
+        assert!(
+            matches!(
+                error.downcast_ref::<RingError>(),
+                Some(RingError::Link { peer: 1, .. })
+            ),
+            "{error:#}"
+        );
     }
 
     #[test]
