@@ -388,4 +388,43 @@ mod tests {
         .unwrap();
         assert!(read_frame::<WorkerMsg>(&mut bad_hex.as_slice()).is_err());
     }
+
+    #[test]
+    fn read_errors_say_what_went_wrong() {
+        /// A stream whose every read fails with `kind`, as a socket does.
+        struct Failing(io::ErrorKind);
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(self.0.into())
+            }
+        }
+        fn read(mut r: &mut dyn Read) -> ReadError {
+            read_frame::<WorkerMsg>(&mut r).unwrap_err()
+        }
+        // A socket read timeout (Linux says WouldBlock) is a silent peer, not a broken one.
+        assert!(matches!(
+            read(&mut Failing(io::ErrorKind::WouldBlock)),
+            ReadError::TimedOut
+        ));
+        assert!(matches!(
+            read(&mut Failing(io::ErrorKind::ConnectionReset)),
+            ReadError::Io(_)
+        ));
+        assert!(matches!(
+            read(&mut [0u8, 0].as_slice()),
+            ReadError::Truncated("a frame header")
+        ));
+        assert!(matches!(
+            read(&mut [0u8, 0, 0, 9, b'{'].as_slice()),
+            ReadError::Truncated("a frame body")
+        ));
+        let oversized = (WorkerMsg::MAX_BYTES + 1).to_be_bytes();
+        let error = read(&mut oversized.as_slice());
+        assert!(matches!(error, ReadError::Malformed(_)));
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"{{{{{");
+        let error = read(&mut garbage.as_slice());
+        assert!(matches!(error, ReadError::Malformed(_)), "{error}");
+        assert!(!error.to_string().contains('\n'), "{error}");
+    }
 }
