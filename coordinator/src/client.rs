@@ -1,6 +1,6 @@
 //! The worker's side of the protocol: join, heartbeats, reports, bootstrap, stop.
 
-use std::io::{BufReader, ErrorKind};
+use std::io::BufReader;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::job::JobConfig;
 use crate::protocol::{
-    CoordinatorMsg, EvalMetrics, JoinRequest, MAX_REASON_BYTES, PROTOCOL_VERSION, StepMetrics,
-    Welcome, WorkerMsg, read_frame, write_frame,
+    CoordinatorMsg, EvalMetrics, JoinRequest, MAX_REASON_BYTES, PROTOCOL_VERSION, ReadError,
+    StepMetrics, Welcome, WorkerMsg, read_frame, write_frame,
 };
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -364,17 +364,11 @@ fn receive(
         }
         Ok(Some(msg)) => Ok(msg),
         Ok(None) => bail!("coordinator {addr} closed the connection"),
-        Err(e) if is_timeout(&e) => {
+        Err(ReadError::TimedOut) => {
             bail!("timed out waiting for the coordinator at {addr} (other workers missing?)")
         }
-        Err(e) => Err(e.context(format!("reading from the coordinator at {addr}"))),
+        Err(e) => bail!("reading from the coordinator at {addr}: {e}"),
     }
-}
-
-fn is_timeout(err: &anyhow::Error) -> bool {
-    err.chain()
-        .filter_map(|e| e.downcast_ref::<std::io::Error>())
-        .any(|e| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
 }
 
 fn spawn_heartbeat(

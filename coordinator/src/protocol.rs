@@ -216,19 +216,45 @@ pub struct EvalMetrics {
     pub samples: u64,
 }
 
-/// Whether `err` comes from a socket read or write that ran out of its timeout (Linux
-/// reports those as `WouldBlock`): how both the coordinator and the ring tell a silent peer
-/// from a broken connection.
-pub fn is_timeout(err: &anyhow::Error) -> bool {
-    err.chain()
-        .filter_map(|e| e.downcast_ref::<io::Error>())
-        .any(|e| {
-            matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            )
-        })
+/// Why [`read_frame`] returned no message (a clean end of stream between frames is
+/// `Ok(None)`, not an error): what readers branch on to tell a silent peer from a broken
+/// connection or a peer that does not speak the protocol.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Nothing arrived within the socket's read timeout.
+    TimedOut,
+    /// The stream ended inside a frame.
+    Truncated(&'static str),
+    /// A frame over the size limit, or one that is not a valid message.
+    Malformed(String),
+    /// The connection broke (reset, shut down, ...).
+    Io(io::Error),
 }
+
+impl ReadError {
+    /// Sorts a failed read: a read that ran out of its timeout (Linux reports those as
+    /// `WouldBlock`) is [`ReadError::TimedOut`], an end of stream is `truncated`.
+    fn from_io(e: io::Error, truncated: &'static str) -> ReadError {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ReadError::TimedOut,
+            io::ErrorKind::UnexpectedEof => ReadError::Truncated(truncated),
+            _ => ReadError::Io(e),
+        }
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::TimedOut => f.write_str("no frame arrived within the read timeout"),
+            ReadError::Truncated(what) => write!(f, "the stream ended inside {what}"),
+            ReadError::Malformed(why) => f.write_str(why),
+            ReadError::Io(e) => write!(f, "reading a frame failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
 
 /// Writes one frame.
 pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
@@ -250,31 +276,34 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<()> {
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames. Oversized,
 /// truncated or malformed frames are errors, never panics.
-pub fn read_frame<T: DeserializeOwned + Frame>(r: &mut impl Read) -> Result<Option<T>> {
+pub fn read_frame<T: DeserializeOwned + Frame>(
+    r: &mut impl Read,
+) -> std::result::Result<Option<T>, ReadError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len[..1]) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(ReadError::from_io(e, "a frame header")),
     }
     r.read_exact(&mut len[1..])
-        .context("truncated frame header")?;
+        .map_err(|e| ReadError::from_io(e, "a frame header"))?;
     let len = u32::from_be_bytes(len);
     if len > T::MAX_BYTES {
-        bail!(
+        return Err(ReadError::Malformed(format!(
             "frame of {len} bytes exceeds the {} byte limit",
             T::MAX_BYTES
-        );
+        )));
     }
     let mut body = Vec::new();
     r.take(u64::from(len))
         .read_to_end(&mut body)
-        .context("reading a frame body")?;
+        .map_err(|e| ReadError::from_io(e, "a frame body"))?;
     if body.len() != len as usize {
-        bail!("truncated frame body ({} of {len} bytes)", body.len());
+        return Err(ReadError::Truncated("a frame body"));
     }
-    let msg = serde_json::from_slice(&body).context("malformed protocol message")?;
-    Ok(Some(msg))
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| ReadError::Malformed(format!("malformed protocol message: {e}")))
 }
 
 /// Byte blobs travel as hex strings: JSON has no bytes type, and an array of numbers is
@@ -358,5 +387,44 @@ mod tests {
         )
         .unwrap();
         assert!(read_frame::<WorkerMsg>(&mut bad_hex.as_slice()).is_err());
+    }
+
+    #[test]
+    fn read_errors_say_what_went_wrong() {
+        /// A stream whose every read fails with `kind`, as a socket does.
+        struct Failing(io::ErrorKind);
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(self.0.into())
+            }
+        }
+        fn read(mut r: &mut dyn Read) -> ReadError {
+            read_frame::<WorkerMsg>(&mut r).unwrap_err()
+        }
+        // A socket read timeout (Linux says WouldBlock) is a silent peer, not a broken one.
+        assert!(matches!(
+            read(&mut Failing(io::ErrorKind::WouldBlock)),
+            ReadError::TimedOut
+        ));
+        assert!(matches!(
+            read(&mut Failing(io::ErrorKind::ConnectionReset)),
+            ReadError::Io(_)
+        ));
+        assert!(matches!(
+            read(&mut [0u8, 0].as_slice()),
+            ReadError::Truncated("a frame header")
+        ));
+        assert!(matches!(
+            read(&mut [0u8, 0, 0, 9, b'{'].as_slice()),
+            ReadError::Truncated("a frame body")
+        ));
+        let oversized = (WorkerMsg::MAX_BYTES + 1).to_be_bytes();
+        let error = read(&mut oversized.as_slice());
+        assert!(matches!(error, ReadError::Malformed(_)));
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"{{{{{");
+        let error = read(&mut garbage.as_slice());
+        assert!(matches!(error, ReadError::Malformed(_)), "{error}");
+        assert!(!error.to_string().contains('\n'), "{error}");
     }
 }

@@ -1,18 +1,22 @@
-//! The state machine: the only code that changes the job's state or writes to workers.
+//! The state machine: the only code that changes the job's state. It never touches a
+//! socket: handling an event changes the state and queues [`Action`]s (messages to send,
+//! connections to close) in an outbox, which the network side performs (`network::serve`).
+//! That keeps every decision testable without processes or sockets (see `tests`).
 //! Where generations start, fail and regroup is in [`generations`]; what the ranks report
 //! (steps, evaluations, checkpoints) in [`reports`].
 
 mod generations;
 mod reports;
+#[cfg(test)]
+mod tests;
 
 use reports::ProgressLine;
 
 use std::collections::HashMap;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -21,7 +25,7 @@ use crate::job::{JobConfig, Resume};
 use crate::journal::{self, Entry, Journal};
 use crate::metrics::{Gather, MetricsLog};
 use crate::protocol::{
-    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, WorkerMsg, write_frame,
+    CoordinatorMsg, EvalMetrics, JoinRequest, PROTOCOL_VERSION, StepMetrics, WorkerMsg,
 };
 use crate::signals;
 use crate::status::{StatusBoard, WorkerView};
@@ -29,7 +33,31 @@ use crate::token::tokens_equal;
 use crate::watchdog::Watchdog;
 
 use super::network::{ConnId, Event};
-use super::{Coordinator, HELLO_TIMEOUT, TICK, world_size};
+use super::{HELLO_TIMEOUT, world_size};
+
+/// What the machine asks of the network side, performed in the order queued.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Action {
+    /// Write a message to a connection. A worker that cannot take it is disconnected, and
+    /// its reader thread then reports the close like any other loss.
+    Send(ConnId, CoordinatorMsg),
+    /// Shut a connection down; its reader thread then reports it closed.
+    Close(ConnId),
+}
+
+/// What `Coordinator::bind` settled about the job, which the machine starts from.
+pub(super) struct JobStart {
+    pub(super) job: JobConfig,
+    pub(super) token: String,
+    pub(super) dataset_hash: String,
+    pub(super) total_rows: u64,
+    /// Steps completed by the checkpoint the first generation loads (0 for a fresh run).
+    pub(super) start_step: u64,
+    /// That checkpoint, when resuming.
+    pub(super) resume_from: Option<PathBuf>,
+    /// Set to stop the job as SIGINT/SIGTERM would.
+    pub(super) interrupt: Arc<AtomicBool>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Stage {
@@ -44,7 +72,6 @@ enum Stage {
 }
 
 struct Conn {
-    stream: TcpStream,
     peer: SocketAddr,
     stage: Stage,
     since: Instant,
@@ -105,11 +132,13 @@ pub(super) struct Machine {
     /// Set while the members are asked to leave at an agreed step so that waiting workers
     /// can join (an elastic job growing back).
     regrouping: bool,
+    /// What handling events decided to send and close, until the network side takes it.
+    outbox: Vec<Action>,
 }
 
 impl Machine {
     pub(super) fn new(
-        c: &Coordinator,
+        c: JobStart,
         metrics_path: PathBuf,
         board: Arc<StatusBoard>,
     ) -> Result<Machine> {
@@ -136,12 +165,11 @@ impl Machine {
             s.step = (c.start_step > 0).then_some(c.start_step);
         });
         Ok(Machine {
-            job: c.job.clone(),
-            token: c.token.clone(),
-            dataset_hash: c.dataset_hash.clone(),
+            token: c.token,
+            dataset_hash: c.dataset_hash,
             total_rows: c.total_rows,
             start_step: c.start_step,
-            interrupt: c.interrupt.clone(),
+            interrupt: c.interrupt,
             board,
             log: None,
             conns: HashMap::new(),
@@ -156,12 +184,14 @@ impl Machine {
             progress: ProgressLine::new(c.start_step, c.job.train.max_steps),
             metrics_path,
             journal,
-            resume_from: c.resume_from.clone(),
+            resume_from: c.resume_from,
             restarts,
             watchdog: Watchdog::from_job(&c.job.cluster),
             stopping: None,
             unsaved: None,
             regrouping: false,
+            outbox: Vec::new(),
+            job: c.job,
         })
     }
 
@@ -169,45 +199,62 @@ impl Machine {
         world_size(&self.job)
     }
 
-    pub(super) fn run(&mut self, inbox: &Receiver<Event>) -> Result<()> {
-        if self.start_step >= self.job.train.max_steps {
+    /// Whether the checkpoint the job resumes from is already at `train.max_steps`: then
+    /// there is nothing to run (said in the log).
+    pub(super) fn finished_already(&self) -> bool {
+        let done = self.start_step >= self.job.train.max_steps;
+        if done {
             tracing::info!(
                 "the job already reached train.max_steps = {} at its last checkpoint; nothing to do",
                 self.job.train.max_steps
             );
-            return Ok(());
         }
-        self.publish();
-        loop {
-            let flow = match inbox.recv_timeout(TICK) {
-                Ok(event) => self.handle(event),
-                Err(RecvTimeoutError::Timeout) => Flow::Continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    Flow::End(Err(anyhow::anyhow!("the listener stopped")))
-                }
-            };
-            let flow = match flow {
-                Flow::Continue => self.tick(),
-                end => end,
-            };
-            self.publish();
-            if let Flow::End(outcome) = flow {
-                if let Err(e) = &outcome {
-                    self.stop_all(&format!("{e:#}"), false);
-                }
-                return outcome;
+        done
+    }
+
+    /// Handles `event` (if one came), then checks timeouts and signals as of `now`, and
+    /// publishes the state. `Some(outcome)` once the job has ended; the actions to perform
+    /// are in the outbox ([`Machine::take_outbox`]) either way.
+    pub(super) fn advance(&mut self, event: Option<Event>, now: Instant) -> Option<Result<()>> {
+        let flow = match event {
+            Some(event) => self.handle(event),
+            None => Flow::Continue,
+        };
+        let flow = match flow {
+            Flow::Continue => self.tick(now),
+            end => end,
+        };
+        match flow {
+            Flow::Continue => {
+                self.publish();
+                None
             }
+            Flow::End(outcome) => Some(self.end(outcome)),
         }
+    }
+
+    /// Ends the job with `outcome`: publishes the state and, on failure, tells every member
+    /// to stop for good.
+    pub(super) fn end(&mut self, outcome: Result<()>) -> Result<()> {
+        self.publish();
+        if let Err(e) = &outcome {
+            self.stop_all(&format!("{e:#}"), false);
+        }
+        outcome
+    }
+
+    /// The actions queued since the last call, oldest first.
+    pub(super) fn take_outbox(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.outbox)
     }
 
     fn handle(&mut self, event: Event) -> Flow {
         match event {
-            Event::Connected { conn, stream, peer } => {
+            Event::Connected { conn, peer } => {
                 tracing::debug!(%peer, "connection");
                 self.conns.insert(
                     conn,
                     Conn {
-                        stream,
                         peer,
                         stage: Stage::New,
                         since: Instant::now(),
@@ -249,7 +296,7 @@ impl Machine {
                 for rank in 0..self.members.len() {
                     self.send(
                         self.members[rank].conn,
-                        &CoordinatorMsg::Bootstrap { blob: blob.clone() },
+                        CoordinatorMsg::Bootstrap { blob: blob.clone() },
                     );
                 }
                 Flow::Continue
@@ -367,10 +414,9 @@ impl Machine {
             return Flow::Continue;
         }
         let job = Box::new(self.job.clone());
-        if self.send(id, &CoordinatorMsg::JobOffer { job }) {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.stage = Stage::Offered;
-            }
+        self.send(id, CoordinatorMsg::JobOffer { job });
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.stage = Stage::Offered;
         }
         Flow::Continue
     }
@@ -457,12 +503,17 @@ impl Machine {
         }
     }
 
-    fn tick(&mut self) -> Flow {
-        for conn in self.conns.values() {
-            if conn.stage == Stage::New && conn.since.elapsed() > HELLO_TIMEOUT {
-                let _ = conn.stream.shutdown(Shutdown::Both);
-            }
-        }
+    fn tick(&mut self, now: Instant) -> Flow {
+        let silent: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.stage == Stage::New && now.saturating_duration_since(c.since) > HELLO_TIMEOUT
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        self.outbox.extend(silent.into_iter().map(Action::Close));
+        let since_progress = now.saturating_duration_since(self.last_progress);
         let signal = signals::received();
         let interrupted = signal.is_some() || self.interrupt.load(Ordering::SeqCst);
         if interrupted {
@@ -484,7 +535,7 @@ impl Machine {
                 for m in 0..self.members.len() {
                     self.send(
                         self.members[m].conn,
-                        &CoordinatorMsg::CheckpointAndStop {
+                        CoordinatorMsg::CheckpointAndStop {
                             reason: reason.clone(),
                         },
                     );
@@ -494,7 +545,7 @@ impl Machine {
         }
         if matches!(self.phase, Phase::Running) {
             let limit = self.watchdog.step_timeout.as_secs_f64();
-            if self.watchdog.stalled(self.last_progress.elapsed()) {
+            if self.watchdog.stalled(since_progress) {
                 let behind: Vec<String> = self
                     .members
                     .iter()
@@ -514,7 +565,7 @@ impl Machine {
         } else if self.generation > 0 {
             // An elastic job goes on with the workers it has once the others had their
             // time to come back.
-            let waited = self.last_progress.elapsed();
+            let waited = since_progress;
             if waited >= self.watchdog.rejoin_timeout
                 && let Some(size) = self.generation_size(self.waiting.len())
             {
@@ -529,7 +580,7 @@ impl Machine {
             // After a failed generation the job waits for its workers to come back, but
             // not forever: nobody may be left to restart them.
             let limit = self.watchdog.step_timeout.as_secs_f64();
-            if self.watchdog.stalled(self.last_progress.elapsed()) {
+            if self.watchdog.stalled(since_progress) {
                 return Flow::End(Err(anyhow::anyhow!(
                     "only {} of {} workers rejoined within {limit} s (cluster.step_timeout_s) after the last restart; \
                      restart the missing workers and run the coordinator again with --resume",
@@ -541,35 +592,26 @@ impl Machine {
         Flow::Continue
     }
 
-    /// Sends a message; a worker that cannot take it is disconnected (its reader thread
-    /// then reports the close, which is handled like any other loss).
-    fn send(&mut self, id: ConnId, msg: &CoordinatorMsg) -> bool {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return false;
-        };
-        match write_frame(&mut conn.stream, msg) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(peer = %conn.peer, "sending to a worker failed: {e:#}");
-                let _ = conn.stream.shutdown(Shutdown::Both);
-                false
-            }
+    /// Queues a message to a connection that is still open (as far as the machine knows).
+    fn send(&mut self, id: ConnId, msg: CoordinatorMsg) {
+        if self.conns.contains_key(&id) {
+            self.outbox.push(Action::Send(id, msg));
         }
     }
 
+    /// Tells a connection why it is turned away, then closes it.
     fn refuse(&mut self, id: ConnId, reason: &str) {
-        if let Some(conn) = self.conns.get(&id) {
-            tracing::warn!(peer = %conn.peer, "refused a worker: {reason}");
-        }
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
+        tracing::warn!(peer = %conn.peer, "refused a worker: {reason}");
         self.send(
             id,
-            &CoordinatorMsg::Refused {
+            CoordinatorMsg::Refused {
                 reason: reason.to_string(),
             },
         );
-        if let Some(conn) = self.conns.get(&id) {
-            let _ = conn.stream.shutdown(Shutdown::Both);
-        }
+        self.outbox.push(Action::Close(id));
     }
 
     fn stop_all(&mut self, reason: &str, rejoin: bool) {
@@ -577,7 +619,7 @@ impl Machine {
         for id in ids {
             self.send(
                 id,
-                &CoordinatorMsg::Stop {
+                CoordinatorMsg::Stop {
                     reason: reason.to_string(),
                     rejoin,
                 },
@@ -585,13 +627,7 @@ impl Machine {
         }
     }
 
-    pub(super) fn close_all(&mut self) {
-        for conn in self.conns.values() {
-            let _ = conn.stream.shutdown(Shutdown::Both);
-        }
-    }
-
-    fn publish(&self) {
+    pub(super) fn publish(&self) {
         let (state, workers) = match self.phase {
             Phase::Rendezvous => {
                 let workers = self

@@ -1,9 +1,11 @@
 //! `bertrain coordinator`: runs one job.
 //!
 //! Shape: an accept thread and one reader thread per connection (`network`) turn the
-//! network into events on a single channel; one state-machine loop (`machine`) consumes
-//! them and is the only code that changes the job's state or writes to workers. Nothing is
-//! shared but the channel and the status board the HTTP server reads. This file sets the
+//! network into events on a single channel; one state loop (`network::serve`) hands them
+//! to the state machine (`machine`), the only code that changes the job's state, and
+//! performs what the machine queued in its outbox (messages to send, connections to
+//! close), the only writes to workers. Nothing is shared but the channel and the status
+//! board the HTTP server reads. This file sets the
 //! job up: it loads the job file, checks the data, finds where a resumed run starts and
 //! binds the sockets.
 //!
@@ -37,8 +39,8 @@ use crate::status::StatusBoard;
 use crate::token::ensure_token;
 use crate::watchdog::Watchdog;
 
-use machine::Machine;
-use network::accept_loop;
+use machine::{JobStart, Machine};
+use network::{accept_loop, serve};
 
 /// How often the state loop wakes without events to check timeouts and signals.
 const TICK: Duration = Duration::from_millis(200);
@@ -200,10 +202,21 @@ impl Coordinator {
         );
 
         let metrics_path = self.job.job.run_dir.join("metrics.jsonl");
-        let outcome = Machine::new(&self, metrics_path, board.clone()).and_then(|mut machine| {
-            let outcome = machine.run(&inbox);
-            machine.close_all();
-            outcome
+        let start = JobStart {
+            job: self.job.clone(),
+            token: self.token.clone(),
+            dataset_hash: self.dataset_hash.clone(),
+            total_rows: self.total_rows,
+            start_step: self.start_step,
+            resume_from: self.resume_from.clone(),
+            interrupt: self.interrupt.clone(),
+        };
+        let outcome = Machine::new(start, metrics_path, board.clone()).and_then(|mut machine| {
+            if machine.finished_already() {
+                return Ok(());
+            }
+            machine.publish();
+            serve(&mut machine, &inbox)
         });
         board.update(|s| {
             s.state = if outcome.is_ok() {

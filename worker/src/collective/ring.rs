@@ -28,9 +28,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use socket2::SockRef;
 
 use bertrain_coordinator::faults;
-use bertrain_coordinator::protocol::is_timeout;
 
-use super::wire::{Framing, SEGMENT_BYTES};
+use super::wire::{Framing, LinkError, SEGMENT_BYTES};
 use super::{AbortHandle, Collective};
 
 /// Identifies a ring connection's opening message.
@@ -270,6 +269,80 @@ enum Apply {
     Copy,
 }
 
+/// Which of a rank's two links an operation failed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// Sending to the next rank.
+    Sending,
+    /// Receiving from the previous rank.
+    Receiving,
+}
+
+/// How a ring operation failed. The ring decides on it (a silent peer is reported with
+/// the timeout that declared it so, and the side that failed first is the one reported)
+/// by matching, not by reading messages; at the `Collective` boundary it becomes the
+/// source of an `anyhow::Error`.
+#[derive(Debug)]
+pub(crate) enum RingError {
+    /// The link to or from rank `peer` failed: the peer is gone or out of step, or this
+    /// rank's links were aborted (the coordinator ended the generation).
+    Link {
+        peer: usize,
+        direction: Direction,
+        cause: LinkError,
+    },
+    /// Rank `peer` sent or took nothing for `timeout` (`RingOptions::io_timeout`).
+    PeerSilent {
+        peer: usize,
+        direction: Direction,
+        timeout: Duration,
+    },
+    /// This direction stopped because the other one failed; the other's error is the one
+    /// reported.
+    OtherDirectionFailed,
+    /// The thread sending this rank's part of an all-reduce panicked.
+    SenderPanicked,
+    /// An earlier failure left the ring in an unknown state: every later call fails.
+    Broken(String),
+}
+
+impl std::fmt::Display for RingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let towards = |direction: &Direction, peer: &usize| match direction {
+            Direction::Sending => format!("sending to rank {peer}"),
+            Direction::Receiving => format!("receiving from rank {peer}"),
+        };
+        match self {
+            RingError::Link {
+                peer,
+                direction,
+                cause,
+            } => write!(f, "{}: {cause}", towards(direction, peer)),
+            RingError::PeerSilent {
+                peer,
+                direction,
+                timeout,
+            } => write!(
+                f,
+                "{}: nothing came for {timeout:?} (cluster.step_timeout_s): a peer is hung or silent",
+                towards(direction, peer)
+            ),
+            RingError::OtherDirectionFailed => {
+                f.write_str("stopped: the other direction of the ring failed")
+            }
+            RingError::SenderPanicked => f.write_str("the ring send thread panicked"),
+            RingError::Broken(why) => {
+                write!(
+                    f,
+                    "the collective ring is broken by an earlier error: {why}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for RingError {}
+
 /// The CPU collective: a ring of TCP connections between the ranks of a job.
 pub struct TcpRing {
     rank: usize,
@@ -285,26 +358,34 @@ pub struct TcpRing {
 impl TcpRing {
     fn ensure_usable(&self) -> Result<()> {
         match &self.broken {
-            Some(why) => bail!("the collective ring is broken by an earlier error: {why}"),
+            Some(why) => Err(RingError::Broken(why.clone()).into()),
             None => Ok(()),
         }
     }
 
     /// Runs `op`; on failure shuts both links (so neighbours fail fast instead of
     /// waiting for a timeout) and marks the ring broken.
-    fn guarded(&mut self, what: &str, op: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+    fn guarded(
+        &mut self,
+        what: &str,
+        op: impl FnOnce(&mut Self) -> Result<(), RingError>,
+    ) -> Result<()> {
         self.ensure_usable()?;
         let timeout = self.io_timeout;
         let result = op(self)
-            .map_err(|e| {
-                if is_timeout(&e) {
-                    e.context(format!(
-                        "nothing came for {timeout:?} (cluster.step_timeout_s): a peer is hung or silent"
-                    ))
-                } else {
-                    e
-                }
+            .map_err(|e| match e {
+                RingError::Link {
+                    peer,
+                    direction,
+                    cause: LinkError::TimedOut { .. },
+                } => RingError::PeerSilent {
+                    peer,
+                    direction,
+                    timeout,
+                },
+                other => other,
             })
+            .map_err(anyhow::Error::new)
             .with_context(|| format!("{what} on rank {} of {}", self.rank, self.world));
         if let Err(e) = &result {
             self.broken = Some(format!("{e:#}"));
@@ -372,22 +453,19 @@ struct ProgressState {
     received: usize,
     /// Steps whose chunk has been sent completely.
     steps_sent: usize,
-    /// The side that failed first ("sending" or "receiving"); the other stops waiting.
-    failed: Option<&'static str>,
+    /// The side that failed first; the other stops waiting.
+    failed: Option<Direction>,
 }
 
-/// The error of the side that stopped because the other one failed.
-const OTHER_SIDE_FAILED: &str = "stopped: the other direction of the ring failed";
-
 impl Progress {
-    fn wait(&self, done: impl Fn(&ProgressState) -> bool) -> Result<()> {
+    fn wait(&self, done: impl Fn(&ProgressState) -> bool) -> Result<(), RingError> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if done(&state) {
                 return Ok(());
             }
             if state.failed.is_some() {
-                bail!(OTHER_SIDE_FAILED);
+                return Err(RingError::OtherDirectionFailed);
             }
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
@@ -398,13 +476,13 @@ impl Progress {
         self.changed.notify_all();
     }
 
-    fn fail(&self, side: &'static str) {
+    fn fail(&self, side: Direction) {
         self.update(|s| {
             s.failed.get_or_insert(side);
         });
     }
 
-    fn first_failure(&self) -> Option<&'static str> {
+    fn first_failure(&self) -> Option<Direction> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).failed
     }
 }
@@ -458,7 +536,7 @@ fn receive_segment(
     into: &mut [f32],
     apply: Apply,
     scratch: &mut Vec<f32>,
-) -> Result<()> {
+) -> Result<(), LinkError> {
     match apply {
         Apply::Copy => framing.read(stream, bytemuck::cast_slice_mut(into)),
         Apply::Add | Apply::AddThenDivide(_) => {
@@ -492,7 +570,7 @@ fn pipelined_all_reduce(
     scratch: &mut Vec<f32>,
     buf: &mut [f32],
     schedule: &[Step],
-) -> Result<()> {
+) -> Result<(), RingError> {
     // Segments the receiver has finished before each step begins.
     let received_before: Vec<usize> = schedule
         .iter()
@@ -516,7 +594,7 @@ fn pipelined_all_reduce(
     } = links;
     let (sent, received) = thread::scope(|s| {
         let sender = s.spawn(|| {
-            let result = (|| -> Result<()> {
+            let result = (|| -> Result<(), RingError> {
                 for (i, step) in schedule.iter().enumerate() {
                     for (j, segment) in segments(step.send.clone()).enumerate() {
                         if i > 0 {
@@ -528,7 +606,12 @@ fn pipelined_all_reduce(
                         // in step 0 it is untouched input) and does not write it again
                         // before `steps_sent` passes this step.
                         let data = unsafe { shared.segment(segment) };
-                        send.write(next, bytemuck::cast_slice(data))?;
+                        send.write(next, bytemuck::cast_slice(data))
+                            .map_err(|cause| RingError::Link {
+                                peer: *next_rank,
+                                direction: Direction::Sending,
+                                cause,
+                            })?;
                     }
                     progress.update(|p| p.steps_sent = i + 1);
                     if i == schedule.len() / 2 && faults::due_now(faults::DIE_IN_ALL_GATHER) {
@@ -539,12 +622,12 @@ fn pipelined_all_reduce(
                 Ok(())
             })();
             if result.is_err() {
-                progress.fail("sending");
+                progress.fail(Direction::Sending);
                 let _ = prev_ctl.shutdown(Shutdown::Both);
             }
             result
         });
-        let received = (|| -> Result<()> {
+        let received = (|| -> Result<(), RingError> {
             for (i, step) in schedule.iter().enumerate() {
                 if matches!(step.apply, Apply::Copy) {
                     // An all-gather step overwrites a chunk this rank sent in an earlier
@@ -556,26 +639,28 @@ fn pipelined_all_reduce(
                     // it, and has finished any earlier step that read it (waited for above;
                     // a reduce-scatter step receives a chunk no earlier step sent).
                     let into = unsafe { shared.segment_mut(segment) };
-                    receive_segment(prev, recv, into, step.apply, scratch)?;
+                    receive_segment(prev, recv, into, step.apply, scratch).map_err(|cause| {
+                        RingError::Link {
+                            peer: *prev_rank,
+                            direction: Direction::Receiving,
+                            cause,
+                        }
+                    })?;
                     progress.update(|p| p.received += 1);
                 }
             }
             Ok(())
         })();
         if received.is_err() {
-            progress.fail("receiving");
+            progress.fail(Direction::Receiving);
             let _ = next_ctl.shutdown(Shutdown::Both);
         }
-        let sent = sender
-            .join()
-            .unwrap_or_else(|_| Err(anyhow!("the ring send thread panicked")));
+        let sent = sender.join().unwrap_or(Err(RingError::SenderPanicked));
         (sent, received)
     });
-    let sent = sent.with_context(|| format!("sending to rank {next_rank}"));
-    let received = received.with_context(|| format!("receiving from rank {prev_rank}"));
     // Report the side that failed first, not the one that stopped because of it.
     match progress.first_failure() {
-        Some("receiving") => received.and(sent),
+        Some(Direction::Receiving) => received.and(sent),
         _ => sent.and(received),
     }
 }
@@ -627,13 +712,21 @@ impl Collective for TcpRing {
                     links
                         .recv
                         .read(&mut links.prev, bytemuck::cast_slice_mut(piece))
-                        .with_context(|| format!("receiving from rank {}", links.prev_rank))?;
+                        .map_err(|cause| RingError::Link {
+                            peer: links.prev_rank,
+                            direction: Direction::Receiving,
+                            cause,
+                        })?;
                 }
                 if distance < w - 1 {
                     links
                         .send
                         .write(&mut links.next, bytemuck::cast_slice(piece))
-                        .with_context(|| format!("sending to rank {}", links.next_rank))?;
+                        .map_err(|cause| RingError::Link {
+                            peer: links.next_rank,
+                            direction: Direction::Sending,
+                            cause,
+                        })?;
                 }
             }
             Ok(())
@@ -677,6 +770,21 @@ mod tests {
         always_checksum: bool,
         f: impl Fn(&mut TcpRing) -> T + Sync,
     ) -> Vec<T> {
+        let options = RingOptions {
+            connect_timeout: Duration::from_secs(20),
+            io_timeout: Duration::from_secs(20),
+            session: 5,
+            always_checksum,
+        };
+        with_ring_options(world, &options, f)
+    }
+
+    /// [`with_ring`] with the ring's `options`.
+    fn with_ring_options<T: Send>(
+        world: usize,
+        options: &RingOptions,
+        f: impl Fn(&mut TcpRing) -> T + Sync,
+    ) -> Vec<T> {
         let listeners: Vec<RingListener> = (0..world)
             .map(|_| RingListener::bind("127.0.0.1:0").unwrap())
             .collect();
@@ -684,18 +792,12 @@ mod tests {
             .iter()
             .map(|l| l.local_addr().unwrap().to_string())
             .collect();
-        let options = RingOptions {
-            connect_timeout: Duration::from_secs(20),
-            io_timeout: Duration::from_secs(20),
-            session: 5,
-            always_checksum,
-        };
         thread::scope(|s| {
             let handles: Vec<_> = listeners
                 .into_iter()
                 .enumerate()
                 .map(|(rank, l)| {
-                    let (peers, options, f) = (&peers, &options, &f);
+                    let (peers, f) = (&peers, &f);
                     s.spawn(move || {
                         let mut ring = l.connect(rank, peers, options).unwrap();
                         f(&mut ring)
@@ -834,6 +936,55 @@ mod tests {
             assert!(err.contains("ring all-reduce"), "rank {rank}: {err}");
             assert!(second.unwrap_err().contains("broken"), "rank {rank}");
         }
+    }
+
+    #[test]
+    fn a_silent_peer_is_told_from_a_gone_one() {
+        let options = RingOptions {
+            connect_timeout: Duration::from_secs(20),
+            io_timeout: Duration::from_millis(300),
+            session: 6,
+            always_checksum: false,
+        };
+        // Rank 1 keeps its links open but sends nothing: rank 0 waits for the io timeout.
+        let silent = with_ring_options(2, &options, |ring| {
+            if ring.rank() == 1 {
+                thread::sleep(Duration::from_secs(2));
+                return None;
+            }
+            let first = ring.all_reduce_mean(&mut [1.0; 10]).unwrap_err();
+            let second = ring.all_reduce_mean(&mut [1.0; 10]).unwrap_err();
+            Some((first, second))
+        });
+        let (first, second) = silent[0].as_ref().unwrap();
+        match first.downcast_ref::<RingError>() {
+            Some(RingError::PeerSilent {
+                peer: 1,
+                direction: Direction::Receiving,
+                timeout,
+            }) => assert_eq!(*timeout, options.io_timeout),
+            _ => panic!("expected rank 1 to be silent: {first:#}"),
+        }
+        assert!(matches!(
+            second.downcast_ref::<RingError>(),
+            Some(RingError::Broken(_))
+        ));
+        // Rank 1 leaves: rank 0's link fails at once, well before the timeout.
+        let gone = with_ring_options(2, &options, |ring| {
+            if ring.rank() == 1 {
+                ring.links = None;
+                return None;
+            }
+            Some(ring.all_reduce_mean(&mut [1.0; 10]).unwrap_err())
+        });
+        let error = gone[0].as_ref().unwrap();
+        assert!(
+            matches!(
+                error.downcast_ref::<RingError>(),
+                Some(RingError::Link { peer: 1, .. })
+            ),
+            "{error:#}"
+        );
     }
 
     #[test]

@@ -10,14 +10,51 @@
 //! shared cores. Both ends of a connection see the same pair of addresses, so they always
 //! agree on whether it is checksummed.
 
-use std::io::{IoSlice, Read, Write};
-
-use anyhow::{Context, Result, bail};
+use std::io::{self, IoSlice, Read, Write};
 
 pub(crate) const HEADER_BYTES: usize = 12;
 
 /// Segments are at most this large, so a receiver can reduce one while the next arrives.
 pub(crate) const SEGMENT_BYTES: usize = 1 << 20;
+
+/// How reading or writing a frame failed, sorted for the ring to decide on (a silent
+/// peer is reported as such, see `ring::RingError`).
+#[derive(Debug)]
+pub enum LinkError {
+    /// The socket's timeout passed while `doing` (Linux reports that as `WouldBlock`).
+    TimedOut { doing: &'static str },
+    /// The connection failed while `doing`: the peer is gone, or this rank shut the link
+    /// down (an abort).
+    Io {
+        doing: &'static str,
+        error: io::Error,
+    },
+    /// A frame other than the one expected: the ranks are out of step, or the bytes were
+    /// corrupted in transit.
+    Unexpected(String),
+}
+
+impl LinkError {
+    /// The error of a failed socket call made while `doing`.
+    fn io(doing: &'static str) -> impl FnOnce(io::Error) -> LinkError {
+        move |error| match error.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LinkError::TimedOut { doing },
+            _ => LinkError::Io { doing, error },
+        }
+    }
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::TimedOut { doing } => write!(f, "{doing}: timed out"),
+            LinkError::Io { doing, error } => write!(f, "{doing}: {error}"),
+            LinkError::Unexpected(what) => f.write_str(what),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {}
 
 /// One direction of a link: the frame counter and whether payloads are checksummed.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +77,7 @@ impl Framing {
     }
 
     /// Writes `payload` as one frame.
-    pub fn write(&mut self, w: &mut impl Write, payload: &[u8]) -> Result<()> {
+    pub fn write(&mut self, w: &mut impl Write, payload: &[u8]) -> Result<(), LinkError> {
         let mut header = [0u8; HEADER_BYTES];
         header[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         header[4..8].copy_from_slice(&self.seq.to_le_bytes());
@@ -50,28 +87,31 @@ impl Framing {
     }
 
     /// Reads one frame of exactly `into.len()` bytes into `into` and verifies it.
-    pub fn read(&mut self, r: &mut impl Read, into: &mut [u8]) -> Result<()> {
+    pub fn read(&mut self, r: &mut impl Read, into: &mut [u8]) -> Result<(), LinkError> {
         let mut header = [0u8; HEADER_BYTES];
         r.read_exact(&mut header)
-            .context("reading a frame header")?;
+            .map_err(LinkError::io("reading a frame header"))?;
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let got_seq = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let crc = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
         if got_seq != self.seq {
-            bail!(
+            return Err(LinkError::Unexpected(format!(
                 "frame {got_seq} arrived where frame {} was expected (ranks out of step)",
                 self.seq
-            );
+            )));
         }
         if len != into.len() {
-            bail!(
+            return Err(LinkError::Unexpected(format!(
                 "frame of {len} bytes where {} were expected (ranks disagree on buffer sizes)",
                 into.len()
-            );
+            )));
         }
-        r.read_exact(into).context("reading a frame payload")?;
+        r.read_exact(into)
+            .map_err(LinkError::io("reading a frame payload"))?;
         if self.crc(into) != crc {
-            bail!("frame {got_seq} failed its checksum (data corrupted in transit)");
+            return Err(LinkError::Unexpected(format!(
+                "frame {got_seq} failed its checksum (data corrupted in transit)"
+            )));
         }
         self.seq = self.seq.wrapping_add(1);
         Ok(())
@@ -79,21 +119,23 @@ impl Framing {
 }
 
 /// Header and payload in as few syscalls as possible, without copying the payload.
-fn write_all_vectored(w: &mut impl Write, header: &[u8], payload: &[u8]) -> Result<()> {
+fn write_all_vectored(w: &mut impl Write, header: &[u8], payload: &[u8]) -> Result<(), LinkError> {
     let (mut h, mut p) = (header, payload);
     while !h.is_empty() {
         let n = w
             .write_vectored(&[IoSlice::new(h), IoSlice::new(p)])
-            .context("writing a frame")?;
+            .map_err(LinkError::io("writing a frame"))?;
         if n == 0 {
-            bail!("connection closed while writing a frame");
+            return Err(LinkError::Io {
+                doing: "writing a frame",
+                error: io::ErrorKind::WriteZero.into(),
+            });
         }
         let from_header = n.min(h.len());
         h = &h[from_header..];
         p = &p[n - from_header..];
     }
-    w.write_all(p).context("writing a frame")?;
-    Ok(())
+    w.write_all(p).map_err(LinkError::io("writing a frame"))
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! A generation's beginning and end: who the ranks are and where their state comes from
 //! ([`starting_point`]), a lost rank, and an elastic job's regrouping.
 
-use std::net::Shutdown;
 use std::path::Path;
 use std::time::Instant;
 
@@ -14,7 +13,7 @@ use crate::status::WorkerView;
 
 use super::super::network::ConnId;
 use super::reports::ProgressLine;
-use super::{Flow, Machine, Member, Phase, Stage};
+use super::{Action, Flow, Machine, Member, Phase, Stage};
 
 /// Where a generation starts, given the newest committed checkpoint (`(step, dir)`) and the
 /// steps of the states the joining workers kept (`held[rank]`, see
@@ -82,7 +81,7 @@ impl Machine {
         for m in 0..self.members.len() {
             self.send(
                 self.members[m].conn,
-                &CoordinatorMsg::Regroup {
+                CoordinatorMsg::Regroup {
                     reason: reason.clone(),
                 },
             );
@@ -196,7 +195,7 @@ impl Machine {
             };
             self.send(
                 self.members[rank].conn,
-                &CoordinatorMsg::Welcome(Box::new(welcome)),
+                CoordinatorMsg::Welcome(Box::new(welcome)),
             );
         }
         Flow::Continue
@@ -231,8 +230,8 @@ impl Machine {
         });
         self.stop_all(&reason, true);
         for member in std::mem::take(&mut self.members) {
-            if let Some(conn) = self.conns.remove(&member.conn) {
-                let _ = conn.stream.shutdown(Shutdown::Both);
+            if self.conns.remove(&member.conn).is_some() {
+                self.outbox.push(Action::Close(member.conn));
             }
         }
         // The fallback if no survivor kept its state: the newest checkpoint that is still
