@@ -2,7 +2,7 @@
 //! protocol with both of its ends, the HTTP status server, and `launch`.
 
 pub mod checkpoints;
-pub mod client;
+mod client;
 pub mod faults;
 mod http;
 pub mod job;
@@ -11,7 +11,7 @@ mod journal;
 pub mod launch;
 mod metrics;
 pub mod protocol;
-pub mod server;
+mod server;
 mod signals;
 mod status;
 mod token;
