@@ -17,9 +17,9 @@ mod status;
 mod token;
 mod watchdog;
 
-pub use client::{Fingerprint, JoinInfo, StopRequest, WorkerClient, hostname};
+pub use client::{Fingerprint, JoinInfo, WorkerClient, hostname};
 pub use job::{JobConfig, Override};
 pub use launch::LaunchArgs;
 pub use protocol::{EvalMetrics, StepMetrics, Welcome};
 pub use server::{Coordinator, CoordinatorArgs, load_job, run};
-pub use token::{ensure_token, read_token};
+pub use token::read_token;
