@@ -6,11 +6,8 @@
 use bertrain_coordinator::job::Precision;
 use bertrain_dataprep::Instance;
 use bertrain_model::{BertConfig, flatten_params, init_bert};
-use bertrain_worker::batch::HostBatch;
 use bertrain_worker::collective::LocalCollective;
-use bertrain_worker::optim::{Optimizer, OptimizerConfig};
-use bertrain_worker::trainer::Trainer;
-use bertrain_worker::{CpuBackend, set_precision};
+use bertrain_worker::{CpuBackend, HostBatch, Optimizer, OptimizerConfig, Trainer, set_precision};
 
 fn config() -> BertConfig {
     BertConfig {
