@@ -339,12 +339,25 @@ fn elastic_job_shrinks_and_grows_back() {
     assert_each_sample_once(&trace, STEPS.min(dataset_rows(dataset()) / 16));
     let (losses, expected) = (step_losses(&run), step_losses(reference()));
     assert_eq!(losses.len(), expected.len());
+    // A step whose all-reduce completed just before the SIGSTOP, but whose report the
+    // stopped rank never sent, is logged from the survivor's re-sent share alone, marked
+    // partial: its loss is half the batch's, so only whole steps are compared.
+    let partial: Vec<u64> = metrics(&run)
+        .iter()
+        .filter(|v| v.get("partial").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert!(partial.len() <= 1, "partial steps {partial:?}");
     let worst_loss = losses
         .iter()
         .zip(&expected)
         .map(|(&(s, a), &(t, b))| {
             assert_eq!(s, t);
-            (a - b).abs() / b.abs()
+            if partial.contains(&s) {
+                0.0
+            } else {
+                (a - b).abs() / b.abs()
+            }
         })
         .fold(0.0, f64::max);
     let worst_weight = final_weights(&run)

@@ -57,6 +57,7 @@ pub(crate) fn merge_steps(reports: &[StepMetrics]) -> StepMetrics {
         data_wait_s: mean(|r| r.data_wait_s),
         comm_s: mean(|r| r.comm_s),
         padding_fraction: mean(|r| r.padding_fraction),
+        world: reports.first().map_or(0, |r| r.world),
     }
 }
 
@@ -140,9 +141,12 @@ impl MetricsLog {
         self.last_step.is_some_and(|last| step <= last)
     }
 
-    pub(crate) fn write_step(&mut self, m: &StepMetrics) -> Result<()> {
+    /// Logs a step. `ranks` is how many ranks' shares `m` merges: fewer than the world
+    /// that ran the step (a survivor's re-sent report whose peers' reports were lost with
+    /// them) marks the line `"partial"`, since its figures cover only part of the batch.
+    pub(crate) fn write_step(&mut self, m: &StepMetrics, ranks: usize) -> Result<()> {
         self.last_step = Some(m.step);
-        self.write(json!({
+        let mut line = json!({
             "step": m.step,
             "loss": m.loss,
             "mlm_loss": m.mlm_loss,
@@ -156,7 +160,11 @@ impl MetricsLog {
             "comm_s": m.comm_s,
             "padding_fraction": m.padding_fraction,
             "time": unix_time(),
-        }))
+        });
+        if ranks < m.world {
+            line["partial"] = json!(format!("{ranks} of {} ranks", m.world));
+        }
+        self.write(line)
     }
 
     pub(crate) fn write_eval(&mut self, m: &EvalMetrics) -> Result<()> {
@@ -246,10 +254,13 @@ mod tests {
         let path = dir.join("metrics.jsonl");
         let mut log = MetricsLog::open(&path, 0).unwrap();
         for step in 0..5 {
-            log.write_step(&StepMetrics {
-                step,
-                ..Default::default()
-            })
+            log.write_step(
+                &StepMetrics {
+                    step,
+                    ..Default::default()
+                },
+                1,
+            )
             .unwrap();
         }
         log.write_eval(&EvalMetrics {
@@ -269,6 +280,30 @@ mod tests {
             })
             .collect();
         assert_eq!(steps, vec![0, 1, 2]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_step_merged_from_fewer_ranks_than_ran_it_is_marked_partial() {
+        let dir = std::env::temp_dir().join(format!("bertrain-partial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, 0).unwrap();
+        let report = |step| StepMetrics {
+            step,
+            world: 2,
+            ..Default::default()
+        };
+        log.write_step(&merge_steps(&[report(1), report(1)]), 2)
+            .unwrap();
+        log.write_step(&merge_steps(&[report(2)]), 1).unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let partial: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["partial"].clone())
+            .collect();
+        assert_eq!(partial, [Value::Null, Value::from("1 of 2 ranks")]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

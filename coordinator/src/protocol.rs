@@ -198,6 +198,10 @@ pub struct StepMetrics {
     pub comm_s: f64,
     /// Fraction of token positions in the step's batches that are padding.
     pub padding_fraction: f64,
+    /// Ranks of the generation that ran the step, whose shares make up its figures: a
+    /// report a survivor re-sends into a smaller generation is only part of its step.
+    #[serde(default)]
+    pub world: usize,
 }
 
 /// One rank's figures for one evaluation on the validation split.

@@ -442,7 +442,14 @@ fn steps<B: AutodiffBackend>(
                 // A step done again reports these losses (see `Held`).
                 if let Some(f) = e.downcast_ref::<AllReduceFailed>() {
                     let elapsed = started.elapsed().as_secs_f64();
-                    reports.push(step_metrics(step + 1, lr, &f.stats, elapsed, data_wait_s));
+                    reports.push(step_metrics(
+                        step + 1,
+                        lr,
+                        &f.stats,
+                        elapsed,
+                        data_wait_s,
+                        world,
+                    ));
                 }
             })?;
         let step_time = started.elapsed();
@@ -453,7 +460,7 @@ fn steps<B: AutodiffBackend>(
             .map(|b| b.training_flops(&prepared.config))
             .sum();
         meter.record(step + 1, stats.tokens, flops, step_time);
-        let report = step_metrics(step + 1, lr, &stats, step_time_s, data_wait_s);
+        let report = step_metrics(step + 1, lr, &stats, step_time_s, data_wait_s, world);
         // Kept before it is sent: a report the coordinator never got is sent again.
         reports.push(report.clone());
         client.report_step(&report)?;
@@ -546,6 +553,7 @@ fn step_metrics(
     s: &StepStats,
     step_time_s: f64,
     data_wait_s: f64,
+    world: usize,
 ) -> StepMetrics {
     StepMetrics {
         step,
@@ -560,5 +568,6 @@ fn step_metrics(
         data_wait_s,
         comm_s: s.comm_s,
         padding_fraction: s.padding_fraction,
+        world,
     }
 }

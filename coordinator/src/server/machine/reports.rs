@@ -30,7 +30,7 @@ impl Machine {
         };
         let merged = merge_steps(&all);
         self.last_progress = Instant::now();
-        if let Err(e) = log.write_step(&merged) {
+        if let Err(e) = log.write_step(&merged, all.len()) {
             return Flow::End(Err(e));
         }
         if let Some(rate) = self.progress.due(step) {
