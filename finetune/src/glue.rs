@@ -118,7 +118,7 @@ mod tests {
     #[test]
     fn names_and_directories() {
         assert_eq!(by_name("STS-B").unwrap().metric, Metric::Pearson);
-        assert_eq!(by_name("cola").unwrap().header, false);
+        assert!(!by_name("cola").unwrap().header);
         assert!(by_name("squad").is_none());
         let path = std::path::Path::new("/data/glue_data/MRPC/train.tsv");
         assert_eq!(by_directory(path).unwrap().name, "mrpc");

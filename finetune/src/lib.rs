@@ -206,7 +206,10 @@ fn prepare(args: &FinetuneArgs) -> Result<train::Job> {
             }
         );
     }
-    if args.epochs == 0 || args.batch_size == 0 || !(args.lr > 0.0) {
+    if args.num_labels.is_some_and(|n| n < 2) {
+        bail!("--num-labels must be at least 2; for a single numeric output pass --regression");
+    }
+    if args.epochs == 0 || args.batch_size == 0 || args.lr.is_nan() || args.lr <= 0.0 {
         bail!("--epochs, --batch-size and --lr must be positive");
     }
     if !(0.0..1.0).contains(&args.warmup_ratio) {

@@ -85,7 +85,9 @@ def run_hf(model_dir: Path, task: Path, threads: int) -> dict:
         per_device_train_batch_size=BATCH,
         per_device_eval_batch_size=BATCH,
         learning_rate=LR,
-        warmup_ratio=WARMUP,
+        # As bertrain: warmup steps = round(ratio * total steps), given as a count (the
+        # ratio argument's name changed across transformers versions).
+        warmup_steps=round(WARMUP * EPOCHS * -(-len(train_labels) // BATCH)),
         lr_scheduler_type="linear",
         weight_decay=DECAY,
         adam_epsilon=1e-6,
