@@ -554,6 +554,40 @@ mod tests {
         }
     }
 
+    /// Parquet columns of any common type read as text; a null is a missing cell.
+    #[test]
+    fn reads_parquet_strings_numbers_and_nulls() {
+        use std::sync::Arc;
+
+        use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let arrays: Vec<(&str, ArrayRef)> = vec![
+            (
+                "sentence",
+                Arc::new(StringArray::from(vec![Some("good"), None])),
+            ),
+            ("label", Arc::new(Int64Array::from(vec![1, 0]))),
+            ("score", Arc::new(Float64Array::from(vec![4.5, 0.25]))),
+        ];
+        let batch = RecordBatch::try_from_iter(arrays).unwrap();
+        let file = fs::File::create(&path).unwrap();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let table = read_table(&path, true).unwrap();
+        assert_eq!(table.columns, vec!["sentence", "label", "score"]);
+        assert_eq!(
+            table.rows[0],
+            vec![Some("good".into()), Some("1".into()), Some("4.5".into())]
+        );
+        let null = error(examples(&table, &columns(&["sentence"], "label")));
+        assert!(
+            null.contains("t.parquet row 2") && null.contains("empty (null)"),
+            "{null}"
+        );
+    }
+
     #[test]
     fn headerless_columns_are_numbered() {
         let dir = tempfile::tempdir().unwrap();
