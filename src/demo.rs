@@ -1,7 +1,8 @@
 //! `bertrain demo`: the whole system on the embedded synthetic corpus, on the CPU:
 //! corpus -> vocabulary -> shards -> a coordinator and two workers training the tiny BERT
-//! (the job `configs/tiny.toml`, embedded) -> evaluation -> fill-mask. Everything is
-//! written under one directory.
+//! (the job `configs/tiny.toml`, embedded) -> evaluation -> fill-mask -> fine-tuning on a
+//! classification task of the corpus, against the same model from random weights.
+//! Everything is written under one directory.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -47,13 +48,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .with_context(|| format!("resolving {}", args.run_dir.display()))?;
 
     println!(
-        "== 1/3 data: synthetic corpus ({} documents), WordPiece vocabulary, shards",
+        "== 1/4 data: synthetic corpus ({} documents), WordPiece vocabulary, shards",
         args.docs
     );
     let data = synthetic_dataset(&dir, args.docs, args.seed)?;
 
     println!(
-        "== 2/3 training: a coordinator and {} workers (job configs/tiny.toml)",
+        "== 2/4 training: a coordinator and {} workers (job configs/tiny.toml)",
         args.workers
     );
     let job_file = write_demo_job(&dir)?;
@@ -73,7 +74,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     })?;
     let train_s = train_started.elapsed().as_secs_f64();
 
-    println!("== 3/3 export to Hugging Face format, fill-mask with the trained model");
+    println!("== 3/4 export to Hugging Face format, fill-mask with the trained model");
     let model_dir = dir.join("model");
     crate::export::run(crate::export::ExportArgs {
         checkpoint: run.clone(),
@@ -91,6 +92,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
             shown.join(", ")
         );
     }
+
+    println!(
+        "== 4/4 fine-tuning: which of the {} regions a sentence comes from, pretrained vs from random weights",
+        REGIONS
+    );
+    let finetuned = finetune_regions(&dir, &model_dir, args.docs, args.seed)?;
 
     crate::plot::run(crate::plot::PlotArgs {
         run: run.clone(),
@@ -123,10 +130,23 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "  chance               MLM acc {:.4}, NSP acc 0.5",
         1.0 / vocab_size as f64
     );
+    let [pretrained, scratch] = &finetuned;
+    println!(
+        "  fine-tuning          region of a sentence ({REGIONS} classes, chance {:.3}): accuracy {:.3} pretrained \
+         ({:.1} s), {:.3} from random weights ({:.1} s)",
+        1.0 / REGIONS as f64,
+        pretrained.value,
+        pretrained.wall_seconds,
+        scratch.value,
+        scratch.wall_seconds
+    );
     println!("  written to           {}/", dir.display());
     println!("                       corpus.txt, vocab.txt, data/ (shards), job.toml,");
     println!(
-        "                       run/ (metrics.jsonl, training.svg, checkpoints/, journal.jsonl), model/ (HF)"
+        "                       run/ (metrics.jsonl, training.svg, checkpoints/, journal.jsonl), model/ (HF),"
+    );
+    println!(
+        "                       finetune/ (train.tsv, validation.tsv, pretrained/, scratch/: metrics.jsonl + HF)"
     );
     println!(
         "  total time           {:.0} s",
@@ -174,6 +194,75 @@ pub(crate) fn synthetic_dataset(dir: &Path, docs: usize, seed: u64) -> Result<Pa
         quiet: true,
     })?;
     Ok(data)
+}
+
+/// The synthetic corpus's regions, the classes of the demo's fine-tuning task.
+const REGIONS: usize = 12;
+/// Labelled documents for the fine-tuning task, after the pretraining corpus's (so that
+/// no sentence of them was seen in pretraining): few, as in the tasks pretraining helps
+/// most with.
+const FINETUNE_TRAIN_DOCS: usize = 40;
+const FINETUNE_VALIDATION_DOCS: usize = 60;
+
+/// Step 4: fine-tunes the exported model on "which region does this sentence come from"
+/// and the same model from random weights with the same data, steps and seed. Returns
+/// both runs' figures (pretrained, then from scratch).
+fn finetune_regions(
+    dir: &Path,
+    model_dir: &Path,
+    docs: usize,
+    seed: u64,
+) -> Result<[bertrain_finetune::Summary; 2]> {
+    let task = dir.join("finetune");
+    fs::create_dir_all(&task).with_context(|| format!("creating {}", task.display()))?;
+    let options = bertrain_dataprep::SynthOptions::new(
+        docs + FINETUNE_TRAIN_DOCS + FINETUNE_VALIDATION_DOCS,
+        seed,
+    );
+    let labelled: Vec<(&str, String)> = bertrain_dataprep::synth_corpus_regions(options)
+        .skip(docs)
+        .collect();
+    let write = |name: &str, documents: &[(&str, String)]| -> Result<PathBuf> {
+        let mut text = String::from("sentence\tregion\n");
+        for (region, document) in documents {
+            for sentence in document.lines() {
+                text += &format!("{sentence}\t{region}\n");
+            }
+        }
+        let path = task.join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    };
+    let train = write("train.tsv", &labelled[..FINETUNE_TRAIN_DOCS])?;
+    let validation = write("validation.tsv", &labelled[FINETUNE_TRAIN_DOCS..])?;
+    let run = |name: &str, from_scratch: bool| {
+        bertrain_finetune::run(bertrain_finetune::FinetuneArgs {
+            model: model_dir.to_path_buf(),
+            train: train.clone(),
+            validation: validation.clone(),
+            task: None,
+            num_labels: None,
+            regression: false,
+            text_columns: vec!["sentence".into()],
+            label_column: Some("region".into()),
+            no_header: false,
+            glue_task: None,
+            metric: None,
+            epochs: 3,
+            lr: 2e-4,
+            batch_size: 16,
+            max_seq_len: 64,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            seed,
+            output: task.join(name),
+            from_scratch,
+            backend: bertrain_coordinator::job::Backend::Cpu,
+            device: 0,
+            quiet: true,
+        })
+    };
+    Ok([run("pretrained", false)?, run("scratch", true)?])
 }
 
 /// Writes the demo's job (`configs/tiny.toml`, embedded) to `dir/job.toml`.

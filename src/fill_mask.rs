@@ -55,13 +55,8 @@ pub fn run(args: FillMaskArgs) -> Result<()> {
 /// Top-`k` predictions for each [MASK] in `text`, in order.
 pub fn fill_mask(model_dir: &std::path::Path, text: &str, k: usize) -> Result<Vec<Guesses>> {
     // A run directory stands for its newest checkpoint.
-    let resolved;
-    let model_dir = if model_dir.join(hf::CONFIG_FILE).exists() {
-        model_dir
-    } else {
-        resolved = bertrain_coordinator::checkpoints::resolve(model_dir)?;
-        resolved.as_path()
-    };
+    let resolved = bertrain_coordinator::checkpoints::resolve_model_dir(model_dir)?;
+    let model_dir = resolved.as_path();
     let vocab = model_dir.join(VOCAB_FILE);
     let words = bertrain_dataprep::Vocab::load(&vocab, None)?;
     let tokenizer = words.tokenizer()?;

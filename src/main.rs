@@ -51,6 +51,9 @@ enum Command {
     Inspect(bertrain_dataprep::cli::InspectArgs),
     /// Predict the [MASK] tokens of a sentence with a trained model.
     FillMask(fill_mask::FillMaskArgs),
+    /// Fine-tune a pretrained model for classification or regression (GLUE-style) and
+    /// report its validation metrics.
+    Finetune(bertrain_finetune::FinetuneArgs),
     /// Draw a run's training curves (loss, accuracy, learning rate, throughput) as SVG.
     Plot(plot::PlotArgs),
     /// Write a checkpoint as a Hugging Face model directory.
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Command::Dataprep(args) => bertrain_dataprep::cli::run_dataprep(args),
         Command::Inspect(args) => bertrain_dataprep::cli::run_inspect(args),
         Command::FillMask(args) => fill_mask::run(args),
+        Command::Finetune(args) => bertrain_finetune::run(args).map(|_| ()),
         Command::Export(args) => export::run(args),
         Command::Plot(args) => plot::run(args),
         Command::ModelInfo(args) => model_info::run(args),

@@ -216,6 +216,16 @@ pub fn step_dirs(checkpoints: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// The directory a model is read from, for commands that take `--model DIR`: an HF
+/// directory or a checkpoint as it is (both hold a `config.json`), a run or checkpoints
+/// directory as its newest checkpoint.
+pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
+    if path.join(CONFIG_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    resolve(path)
+}
+
 /// The checkpoint a user means by `path`: a step directory itself, or the one `latest`
 /// names in a checkpoints directory or in a run directory.
 pub fn resolve(path: &Path) -> Result<PathBuf> {

@@ -24,8 +24,9 @@ pub use manifest::{MANIFEST_FILE, Manifest};
 pub use options::DataprepOptions;
 pub use pipeline::{DataprepConfig, DataprepReport};
 pub use shards::{Instance, read_rows, row_group_rows};
-pub use synth::{SynthOptions, synth_corpus, synth_corpus_with};
+pub use synth::{SynthOptions, synth_corpus, synth_corpus_regions, synth_corpus_with};
 pub use vocab::{Casing, CasingSource, Vocab, bert_tokenizer};
+pub use wordpiece::SentenceTokenizer;
 
 /// Seeded RNG used by the generator, exposed so tests can drive [`instances`] directly.
 pub use rng::Rng as SeededRng;

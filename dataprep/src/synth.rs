@@ -57,13 +57,21 @@ pub fn synth_corpus(docs: usize, seed: u64) -> impl Iterator<Item = String> {
 }
 
 pub fn synth_corpus_with(options: SynthOptions) -> impl Iterator<Item = String> {
+    synth_corpus_regions(options).map(|(_, document)| document)
+}
+
+/// The documents of [`synth_corpus_with`], each with the name of its region's trade
+/// (`"farming"`...): the labels of a classification task on the corpus (the demo's
+/// fine-tuning task).
+pub fn synth_corpus_regions(options: SynthOptions) -> impl Iterator<Item = (&'static str, String)> {
     let lexicon = Lexicon::build();
     let min = options.min_sentences.max(1);
     let max = options.max_sentences.max(min);
     (0..options.docs).map(move |i| {
         let mut rng = Rng::from_parts(&[options.seed, i as u64, 0x5717]);
         let n = rng.range_inclusive(min, max);
-        lexicon.document(&mut rng, n)
+        let (region, document) = lexicon.document(&mut rng, n);
+        (TOPIC_CORE[region].0, document)
     })
 }
 
@@ -391,8 +399,10 @@ impl Lexicon {
         }
     }
 
-    fn document(&self, rng: &mut Rng, sentences: usize) -> String {
-        let topic = &self.topics[rng.below(self.topics.len())];
+    /// A document and its region (an index into the topics).
+    fn document(&self, rng: &mut Rng, sentences: usize) -> (usize, String) {
+        let region = rng.below(self.topics.len());
+        let topic = &self.topics[region];
         // The document's cast: a few people, places and things that sentences come back to.
         let cast: Vec<(&str, &str)> = (0..2 + rng.below(3))
             .map(|_| {
@@ -411,7 +421,7 @@ impl Lexicon {
             let sentence = self.sentence(rng, topic, &cast, &places, &things, i);
             out.push(topic.dialect.speak(&sentence));
         }
-        out.join("\n")
+        (region, out.join("\n"))
     }
 
     fn sentence(

@@ -163,63 +163,23 @@ impl<B: Backend> BertForPreTraining<B> {
     /// [`crate::init::init_bert_weights`] (or load weights) before use.
     pub fn new(config: &BertConfig, device: &B::Device) -> Self {
         let h = config.hidden_size;
-        let linear = |i, o| LinearConfig::new(i, o).init(device);
-        let layer_norm = || {
-            LayerNormConfig::new(h)
-                .with_epsilon(config.layer_norm_eps)
-                .init(device)
-        };
-        let hidden_dropout = || DropoutConfig::new(config.hidden_dropout_prob).init();
-        let embedding = |n| EmbeddingConfig::new(n, h).init(device);
-        let output = |i| Output {
-            dense: linear(i, h),
-            layer_norm: layer_norm(),
-            dropout: hidden_dropout(),
-        };
-        let layer = (0..config.num_hidden_layers)
-            .map(|_| EncoderLayer {
-                attention: Attention {
-                    self_attention: SelfAttention {
-                        query: linear(h, h),
-                        key: linear(h, h),
-                        value: linear(h, h),
-                        dropout: DropoutConfig::new(config.attention_probs_dropout_prob).init(),
-                        num_heads: config.num_attention_heads,
-                    },
-                    output: output(h),
-                },
-                intermediate: Intermediate {
-                    dense: linear(h, config.intermediate_size),
-                },
-                output: output(config.intermediate_size),
-            })
-            .collect();
+        let layer_norm = LayerNormConfig::new(h)
+            .with_epsilon(config.layer_norm_eps)
+            .init(device);
         BertForPreTraining {
-            bert: BertModel {
-                embeddings: Embeddings {
-                    word_embeddings: embedding(config.vocab_size),
-                    position_embeddings: embedding(config.max_position_embeddings),
-                    token_type_embeddings: embedding(config.type_vocab_size),
-                    layer_norm: layer_norm(),
-                    dropout: hidden_dropout(),
-                },
-                encoder: Encoder { layer },
-                pooler: Pooler {
-                    dense: linear(h, h),
-                },
-            },
+            bert: BertModel::new(config, device),
             cls: PreTrainingHeads {
                 predictions: LmPredictionHead {
                     transform: PredictionTransform {
-                        dense: linear(h, h),
-                        layer_norm: layer_norm(),
+                        dense: LinearConfig::new(h, h).init(device),
+                        layer_norm,
                     },
                     bias: burn::module::Param::from_tensor(Tensor::zeros(
                         [config.vocab_size],
                         device,
                     )),
                 },
-                seq_relationship: linear(h, 2),
+                seq_relationship: LinearConfig::new(h, 2).init(device),
             },
         }
     }
@@ -242,12 +202,11 @@ impl<B: Backend> BertForPreTraining<B> {
         unpadding: &Unpadding,
     ) -> PretrainingOutput<B> {
         let device = batch.input_ids.device();
-        let group = if dropout::computes_on_host::<B>(&device) {
-            1
-        } else {
-            GPU_ROW_GROUP
-        };
-        self.forward_placed(batch, unpadding, unpadding.place(&device, group))
+        self.forward_placed(
+            batch,
+            unpadding,
+            unpadding.place(&device, row_group::<B>(&device)),
+        )
     }
 
     fn forward_placed(
@@ -256,37 +215,14 @@ impl<B: Backend> BertForPreTraining<B> {
         unpadding: &Unpadding,
         placed: Placed<B>,
     ) -> PretrainingOutput<B> {
-        let device = batch.input_ids.device();
-        let [groups, per_group] = placed.view;
-        let positions = placed
-            .gather_positions
-            .clone()
-            .reshape([groups * per_group]);
-        let ids = |padded: &Tensor<B, 2, Int>| {
-            padded
-                .clone()
-                .reshape([unpadding.rows * unpadding.seq])
-                .select(0, positions.clone())
-                .reshape(placed.view)
-        };
-        let rows = Rows {
-            batch: unpadding.rows,
-            seq: unpadding.seq,
-            view: placed.view,
-            unpad: Some((placed.padded_from.clone(), placed.gather_positions.clone())),
-            keys: placed.keys,
-            attention_keys: self
-                .bert
-                .attention_keys(&device, unpadding.rows, unpadding.seq),
-        };
-        let hidden = self.bert.encode_rows(
-            ids(&batch.input_ids),
-            ids(&batch.token_type_ids),
-            placed.position_ids.reshape([groups, per_group]),
+        let (hidden, cls, masked) = self.bert.encode_placed(
+            &batch.input_ids,
+            &batch.token_type_ids,
             &batch.attention_mask,
-            &rows,
+            unpadding,
+            placed,
         );
-        self.heads(hidden, placed.cls, placed.masked)
+        self.heads(hidden, cls, masked)
     }
 
     /// The logits with the encoder computing every position of the padded batch, padding
@@ -629,6 +565,143 @@ impl<B: Backend> BertModel<B> {
         (first..first + (batch * heads) as u64)
             .flat_map(|row| (0..seq as u64).map(move |q| (row << 32) | q))
             .collect()
+    }
+}
+
+impl<B: Backend> BertModel<B> {
+    /// The encoder and pooler of the given shape, with placeholder values (see
+    /// [`BertForPreTraining::new`]).
+    pub fn new(config: &BertConfig, device: &B::Device) -> Self {
+        let h = config.hidden_size;
+        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        let layer_norm = || {
+            LayerNormConfig::new(h)
+                .with_epsilon(config.layer_norm_eps)
+                .init(device)
+        };
+        let hidden_dropout = || DropoutConfig::new(config.hidden_dropout_prob).init();
+        let embedding = |n| EmbeddingConfig::new(n, h).init(device);
+        let output = |i| Output {
+            dense: linear(i, h),
+            layer_norm: layer_norm(),
+            dropout: hidden_dropout(),
+        };
+        let layer = (0..config.num_hidden_layers)
+            .map(|_| EncoderLayer {
+                attention: Attention {
+                    self_attention: SelfAttention {
+                        query: linear(h, h),
+                        key: linear(h, h),
+                        value: linear(h, h),
+                        dropout: DropoutConfig::new(config.attention_probs_dropout_prob).init(),
+                        num_heads: config.num_attention_heads,
+                    },
+                    output: output(h),
+                },
+                intermediate: Intermediate {
+                    dense: linear(h, config.intermediate_size),
+                },
+                output: output(config.intermediate_size),
+            })
+            .collect();
+        BertModel {
+            embeddings: Embeddings {
+                word_embeddings: embedding(config.vocab_size),
+                position_embeddings: embedding(config.max_position_embeddings),
+                token_type_embeddings: embedding(config.type_vocab_size),
+                layer_norm: layer_norm(),
+                dropout: hidden_dropout(),
+            },
+            encoder: Encoder { layer },
+            pooler: Pooler {
+                dense: linear(h, h),
+            },
+        }
+    }
+
+    /// The pooled output (`tanh(dense([CLS]))`, `[batch, hidden]`) of every row of a padded
+    /// batch, from the unpadded encoder: what a sequence classifier reads.
+    pub fn pooled(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        token_type_ids: &Tensor<B, 2, Int>,
+        attention_mask: &Tensor<B, 2, Int>,
+        unpadding: &Unpadding,
+    ) -> Tensor<B, 2> {
+        let device = input_ids.device();
+        let placed = unpadding.place(&device, row_group::<B>(&device));
+        let (hidden, cls, _) =
+            self.encode_placed(input_ids, token_type_ids, attention_mask, unpadding, placed);
+        self.pooler.forward(hidden.gather_nd::<2, 2>(cls))
+    }
+
+    /// The pooled output of every row with the encoder computing every position, padding
+    /// included, as HF transformers does: the reference [`BertModel::pooled`] is compared
+    /// with.
+    pub fn pooled_padded(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        token_type_ids: Tensor<B, 2, Int>,
+        attention_mask: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 2> {
+        let [batch_size, seq_len] = input_ids.dims();
+        let device = input_ids.device();
+        let hidden = self.encode(input_ids, token_type_ids, attention_mask);
+        let cls = (0..batch_size).map(|row| (row * seq_len) as i64).collect();
+        self.pooler
+            .forward(hidden.gather_nd::<2, 2>(index_column(cls, &device)))
+    }
+
+    /// The unpadded encoder on the rows `placed` names: the final hidden states `[rows,
+    /// hidden]`, and the rows of the [CLS] tokens (`[batch, 1]`) and of the predictions
+    /// (`[masked, 1]`).
+    fn encode_placed(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        token_type_ids: &Tensor<B, 2, Int>,
+        attention_mask: &Tensor<B, 2, Int>,
+        unpadding: &Unpadding,
+        placed: Placed<B>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+        let device = input_ids.device();
+        let [groups, per_group] = placed.view;
+        let positions = placed
+            .gather_positions
+            .clone()
+            .reshape([groups * per_group]);
+        let ids = |padded: &Tensor<B, 2, Int>| {
+            padded
+                .clone()
+                .reshape([unpadding.rows * unpadding.seq])
+                .select(0, positions.clone())
+                .reshape(placed.view)
+        };
+        let rows = Rows {
+            batch: unpadding.rows,
+            seq: unpadding.seq,
+            view: placed.view,
+            unpad: Some((placed.padded_from.clone(), placed.gather_positions.clone())),
+            keys: placed.keys,
+            attention_keys: self.attention_keys(&device, unpadding.rows, unpadding.seq),
+        };
+        let hidden = self.encode_rows(
+            ids(input_ids),
+            ids(token_type_ids),
+            placed.position_ids.reshape([groups, per_group]),
+            attention_mask,
+            &rows,
+        );
+        (hidden, placed.cls, placed.masked)
+    }
+}
+
+/// How many rows the unpadded encoder's hidden matrix comes in multiples of on `device`
+/// (see [`GPU_ROW_GROUP`]).
+fn row_group<B: Backend>(device: &B::Device) -> usize {
+    if dropout::computes_on_host::<B>(device) {
+        1
+    } else {
+        GPU_ROW_GROUP
     }
 }
 

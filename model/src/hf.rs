@@ -30,9 +30,10 @@ pub struct LoadedWeights {
 }
 
 /// Reads `dir/config.json` and `dir/model.safetensors` into `layout` (which must come
-/// from a model built with the directory's config). Missing pretraining heads (`cls.*`)
-/// are initialised from `seed` and listed in `initialised`; any other missing or
-/// mis-shaped tensor is an error naming the file and the key.
+/// from a model built with the directory's config). Missing heads (the pretraining heads
+/// `cls.*`, a classifier's `classifier.*`) are initialised from `seed` and listed in
+/// `initialised`; any other missing or mis-shaped tensor is an error naming the file and
+/// the key. Tensors the layout does not name (another model's heads) are ignored.
 pub fn load_dir(dir: &Path, layout: &ParamLayout, seed: u64) -> Result<LoadedWeights> {
     let config = BertConfig::load(&dir.join(CONFIG_FILE))?;
     let path = dir.join(WEIGHTS_FILE);
@@ -49,7 +50,7 @@ pub fn load_dir(dir: &Path, layout: &ParamLayout, seed: u64) -> Result<LoadedWei
     let mut initialised = Vec::new();
     for (index, slot) in layout.slots.iter().enumerate() {
         let Some(stored) = names.get(&slot.name) else {
-            if slot.name.starts_with("cls.") {
+            if is_head(&slot.name) {
                 let mut rng = SplitMix64::new(seed ^ index as u64);
                 init_slot(slot, config.initializer_range as f32, &mut rng, &mut flat);
                 initialised.push(slot.name.clone());
@@ -86,11 +87,17 @@ fn canonical_name(name: &str) -> String {
     let name = name
         .replace("LayerNorm.gamma", "LayerNorm.weight")
         .replace("LayerNorm.beta", "LayerNorm.bias");
-    if name.starts_with("bert.") || name.starts_with("cls.") {
+    if name.starts_with("bert.") || is_head(&name) {
         name
     } else {
         format!("bert.{name}")
     }
+}
+
+/// Parameters of a task head rather than of the encoder: what a model may lack and get
+/// initialised.
+fn is_head(name: &str) -> bool {
+    name.starts_with("cls.") || name.starts_with("classifier.")
 }
 
 fn to_f32(view: &TensorView<'_>) -> Result<Vec<f32>> {
@@ -158,8 +165,21 @@ pub fn save_dir(
     flat: &[f32],
     vocab: Option<&Path>,
 ) -> Result<()> {
+    save_dir_with_config(dir, config, &config.to_hf_json(), layout, flat, vocab)
+}
+
+/// [`save_dir`] with the `config.json` text given: a classifier's config says more than
+/// the encoder's shape (see `classifier::classifier_config_json`).
+pub fn save_dir_with_config(
+    dir: &Path,
+    config: &BertConfig,
+    config_json: &str,
+    layout: &ParamLayout,
+    flat: &[f32],
+    vocab: Option<&Path>,
+) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_atomically(&dir.join(CONFIG_FILE), config.to_hf_json().as_bytes())?;
+    write_atomically(&dir.join(CONFIG_FILE), config_json.as_bytes())?;
     // HF's format metadata: transformers warns about files without it.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(&dir.join(WEIGHTS_FILE), layout, flat, Some(metadata))?;

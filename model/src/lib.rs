@@ -1,7 +1,8 @@
-//! BERT for pretraining in burn, with Hugging Face compatible weights.
+//! BERT for pretraining (and fine-tuning) in burn, with Hugging Face compatible weights.
 //!
 //! - [`config`]: the model's shape (`BertConfig`, HF field names, presets).
 //! - [`bert`]: the model itself, forward pass and losses, in one file.
+//! - [`classifier`]: the encoder with a classification or regression head (fine-tuning).
 //! - [`dropout`]: dropout with masks drawn on the host on CPU backends.
 //! - [`init`]: BERT's initialisation, deterministic from a seed.
 //! - [`params`]: parameters as named flat buffers (checkpoints, all-reduce, optimizer).
@@ -10,6 +11,7 @@
 //! This crate knows nothing of data files or networks.
 
 pub mod bert;
+pub mod classifier;
 pub mod config;
 pub mod dropout;
 pub mod hf;
@@ -19,6 +21,7 @@ pub mod params;
 pub use bert::{
     BertForPreTraining, PretrainingBatch, PretrainingLoss, PretrainingOutput, Unpadding, in_f32,
 };
+pub use classifier::{BertForSequenceClassification, ClassificationBatch, Targets};
 pub use config::BertConfig;
 pub use dropout::seed_dropout;
 pub use init::init_bert;

@@ -8,8 +8,6 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 
-use crate::bert::BertForPreTraining;
-
 /// Where one parameter lives in a flat buffer, and how it maps to HF.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSlot {
@@ -47,7 +45,9 @@ pub struct ParamLayout {
 }
 
 impl ParamLayout {
-    pub fn of<B: Backend>(model: &BertForPreTraining<B>) -> ParamLayout {
+    /// The layout of `model` (a [`crate::BertForPreTraining`] or a
+    /// [`crate::BertForSequenceClassification`]): HF names follow the module tree.
+    pub fn of<B: Backend, M: Module<B>>(model: &M) -> ParamLayout {
         let mut visitor = Collect::new(false);
         model.visit(&mut visitor);
         ParamLayout {
@@ -119,7 +119,7 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
 }
 
 /// All parameters, concatenated in layout order.
-pub fn flatten_params<B: Backend>(model: &BertForPreTraining<B>) -> Vec<f32> {
+pub fn flatten_params<B: Backend, M: Module<B>>(model: &M) -> Vec<f32> {
     let mut visitor = Collect::new(true);
     model.visit(&mut visitor);
     visitor.data.unwrap_or_default()
@@ -145,8 +145,8 @@ pub enum Accumulation {
 /// Writes or adds (see [`Accumulation`]) the gradients of all parameters after
 /// `backward` into `sums`, in layout order: micro-batches accumulate in one flat buffer
 /// without a copy of each. A parameter that took no part in the loss contributes zeros.
-pub fn accumulate_grads<B: AutodiffBackend>(
-    model: &BertForPreTraining<B>,
+pub fn accumulate_grads<B: AutodiffBackend, M: Module<B>>(
+    model: &M,
     grads: &B::Gradients,
     layout: &ParamLayout,
     sums: &mut [f32],
@@ -190,11 +190,11 @@ pub fn accumulate_grads<B: AutodiffBackend>(
 
 /// Replaces every parameter's value with its slice of `flat` (layout order). Parameters
 /// that required gradients keep requiring them.
-pub fn load_flat_params<B: Backend>(
-    model: BertForPreTraining<B>,
+pub fn load_flat_params<B: Backend, M: Module<B>>(
+    model: M,
     flat: &[f32],
     layout: &ParamLayout,
-) -> BertForPreTraining<B> {
+) -> M {
     assert_eq!(
         flat.len(),
         layout.total,

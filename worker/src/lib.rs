@@ -13,7 +13,7 @@ mod device;
 mod eval;
 mod loader;
 mod node;
-mod optim;
+pub mod optim;
 mod plan;
 mod prepare;
 mod resident;
