@@ -3,6 +3,7 @@
 //! - [`config`]: the model's shape (`BertConfig`, HF field names, presets).
 //! - [`bert`]: the model itself, forward pass and losses, in one file.
 //! - [`classifier`]: the encoder with a classification or regression head (fine-tuning).
+//! - [`dense`]: the dense layer as one op with its own backward (the seam for cuBLASLt).
 //! - [`dropout`]: dropout with masks drawn on the host on CPU backends.
 //! - [`init`]: BERT's initialisation, deterministic from a seed.
 //! - [`params`]: parameters as named flat buffers (checkpoints, all-reduce, optimizer).
@@ -13,6 +14,7 @@
 pub mod bert;
 pub mod classifier;
 pub mod config;
+pub mod dense;
 pub mod dropout;
 pub mod hf;
 pub mod init;

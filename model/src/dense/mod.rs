@@ -1,0 +1,248 @@
+//! The dense layer `act(x · w + b)` as one op with its own backward: the seam where a GPU
+//! backend puts its fused cuBLASLt products ([`lt`] maps them) while every other backend
+//! computes the same function with burn's ops.
+//!
+//! The backward is written out, as the fused products compute it: `dZ = dY ⊙ act'(Z)` at
+//! the pre-activation `Z`, then `dX = dZ · wᵀ`, `dw = xᵀ · dZ` and `db = Σ_rows dZ`.
+
+pub mod lt;
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+pub use lt::Activation;
+
+/// A backend with the dense layer as one op. CPU backends take the provided methods,
+/// which are burn's own ops; autodiff wraps any of them with the written-out backward.
+pub trait DenseOps: Backend {
+    /// `(act(x · w + b), x · w + b)` for `x` `[rows, in]`, `w` `[in, out]`, `b` `[out]`.
+    /// The pre-activation is returned only when `act` is not the identity (the backward
+    /// needs it; cuBLASLt writes it as the epilogue's aux output).
+    fn dense_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        act: Activation,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let x = float::<Self, 2>(x);
+        let pre = x.matmul(float::<Self, 2>(w)) + float::<Self, 1>(b).unsqueeze::<2>();
+        let y = match act {
+            Activation::Identity => return (pre.into_primitive().tensor(), None),
+            Activation::GeluErf => burn::tensor::activation::gelu(pre.clone()),
+            Activation::GeluTanh => burn::tensor::activation::gelu_approximate(pre.clone()),
+        };
+        (
+            y.into_primitive().tensor(),
+            Some(pre.into_primitive().tensor()),
+        )
+    }
+
+    /// `(dX, dw, db)` from the output gradient `dy` (see the module's comment).
+    fn dense_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        pre: Option<FloatTensor<Self>>,
+        dy: FloatTensor<Self>,
+        act: Activation,
+    ) -> [FloatTensor<Self>; 3] {
+        let dy = float::<Self, 2>(dy);
+        let dz = match pre {
+            None => dy,
+            Some(pre) => dy * activation_gradient(float::<Self, 2>(pre), act),
+        };
+        let dx = dz.clone().matmul(float::<Self, 2>(w).transpose());
+        let dw = float::<Self, 2>(x).transpose().matmul(dz.clone());
+        let db = dz.sum_dim(0).squeeze_dim::<1>(0);
+        [
+            dx.into_primitive().tensor(),
+            dw.into_primitive().tensor(),
+            db.into_primitive().tensor(),
+        ]
+    }
+}
+
+/// `act(x · w + b)` through the backend's dense op.
+pub fn dense<B: DenseOps>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    b: Tensor<B, 1>,
+    act: Activation,
+) -> Tensor<B, 2> {
+    let (y, _) = B::dense_forward(
+        x.into_primitive().tensor(),
+        w.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+        act,
+    );
+    float(y)
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `act'(z)`, element-wise.
+fn activation_gradient<B: Backend>(z: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
+    match act {
+        Activation::Identity => z.ones_like(),
+        // d/dz z Φ(z) = Φ(z) + z φ(z)
+        Activation::GeluErf => {
+            let cdf = (z.clone() * std::f64::consts::FRAC_1_SQRT_2)
+                .erf()
+                .add_scalar(1.0)
+                * 0.5;
+            let pdf = (z.clone().powi_scalar(2) * -0.5).exp()
+                * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+            cdf + z * pdf
+        }
+        // With u = c (z + a z³) and t = tanh u: ½ (1 + t) + ½ z (1 − t²) c (1 + 3 a z²).
+        Activation::GeluTanh => {
+            let c = std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+            let a = 0.044715;
+            let square = z.clone().powi_scalar(2);
+            let t = ((z.clone() + z.clone() * square.clone() * a) * c).tanh();
+            let outer = (t.clone().powi_scalar(2).neg().add_scalar(1.0))
+                * z
+                * (square * (3.0 * a)).add_scalar(1.0)
+                * (0.5 * c);
+            t.add_scalar(1.0) * 0.5 + outer
+        }
+    }
+}
+
+impl DenseOps for burn::backend::Flex {}
+
+#[derive(Debug)]
+struct DenseBackward {
+    act: Activation,
+}
+
+impl<B: DenseOps> Backward<B, 3> for DenseBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w, pre) = ops.state;
+        let [dx, dw, db] = B::dense_backward(x, w, pre, dy, self.act);
+        for (parent, grad) in ops.parents.into_iter().zip([dx, dw, db]) {
+            if let Some(parent) = parent {
+                grads.register::<B>(parent.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: DenseOps, C: CheckpointStrategy> DenseOps for Autodiff<B, C> {
+    fn dense_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        act: Activation,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let prep = DenseBackward { act }
+            .prepare::<C>([x.node.clone(), w.node.clone(), b.node.clone()])
+            .compute_bound()
+            .stateful();
+        let (x, w) = (x.primitive, w.primitive);
+        let output = match prep {
+            OpsKind::Tracked(prep) => {
+                let (y, pre) = B::dense_forward(x.clone(), w.clone(), b.primitive, act);
+                prep.finish((x, w, pre), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::dense_forward(x, w, b.primitive, act).0),
+        };
+        // The pre-activation stays inside the op: nothing downstream differentiates it.
+        (output, None)
+    }
+
+    fn dense_backward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: Option<FloatTensor<Self>>,
+        _: FloatTensor<Self>,
+        _: Activation,
+    ) -> [FloatTensor<Self>; 3] {
+        unreachable!("the autodiff dense op's backward runs on its inner backend")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, Tolerance};
+
+    type Ad = Autodiff<Flex>;
+
+    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Ad, D> {
+        let device = Default::default();
+        <Flex as Backend>::seed(&device, seed);
+        Tensor::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
+    }
+
+    /// The op's value and its three gradients equal burn's autodiff of the same function
+    /// written with burn's ops, for each activation.
+    #[test]
+    fn the_op_and_its_backward_match_burns_autodiff() {
+        for act in [
+            Activation::Identity,
+            Activation::GeluErf,
+            Activation::GeluTanh,
+        ] {
+            let (x, w, b) = (random([9, 6], 1), random([6, 4], 2), random([4], 3));
+            let upstream = random([9, 4], 4).detach();
+
+            let y = dense(x.clone(), w.clone(), b.clone(), act);
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            let fused = [x.grad(&grads).unwrap(), w.grad(&grads).unwrap()];
+            let fused_b = b.grad(&grads).unwrap();
+
+            let (x2, w2, b2) = (
+                x.detach().require_grad(),
+                w.detach().require_grad(),
+                b.detach().require_grad(),
+            );
+            let pre = x2.clone().matmul(w2.clone()) + b2.clone().unsqueeze::<2>();
+            let reference = match act {
+                Activation::Identity => pre,
+                Activation::GeluErf => burn::tensor::activation::gelu(pre),
+                Activation::GeluTanh => burn::tensor::activation::gelu_approximate(pre),
+            };
+            let grads2 = (reference.clone() * upstream).sum().backward();
+            let tolerance = Tolerance::<f32>::absolute(1e-5).set_relative(1e-5);
+            y.into_data()
+                .assert_approx_eq::<f32>(&reference.into_data(), tolerance);
+            for (got, want) in fused
+                .into_iter()
+                .zip([x2.grad(&grads2).unwrap(), w2.grad(&grads2).unwrap()])
+            {
+                got.into_data()
+                    .assert_approx_eq::<f32>(&want.into_data(), tolerance);
+            }
+            fused_b
+                .into_data()
+                .assert_approx_eq::<f32>(&b2.grad(&grads2).unwrap().into_data(), tolerance);
+        }
+    }
+
+    /// Without autodiff (evaluation) the op is the plain function.
+    #[test]
+    fn the_inner_op_is_the_plain_function() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 2>::from_floats([[1.0, -2.0], [0.5, 3.0]], &device);
+        let w = Tensor::<Flex, 2>::from_floats([[2.0, 0.0, 1.0], [1.0, -1.0, 0.0]], &device);
+        let b = Tensor::<Flex, 1>::from_floats([0.5, 0.25, -1.0], &device);
+        let y = dense(x, w, b, Activation::Identity);
+        y.into_data().assert_eq(
+            &Tensor::<Flex, 2>::from_floats([[0.5, 2.25, 0.0], [4.5, -2.75, -0.5]], &device)
+                .into_data(),
+            true,
+        );
+    }
+}
