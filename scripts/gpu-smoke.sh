@@ -2,11 +2,14 @@
 # GPU smoke test: a short pretraining job of the tiny and the base model on one GPU
 # (one rank through NCCL), on the project's synthetic corpus. Prints tokens/s, MFU and the
 # loss at the start and the end of each job; fails if a job fails or its loss does not fall.
+# On a GPU it first runs `bertrain bench dense` (the dense op's cuBLASLt products against
+# burn's ops: values and gradients), and a model named `NAME+cublaslt` is the same job with
+# BERTRAIN_DENSE=cublaslt; its last-five loss must be within 5% of NAME's (bf16 noise).
 #
 #   scripts/gpu-smoke.sh [BERTRAIN]        (default: target/release/bertrain, built with
 #                                           `cargo build --release --features cuda`)
 #
-# Environment: MODELS (default "tiny base"), STEPS (default 200), BATCH (sequences per step,
+# Environment: MODELS (default "tiny base base+cublaslt" on a GPU, "tiny base" otherwise), STEPS (default 200), BATCH (sequences per step,
 # default 32), PRECISION (default bf16), DEVICE (the GPU to use, through CUDA_VISIBLE_DEVICES;
 # default GPU 0), BACKEND (default cuda; "cpu" runs the same script on a machine without a GPU,
 # which is how CI checks the script itself, with PRECISION=fp32), KEEP (a directory: each job's
@@ -15,11 +18,15 @@
 set -euo pipefail
 
 bin=$(realpath "${1:-target/release/bertrain}")
-models=${MODELS:-tiny base}
 steps=${STEPS:-200}
 batch=${BATCH:-32}
 precision=${PRECISION:-bf16}
 backend=${BACKEND:-cuda}
+if [[ $backend == cuda ]]; then
+    models=${MODELS:-tiny base base+cublaslt}
+else
+    models=${MODELS:-tiny base}
+fi
 if [[ -n ${DEVICE:-} ]]; then
     export CUDA_VISIBLE_DEVICES=$DEVICE
 fi
@@ -41,20 +48,29 @@ mean_loss() {
 
 results=()
 failed=0
+declare -A last_loss
+if [[ $backend == cuda ]]; then
+    echo "== dense op: cuBLASLt against burn's ops ($precision)"
+    "$bin" bench dense --precision "$precision" --iters 5 || failed=1
+fi
 for model in $models; do
-    case $model in
+    preset=${model%+cublaslt}
+    dense=burn
+    [[ $model == *+cublaslt ]] && dense=cublaslt
+    case $preset in
         tiny) lr=1e-3 ;;
         *) lr=1e-4 ;;
     esac
     port=$((20000 + RANDOM % 20000))
-    run="$work/run-$model"
+    slug=${model//+/-}
+    run="$work/run-$slug"
     cat > "$work/$model.toml" <<JOB
 [job]
-name = "smoke-$model"
+name = "smoke-$slug"
 run_dir = "$run"
 
 [model]
-preset = "$model"
+preset = "$preset"
 
 [data]
 manifest = "$work/data/manifest.json"
@@ -77,9 +93,9 @@ coordinator = "127.0.0.1:$port"
 world_size = 1
 backend = "$backend"
 JOB
-    echo "== $model: $steps steps, batch $batch, seq 128, $precision, backend $backend"
+    echo "== $model: $steps steps, batch $batch, seq 128, $precision, backend $backend, dense op $dense"
     status=ok
-    "$bin" launch --config "$work/$model.toml" 2>&1 | tee "$work/$model.log" || status="job failed"
+    BERTRAIN_DENSE=$dense "$bin" launch --config "$work/$model.toml" 2>&1 | tee "$work/$model.log" || status="job failed"
     metrics="$run/metrics.jsonl"
     line=$(grep -o 'throughput of rank 0, .*' "$work/$model.log" | tail -n 1 || true)
     tokens=$(sed -n 's/.*: \([0-9]*\) tokens\/s.*/\1/p' <<< "$line")
@@ -92,17 +108,22 @@ JOB
     if [[ $status == ok ]] && ! awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a) }'; then
         status="loss did not fall"
     fi
+    last_loss[$model]=$last
+    if [[ $status == ok && $dense == cublaslt && -n ${last_loss[$preset]:-} ]] &&
+        ! awk -v a="${last_loss[$preset]}" -v b="$last" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 0.05 * a) }'; then
+        status="loss differs from $preset's by more than 5%"
+    fi
     [[ $status == ok ]] || failed=1
     if [[ -n ${KEEP:-} ]]; then
         mkdir -p "$KEEP"
         cp "$work/$model.log" "$KEEP/$model.log"
         if [[ -f $metrics ]]; then cp "$metrics" "$KEEP/$model.metrics.jsonl"; fi
     fi
-    results+=("$(printf '%-6s %10s %8s %12s %12s   %s' "$model" "${tokens:--}" "${mfu:--}" "$first" "$last" "$status")")
+    results+=("$(printf '%-14s %10s %8s %12s %12s   %s' "$model" "${tokens:--}" "${mfu:--}" "$first" "$last" "$status")")
 done
 
 echo
 echo "== gpu-smoke: $steps steps per model, batch $batch, seq 128, $precision, backend $backend"
-printf '%-6s %10s %8s %12s %12s   %s\n' model tokens/s MFU "loss 1-5" "loss last 5" result
+printf '%-14s %10s %8s %12s %12s   %s\n' model tokens/s MFU "loss 1-5" "loss last 5" result
 printf '%s\n' "${results[@]}"
 exit $failed

@@ -1,7 +1,9 @@
 //! `scripts/gpu-smoke.sh` is meant for a machine with a GPU, which CI does not have. Its
 //! logic (data, job file, launch, parsing the throughput line and the losses, the verdict)
-//! is the same on the CPU backend, so this runs it there on the tiny model. `bertrain bench
-//! step`, the other GPU check, is run on the CPU here too.
+//! is the same on the CPU backend, so this runs it there on the tiny model, once as is and
+//! once as `tiny+cublaslt` (the variable it sets does nothing on the CPU, so this checks the
+//! comparison of the two loss curves). `bertrain bench step`, the other GPU check, is run
+//! on the CPU here too.
 
 mod common;
 
@@ -15,7 +17,7 @@ fn smoke(precision: &str, keep: &std::path::Path) -> std::process::Output {
     c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu-smoke.sh"))
         .arg(env!("CARGO_BIN_EXE_bertrain"))
         .env("BACKEND", "cpu")
-        .env("MODELS", "tiny")
+        .env("MODELS", "tiny tiny+cublaslt")
         .env("STEPS", "20")
         .env("BATCH", "16")
         .env("KEEP", keep)
@@ -44,6 +46,11 @@ fn gpu_smoke_script_runs_on_the_cpu_backend() {
     // KEEP holds the job's log and its metrics, a line per step.
     assert!(keep.path().join("tiny.log").is_file());
     assert_eq!(metrics_lines(&keep.path().join("tiny.metrics.jsonl")), 20);
+    let twin = stdout
+        .lines()
+        .find(|l| l.starts_with("tiny+cublaslt "))
+        .unwrap_or_else(|| panic!("no result row for tiny+cublaslt:\n{stdout}"));
+    assert!(twin.ends_with(" ok"), "{twin}");
 
     // A job that cannot run (bf16 needs the cuda backend) fails the script.
     let out = smoke("bf16", keep.path());
@@ -89,6 +96,14 @@ fn bench_step_prints_where_a_step_goes() {
     if !cfg!(feature = "cuda") {
         let mut c = bertrain();
         c.args(["bench", "step", "--backend", "cuda", "--preset", "tiny"]);
+        let out = run_bounded(c, Duration::from_secs(60));
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("built without GPU support"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+        let mut c = bertrain();
+        c.args(["bench", "dense"]);
         let out = run_bounded(c, Duration::from_secs(60));
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);

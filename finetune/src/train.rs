@@ -15,12 +15,12 @@ use bertrain_model::hf::{self, TOKENIZER_CONFIG_FILE};
 use bertrain_model::init::{SplitMix64, init_slot};
 use bertrain_model::params::{Accumulation, accumulate_grads, load_flat_params};
 use bertrain_model::{BertConfig, BertForSequenceClassification, ParamLayout, seed_dropout};
+use bertrain_model::{DenseOps, TrainingBackend};
 use bertrain_worker::LrSchedule;
 use bertrain_worker::OnBackend;
 use bertrain_worker::optim::{self, Optimizer, OptimizerConfig, OptimizerState};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::FinetuneArgs;
 use crate::data::{self, Feature};
@@ -81,7 +81,7 @@ struct EpochRecord {
 impl OnBackend for Job {
     type Output = Summary;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Summary> {
+    fn run<B: TrainingBackend>(self, device: B::Device) -> Result<Summary> {
         let started = Instant::now();
         let args = &self.args;
         let outputs = self.labels.outputs();
@@ -243,7 +243,7 @@ impl OnBackend for Job {
 
 impl Job {
     /// The validation metrics of `model` (no dropout, no autodiff).
-    fn evaluate<B: Backend>(
+    fn evaluate<B: DenseOps>(
         &self,
         model: &BertForSequenceClassification<B>,
         device: &B::Device,

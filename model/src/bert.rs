@@ -18,11 +18,16 @@ use burn::nn::{
     LinearConfig,
 };
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, log_softmax, softmax, tanh};
+use burn::tensor::activation::{log_softmax, softmax, tanh};
 use burn::tensor::{DType, FloatDType, TensorData};
 
 use crate::config::BertConfig;
+use crate::dense::{Activation, DenseOps};
 use crate::dropout;
+
+/// The activation of the intermediate layer and the MLM transform: [`BertConfig`] accepts
+/// only `hidden_act = "gelu"`, the erf form.
+const HIDDEN_ACT: Activation = Activation::GeluErf;
 
 /// Added to the attention scores of padding positions. Large enough that softmax gives
 /// them exactly zero weight in fp32 and bf16; not `-inf`, so that a fully padded row
@@ -183,7 +188,9 @@ impl<B: Backend> BertForPreTraining<B> {
             },
         }
     }
+}
 
+impl<B: DenseOps> BertForPreTraining<B> {
     /// Logits of the MLM head at the masked positions and of the NSP head, from the
     /// unpadded encoder ([`BertForPreTraining::forward_unpadded`]). Where the padding is is
     /// read back from `batch`; the trainer passes an [`Unpadding`] made on the host instead,
@@ -335,7 +342,7 @@ pub struct Unpadding {
 
 /// Rows of the unpadded hidden matrix on a GPU come in a multiple of this (see
 /// [`per_sequence`]); a few padding positions are computed to make it up.
-const GPU_ROW_GROUP: usize = 64;
+pub(crate) const GPU_ROW_GROUP: usize = 64;
 
 /// An [`Unpadding`] as tensors on one device.
 struct Placed<B: Backend> {
@@ -496,7 +503,7 @@ struct Rows<B: Backend> {
     attention_keys: Vec<u64>,
 }
 
-impl<B: Backend> BertModel<B> {
+impl<B: DenseOps> BertModel<B> {
     /// Final hidden states as `[batch * seq, hidden]`, padding positions included: the
     /// padded encoder, as HF transformers computes it.
     pub fn encode(
@@ -618,7 +625,9 @@ impl<B: Backend> BertModel<B> {
             },
         }
     }
+}
 
+impl<B: DenseOps> BertModel<B> {
     /// The pooled output (`tanh(dense([CLS]))`, `[batch, hidden]`) of every row of a padded
     /// batch, from the unpadded encoder: what a sequence classifier reads.
     pub fn pooled(
@@ -723,7 +732,7 @@ impl<B: Backend> Embeddings<B> {
     }
 }
 
-impl<B: Backend> EncoderLayer<B> {
+impl<B: DenseOps> EncoderLayer<B> {
     fn forward(
         &self,
         hidden: Tensor<B, 2>,
@@ -735,12 +744,12 @@ impl<B: Backend> EncoderLayer<B> {
             .self_attention
             .forward(hidden.clone(), score_bias, rows);
         let attended = self.attention.output.forward(context, hidden, rows);
-        let expanded = gelu(dense(&self.intermediate.dense, attended.clone(), rows.view));
+        let expanded = dense(&self.intermediate.dense, attended.clone(), HIDDEN_ACT);
         self.output.forward(expanded, attended, rows)
     }
 }
 
-impl<B: Backend> SelfAttention<B> {
+impl<B: DenseOps> SelfAttention<B> {
     /// The attention context of every row: `[rows, hidden]`. Queries, keys and values are
     /// computed on the rows; the unpadded encoder then gathers them into the padded
     /// `[batch, heads, seq, head_dim]` view, and gathers the context back from it.
@@ -763,9 +772,10 @@ impl<B: Backend> SelfAttention<B> {
                 .reshape([batch, seq, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let query = heads(dense(&self.query, hidden.clone(), rows.view));
-        let key = heads(dense(&self.key, hidden.clone(), rows.view));
-        let value = heads(dense(&self.value, hidden, rows.view));
+        let identity = Activation::Identity;
+        let query = heads(dense(&self.query, hidden.clone(), identity));
+        let key = heads(dense(&self.key, hidden.clone(), identity));
+        let value = heads(dense(&self.value, hidden, identity));
         let scores = query
             .matmul(key.swap_dims(2, 3))
             .div_scalar((head_dim as f32).sqrt())
@@ -782,9 +792,10 @@ impl<B: Backend> SelfAttention<B> {
     }
 }
 
-impl<B: Backend> Output<B> {
+impl<B: DenseOps> Output<B> {
     fn forward(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>, rows: &Rows<B>) -> Tensor<B, 2> {
-        let projected = dropout::apply(&self.dropout, dense(&self.dense, x, rows.view), &rows.keys);
+        let projected = dense(&self.dense, x, Activation::Identity);
+        let projected = dropout::apply(&self.dropout, projected, &rows.keys);
         per_sequence(projected + residual, rows.view, |x| {
             self.layer_norm.forward(x)
         })
@@ -793,13 +804,14 @@ impl<B: Backend> Output<B> {
 
 /// `f` applied to `x`, `[rows, n]`, viewed as `view` = `[groups, per group]` by `n`.
 ///
-/// Why: burn reduces the gradient of a broadcast parameter (a bias, LayerNorm's gamma and
-/// beta) one broadcast dimension at a time. Over `[rows, n]` that is a single reduction
+/// Why: burn reduces the gradient of a broadcast parameter (LayerNorm's gamma and beta)
+/// one broadcast dimension at a time. Over `[rows, n]` that is a single reduction
 /// of all the rows into n sums, which burn-cuda's reduce runs with little parallelism:
 /// 2 to 3.5 ms each for 16k tokens on an H200, about half of a BERT-base training step.
 /// Over `[groups, per group, n]` it is two reductions with many outputs each. The padded
 /// encoder's groups are its sequences; the unpadded one's are runs of [`GPU_ROW_GROUP`]
-/// rows on a GPU.
+/// rows on a GPU. (The dense layers' bias gradients are summed the same way inside
+/// [`crate::dense`].)
 fn per_sequence<B: Backend>(
     x: Tensor<B, 2>,
     [groups, per_group]: [usize; 2],
@@ -811,15 +823,13 @@ fn per_sequence<B: Backend>(
     y.reshape([rows, n])
 }
 
-/// `linear` on `[rows, in]` viewed as `view`: one 2D product (burn's `Linear` on a 3D input
-/// would make a batched product and sum its weight gradient over the batch), then the bias
-/// added per group (see [`per_sequence`]).
-fn dense<B: Backend>(linear: &Linear<B>, x: Tensor<B, 2>, view: [usize; 2]) -> Tensor<B, 2> {
-    let product = x.matmul(linear.weight.val());
-    match &linear.bias {
-        Some(bias) => per_sequence(product, view, |p| p + bias.val().unsqueeze::<3>()),
-        None => product,
-    }
+/// `act(linear(x))` on `[rows, in]` as the backend's one dense op (see [`crate::dense`]).
+fn dense<B: DenseOps>(linear: &Linear<B>, x: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
+    let bias = linear
+        .bias
+        .as_ref()
+        .expect("every dense layer of BERT has a bias");
+    crate::dense::dense(x, linear.weight.val(), bias.val(), act)
 }
 
 impl<B: Backend> Pooler<B> {
@@ -829,13 +839,13 @@ impl<B: Backend> Pooler<B> {
     }
 }
 
-impl<B: Backend> LmPredictionHead<B> {
+impl<B: DenseOps> LmPredictionHead<B> {
     /// `[masked, hidden]` -> `[masked, vocab]` through the tied decoder.
     fn forward(&self, at_masks: Tensor<B, 2>, word_embeddings: Tensor<B, 2>) -> Tensor<B, 2> {
-        let transformed = self
-            .transform
-            .layer_norm
-            .forward(gelu(self.transform.dense.forward(at_masks)));
+        let transformed =
+            self.transform
+                .layer_norm
+                .forward(dense(&self.transform.dense, at_masks, HIDDEN_ACT));
         transformed.matmul(word_embeddings.transpose()) + self.bias.val().unsqueeze_dim(0)
     }
 }

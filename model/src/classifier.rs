@@ -11,6 +11,7 @@ use burn::tensor::activation::log_softmax;
 
 use crate::bert::{BertModel, Unpadding, in_f32};
 use crate::config::BertConfig;
+use crate::dense::DenseOps;
 use crate::dropout;
 
 #[derive(Module, Debug)]
@@ -50,7 +51,9 @@ impl<B: Backend> BertForSequenceClassification<B> {
             classifier: LinearConfig::new(config.hidden_size, num_labels).init(device),
         }
     }
+}
 
+impl<B: DenseOps> BertForSequenceClassification<B> {
     /// `[batch, num_labels]` logits, from the unpadded encoder. `unpadding` is made on the
     /// host from the batch's mask (`Unpadding::new(mask, [rows, seq], &[])`), so a GPU step
     /// never reads it back.

@@ -25,6 +25,7 @@ pub use bert::{
 };
 pub use classifier::{BertForSequenceClassification, ClassificationBatch, Targets};
 pub use config::BertConfig;
+pub use dense::{DenseOps, TrainingBackend};
 pub use dropout::seed_dropout;
 pub use init::init_bert;
 pub use params::{

@@ -18,6 +18,9 @@
 //! `bench scaling` runs the demo's job with 1 and 2 worker processes and splits the step
 //! time into compute, communication and data wait (see [`scaling`]).
 //!
+//! `bench dense` compares the dense op's cuBLASLt products with burn's on a GPU (see
+//! [`dense`]).
+//!
 //! `bench train` measures one full training step (forward + backward + all-reduce +
 //! AdamW) in tokens/s at sequence length 128, beside the figures of HF transformers
 //! `BertForPreTraining` on torch 2.15 measured on the same 2-core machine (fp32, 2
@@ -32,6 +35,7 @@ use bertrain_worker::DeviceChoice;
 mod allreduce;
 mod checkpoint;
 mod dataprep;
+mod dense;
 mod scaling;
 mod step;
 mod train;
@@ -93,6 +97,21 @@ enum BenchKind {
         /// peak; none on the CPU].
         #[arg(long)]
         peak_tflops: Option<f64>,
+    },
+    /// The dense layers' cuBLASLt products against burn's on a GPU: differences of the
+    /// outputs and gradients, and time (needs `--features cuda`).
+    Dense {
+        /// Rows of each product (tokens of a step).
+        #[arg(long, default_value_t = 16384)]
+        tokens: usize,
+        /// Measured runs per row (after 1 warm-up run).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// GPU index.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        #[arg(long, value_enum, default_value = "bf16")]
+        precision: Precision,
     },
     /// Checkpoint cost: the training stall (copying the state off) and the background write.
     Checkpoint {
@@ -255,6 +274,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 },
             };
             bertrain_worker::with_backend(choice, &bench)
+        }
+        BenchKind::Dense {
+            tokens,
+            iters,
+            device,
+            precision,
+        } => {
+            #[cfg(feature = "cuda")]
+            // SAFETY: nothing else runs yet. Set so that the device check below also
+            // checks that libcublasLt opens.
+            unsafe {
+                std::env::set_var(bertrain_model::dense::DENSE_ENV, "cublaslt")
+            };
+            let choice = DeviceChoice {
+                backend: Backend::Cuda,
+                index: device,
+                precision,
+            };
+            bertrain_worker::with_backend(
+                choice,
+                &dense::DenseBench {
+                    tokens,
+                    iters,
+                    precision,
+                },
+            )
         }
         BenchKind::Scaling {
             workers,

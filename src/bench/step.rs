@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use bertrain_coordinator::job::Precision;
+use bertrain_model::TrainingBackend;
 use bertrain_model::{BertConfig, BertForPreTraining, init_bert};
 use bertrain_worker::OnBackend;
 use bertrain_worker::Trainer;
@@ -19,7 +20,6 @@ use bertrain_worker::{Optimizer, OptimizerConfig};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn::tensor::backend::AutodiffBackend;
 
 use super::{SEQ_LEN, random_batch};
 
@@ -41,13 +41,13 @@ pub struct StepBench {
 impl OnBackend for &StepBench {
     type Output = ();
 
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<()> {
+    fn run<B: TrainingBackend>(self, device: B::Device) -> Result<()> {
         run::<B>(self, device)
     }
 }
 
 /// Runs the benchmark on the backend `B` (with autodiff) on `device`.
-fn run<B: AutodiffBackend>(bench: &StepBench, device: B::Device) -> Result<()> {
+fn run<B: TrainingBackend>(bench: &StepBench, device: B::Device) -> Result<()> {
     let label = &bench.label;
     let config = BertConfig::preset(&bench.preset)?;
     println!(

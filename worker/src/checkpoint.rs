@@ -22,9 +22,9 @@ use bertrain_coordinator::checkpoints::{
 use bertrain_coordinator::faults;
 use bertrain_coordinator::job::JobConfig;
 use bertrain_files::{sync_dir, write_synced};
+use bertrain_model::TrainingBackend;
 use bertrain_model::params::{flat_to_hf, hf_to_flat};
 use bertrain_model::{BertConfig, ParamLayout, hf};
-use burn::tensor::backend::AutodiffBackend;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::optim::OptimizerState;
@@ -347,7 +347,7 @@ impl Saver {
 
     /// Copies the state after `step` steps and starts writing it (after the previous write
     /// has finished: at most one write at a time).
-    pub fn start<B: AutodiffBackend>(
+    pub fn start<B: TrainingBackend>(
         &mut self,
         client: &WorkerClient,
         trainer: &Trainer<B>,

@@ -6,7 +6,8 @@
 
 use anyhow::{Result, anyhow};
 use bertrain_coordinator::job::{Backend, JobConfig, Precision};
-use burn::tensor::backend::{AutodiffBackend, Backend as BurnBackend, DeviceError};
+use bertrain_model::TrainingBackend;
+use burn::tensor::backend::{Backend as BurnBackend, DeviceError};
 use burn::tensor::{FloatDType, IntDType};
 
 use crate::CpuBackend;
@@ -18,7 +19,7 @@ use crate::throughput::Peak;
 pub trait OnBackend {
     type Output;
     /// Runs on `device` of backend `B`, whose precision is already set.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+    fn run<B: TrainingBackend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
 /// A backend and, for CUDA, the GPU index.
@@ -131,11 +132,16 @@ mod cuda {
                 "--backend cuda: GPU {index} requested (--device / LOCAL_RANK) but this machine has {count}"
             );
         }
-        Ok(())
+        bertrain_model::dense::check_cublaslt().map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// The name the driver gives GPU `index`.
     pub fn name(index: usize) -> Option<String> {
+        // SAFETY: only probes whether the driver library can be opened (cudarc panics on
+        // first use where it cannot, and `check` has not necessarily run yet).
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return None;
+        }
         // The worker may ask before anything else has started the driver.
         driver::init().ok()?;
         let device = driver::device::get(index as i32).ok()?;

@@ -5,7 +5,7 @@ use bertrain_coordinator::EvalMetrics;
 use bertrain_coordinator::job::JobConfig;
 use bertrain_dataprep::Manifest;
 use bertrain_model::BertConfig;
-use burn::tensor::backend::AutodiffBackend;
+use bertrain_model::TrainingBackend;
 
 use crate::loader::{BatchShape, SampleSource};
 use crate::schedule::every;
@@ -60,7 +60,7 @@ impl Evaluator {
         every(self.every_steps, done)
     }
 
-    pub fn run<B: AutodiffBackend>(
+    pub fn run<B: TrainingBackend>(
         &mut self,
         trainer: &Trainer<B>,
         step: u64,

@@ -23,8 +23,8 @@ use bertrain_coordinator::faults;
 use bertrain_coordinator::job;
 use bertrain_coordinator::protocol::StartFrom;
 use bertrain_coordinator::{Fingerprint, JoinInfo, StepMetrics, Welcome, WorkerClient};
+use bertrain_model::TrainingBackend;
 use bertrain_model::{BertForPreTraining, ParamLayout, load_flat_params};
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::checkpoint::Saver;
 use crate::collective::{self, Collective, RingListener, RingOptions};
@@ -292,7 +292,7 @@ impl OnBackend for TrainRun<'_> {
     /// One generation on backend `B`: connect the collective, then [`train`], with a
     /// watcher beside it that aborts the collective when the coordinator ends the
     /// generation.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Outcome> {
+    fn run<B: TrainingBackend>(self, device: B::Device) -> Result<Outcome> {
         let job = &self.welcome.job;
         let (rank, world) = (self.welcome.rank, self.welcome.world_size);
         let timeout = Duration::from_secs_f64(job.cluster.step_timeout_s);
@@ -342,7 +342,7 @@ struct Generation<'a> {
 /// Steps 3 to 5 of the module doc on backend `B`: the starting state, then the training
 /// loop ([`steps`]). When the loop ends badly or to regroup, the state of the last
 /// completed step stays with this process, in `held`, for the next generation.
-fn train<B: AutodiffBackend>(
+fn train<B: TrainingBackend>(
     g: &Generation,
     collective: &mut dyn Collective,
     held: &mut Option<Held>,
@@ -386,7 +386,7 @@ fn train<B: AutodiffBackend>(
 
 /// The training loop, from the welcome's start step to the end of the job or until the
 /// ranks agree to leave. Each step's report is also kept in `reports` (see `Held`).
-fn steps<B: AutodiffBackend>(
+fn steps<B: TrainingBackend>(
     g: &Generation,
     trainer: &mut Trainer<B>,
     collective: &mut dyn Collective,

@@ -8,7 +8,7 @@ use bertrain_coordinator::job::JobConfig;
 use bertrain_coordinator::protocol::StartFrom;
 use bertrain_coordinator::{StepMetrics, Welcome};
 use bertrain_model::ParamLayout;
-use burn::tensor::backend::AutodiffBackend;
+use bertrain_model::TrainingBackend;
 
 use crate::checkpoint;
 use crate::collective::Collective;
@@ -66,7 +66,7 @@ impl Held {
     /// The state of `trainer`. State on a GPU is kept only when the generation ended well
     /// (`device_intact`, a regroup): after a failed NCCL call the device's stream is in an
     /// unknown state, so the job goes back to its checkpoint.
-    pub fn of<B: AutodiffBackend>(
+    pub fn of<B: TrainingBackend>(
         mut trainer: Trainer<B>,
         job: &JobConfig,
         reports: RecentReports,

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use anyhow::Result;
 use bertrain_coordinator::job::TrainSection;
+use bertrain_model::TrainingBackend;
 use bertrain_model::params::{Accumulation, accumulate_grads, load_flat_params};
 use bertrain_model::{BertForPreTraining, ParamLayout, PretrainingBatch, PretrainingOutput};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::batch::HostBatch;
 use crate::collective::Collective;
@@ -20,7 +20,7 @@ use crate::optim::{self, OptimizerConfig, OptimizerState};
 use crate::resident::DeviceMaster;
 
 /// The model being trained with its master parameters and optimizer state.
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: TrainingBackend> {
     pub model: BertForPreTraining<B>,
     pub layout: ParamLayout,
     /// Master copy of the parameters, the one the optimizer updates and checkpoints save.
@@ -148,7 +148,7 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_scalar().elem::<f64>()
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: TrainingBackend> Trainer<B> {
     /// A trainer with the job's optimizer, weight decay, clipping and seed.
     pub fn from_job(model: BertForPreTraining<B>, t: &TrainSection, device: B::Device) -> Self {
         let optimizer = OptimizerConfig::from_job(t);

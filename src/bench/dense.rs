@@ -1,0 +1,89 @@
+//! `bertrain bench dense`: the dense op's cuBLASLt products against burn's own, on a GPU.
+//!
+//! For the dense layers of BERT-base and BERT-large at 16,384 tokens (128 sequences of
+//! 128), runs forward and backward (the three products, the bias and the erf GELU)
+//! through burn's ops and through cuBLASLt on the same random inputs, and prints how far
+//! apart the outputs and the three gradients are (relative to the largest magnitude of
+//! burn's) and how long each path takes. Fails when any difference exceeds the float
+//! type's tolerance: `scripts/gpu-smoke.sh` runs it before its training jobs.
+
+use anyhow::{Result, bail};
+use bertrain_coordinator::job::Precision;
+use bertrain_model::TrainingBackend;
+use bertrain_worker::OnBackend;
+
+/// What to measure.
+pub struct DenseBench {
+    pub tokens: usize,
+    pub iters: usize,
+    pub precision: Precision,
+}
+
+impl OnBackend for &DenseBench {
+    type Output = ();
+
+    fn run<B: TrainingBackend>(self, device: B::Device) -> Result<()> {
+        run(self, &device)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run<D>(_: &DenseBench, _: &D) -> Result<()> {
+    bail!(
+        "bench dense compares cuBLASLt's products with burn's on a GPU: build with `--features cuda` and pass --backend cuda"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn run<D: 'static>(bench: &DenseBench, device: &D) -> Result<()> {
+    use bertrain_model::dense::{Activation, compare_with_burn};
+    let Some(device) =
+        (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>()
+    else {
+        bail!("bench dense runs on a GPU: pass --backend cuda");
+    };
+    // bf16 rounds each output to 8 bits of mantissa; in f32 only the order of the sums
+    // (and cubecl's TF32 products) differ.
+    let tolerance = match bench.precision {
+        Precision::Bf16 => 2e-2,
+        Precision::Fp32 => 5e-3,
+    };
+    let layers = [
+        ("base attention", 768, 768, Activation::Identity),
+        ("base intermediate", 768, 3072, Activation::GeluErf),
+        ("base output", 3072, 768, Activation::Identity),
+        ("large attention", 1024, 1024, Activation::Identity),
+        ("large intermediate", 1024, 4096, Activation::GeluErf),
+        ("large output", 4096, 1024, Activation::Identity),
+    ];
+    println!(
+        "bench dense: {} tokens, {:?}, GPU {}, mean of {} runs after 1; error = max |cuBLASLt - burn| / max |burn| (tolerance {tolerance})",
+        bench.tokens, bench.precision, device.index, bench.iters
+    );
+    println!(
+        "| layer | in → out | error y | dX | dW | db | burn ms | cuBLASLt ms | burn TFLOP/s | cuBLASLt TFLOP/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut worst = 0f32;
+    for (name, d_in, d_out, act) in layers {
+        let c = compare_with_burn(device, [bench.tokens, d_in, d_out], act, bench.iters)
+            .map_err(|e| anyhow::anyhow!("bench dense, {name}: {e}"))?;
+        let tflops =
+            |ms: f64| 3.0 * 2.0 * (bench.tokens * d_in * d_out) as f64 / (ms * 1e-3) / 1e12;
+        let [y, dx, dw, db] = c.errors;
+        println!(
+            "| {name} | {d_in} → {d_out} | {y:.1e} | {dx:.1e} | {dw:.1e} | {db:.1e} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            c.burn_ms,
+            c.cublaslt_ms,
+            tflops(c.burn_ms),
+            tflops(c.cublaslt_ms)
+        );
+        worst = c.errors.into_iter().fold(worst, f32::max);
+    }
+    if worst > tolerance {
+        bail!(
+            "bench dense: cuBLASLt's results differ from burn's by {worst:.1e}, above the {tolerance} tolerance"
+        );
+    }
+    Ok(())
+}
