@@ -48,6 +48,31 @@ pub trait DenseOps: Backend {
     ) -> [FloatTensor<Self>; 3] {
         burn_backward::<Self>(x, w, pre, dy, act)
     }
+
+    /// `dy ⊙ gelu'(pre)` for the erf GELU, exactly. Provided with burn's element-wise ops
+    /// (burn's own `gelu_backward` is by default the tanh form's derivative, which
+    /// burn-cuda keeps); Flex's is exact and one pass.
+    fn gelu_erf_backward(pre: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        gelu_erf_backward_composed::<Self>(pre, dy)
+    }
+}
+
+/// [`DenseOps::gelu_erf_backward`] with burn's element-wise ops.
+fn gelu_erf_backward_composed<B: Backend>(
+    pre: FloatTensor<B>,
+    dy: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let z = float::<B, 2>(pre);
+    // d/dz z Φ(z) = Φ(z) + z φ(z)
+    let cdf = (z.clone() * std::f64::consts::FRAC_1_SQRT_2)
+        .erf()
+        .add_scalar(1.0)
+        * 0.5;
+    let pdf = (z.clone().powi_scalar(2) * -0.5).exp()
+        * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    (float::<B, 2>(dy) * (cdf + z * pdf))
+        .into_primitive()
+        .tensor()
 }
 
 /// [`DenseOps::dense_forward`] with burn's ops.
@@ -68,7 +93,7 @@ fn burn_forward<B: Backend>(
 }
 
 /// [`DenseOps::dense_backward`] with burn's ops.
-fn burn_backward<B: Backend>(
+fn burn_backward<B: DenseOps>(
     x: FloatTensor<B>,
     w: FloatTensor<B>,
     pre: Option<FloatTensor<B>>,
@@ -96,15 +121,17 @@ fn activation<B: Backend>(z: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
 }
 
 /// `dZ = dY ⊙ act'(Z)`.
-fn pre_activation_gradient<B: Backend>(
+fn pre_activation_gradient<B: DenseOps>(
     pre: Option<FloatTensor<B>>,
     dy: FloatTensor<B>,
     act: Activation,
 ) -> Tensor<B, 2> {
-    let dy = float::<B, 2>(dy);
-    match pre {
-        None => dy,
-        Some(pre) => dy * activation_gradient(float::<B, 2>(pre), act),
+    match (pre, act) {
+        (None, _) | (_, Activation::Identity) => float::<B, 2>(dy),
+        (Some(pre), Activation::GeluErf) => float::<B, 2>(B::gelu_erf_backward(pre, dy)),
+        (Some(pre), Activation::GeluTanh) => {
+            float::<B, 2>(dy) * gelu_tanh_gradient(float::<B, 2>(pre))
+        }
     }
 }
 
@@ -162,36 +189,26 @@ fn sum_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
 /// it on a GPU.
 const ROW_RUN: usize = crate::bert::GPU_ROW_GROUP;
 
-/// `act'(z)`, element-wise.
-fn activation_gradient<B: Backend>(z: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
-    match act {
-        Activation::Identity => z.ones_like(),
-        // d/dz z Φ(z) = Φ(z) + z φ(z)
-        Activation::GeluErf => {
-            let cdf = (z.clone() * std::f64::consts::FRAC_1_SQRT_2)
-                .erf()
-                .add_scalar(1.0)
-                * 0.5;
-            let pdf = (z.clone().powi_scalar(2) * -0.5).exp()
-                * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
-            cdf + z * pdf
-        }
-        // With u = c (z + a z³) and t = tanh u: ½ (1 + t) + ½ z (1 − t²) c (1 + 3 a z²).
-        Activation::GeluTanh => {
-            let c = std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
-            let a = 0.044715;
-            let square = z.clone().powi_scalar(2);
-            let t = ((z.clone() + z.clone() * square.clone() * a) * c).tanh();
-            let outer = (t.clone().powi_scalar(2).neg().add_scalar(1.0))
-                * z
-                * (square * (3.0 * a)).add_scalar(1.0)
-                * (0.5 * c);
-            t.add_scalar(1.0) * 0.5 + outer
-        }
-    }
+/// The tanh GELU's derivative at `z`: with `u = c (z + a z³)` and `t = tanh u`,
+/// `½ (1 + t) + ½ z (1 − t²) c (1 + 3 a z²)`.
+fn gelu_tanh_gradient<B: Backend>(z: Tensor<B, 2>) -> Tensor<B, 2> {
+    let c = std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+    let a = 0.044715;
+    let square = z.clone().powi_scalar(2);
+    let t = ((z.clone() + z.clone() * square.clone() * a) * c).tanh();
+    let outer = (t.clone().powi_scalar(2).neg().add_scalar(1.0))
+        * z
+        * (square * (3.0 * a)).add_scalar(1.0)
+        * (0.5 * c);
+    t.add_scalar(1.0) * 0.5 + outer
 }
 
-impl DenseOps for burn::backend::Flex {}
+impl DenseOps for burn::backend::Flex {
+    fn gelu_erf_backward(pre: FloatTensor<Self>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        use burn::tensor::ops::ActivationOps;
+        <Self as ActivationOps<Self>>::gelu_backward(pre, dy)
+    }
+}
 
 /// cuBLASLt's products with `BERTRAIN_DENSE=cublaslt` (see [`cublaslt`]), burn's ops
 /// otherwise.
@@ -336,6 +353,30 @@ mod tests {
                 .into_data()
                 .assert_approx_eq::<f32>(&b2.grad(&grads2).unwrap().into_data(), tolerance);
         }
+    }
+
+    /// The erf GELU's gradient as burn's element-wise ops compose it (what burn-cuda uses)
+    /// equals Flex's own exact one.
+    #[test]
+    fn the_composed_erf_gelu_gradient_is_exact() {
+        let device = Default::default();
+        <Flex as Backend>::seed(&device, 7);
+        let z = Tensor::<Flex, 2>::random([64, 48], Distribution::Normal(0.0, 2.0), &device);
+        let dy = Tensor::<Flex, 2>::random([64, 48], Distribution::Normal(0.0, 1.0), &device);
+        let composed = gelu_erf_backward_composed::<Flex>(
+            z.clone().into_primitive().tensor(),
+            dy.clone().into_primitive().tensor(),
+        );
+        let exact = <Flex as DenseOps>::gelu_erf_backward(
+            z.into_primitive().tensor(),
+            dy.into_primitive().tensor(),
+        );
+        float::<Flex, 2>(composed)
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &float::<Flex, 2>(exact).into_data(),
+                Tolerance::absolute(1e-5),
+            );
     }
 
     /// Without autodiff (evaluation) the op is the plain function.
