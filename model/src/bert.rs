@@ -762,20 +762,31 @@ impl<B: DenseOps> SelfAttention<B> {
         let hidden_size = hidden.dims()[1];
         let head_dim = hidden_size / self.num_heads;
         let (batch, seq) = (rows.batch, rows.seq);
-        // [rows, hidden] -> [batch, heads, seq, head_dim]
-        let heads = |x: Tensor<B, 2>| {
-            let padded = match &rows.unpad {
-                Some((padded_from, _)) => x.gather_nd::<2, 2>(padded_from.clone()),
-                None => x,
-            };
-            padded
+        // Q, K and V as one product, [rows, 3 × hidden] (one larger matrix product, and
+        // one gather into the padded view instead of three).
+        let qkv = crate::dense::dense(
+            hidden,
+            Tensor::cat(
+                vec![self.query.weight.val(), self.key.weight.val(), self.value.weight.val()],
+                1,
+            ),
+            Tensor::cat(vec![bias(&self.query), bias(&self.key), bias(&self.value)], 0),
+            Activation::Identity,
+        );
+        let padded = match &rows.unpad {
+            Some((padded_from, _)) => qkv.gather_nd::<2, 2>(padded_from.clone()),
+            None => qkv,
+        };
+        // [batch, seq, 3, heads, head_dim] -> three [batch, heads, seq, head_dim]
+        let per_head = padded.reshape([batch, seq, 3, self.num_heads, head_dim]);
+        let part = |i: usize| {
+            per_head
+                .clone()
+                .narrow(2, i, 1)
                 .reshape([batch, seq, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let identity = Activation::Identity;
-        let query = heads(dense(&self.query, hidden.clone(), identity));
-        let key = heads(dense(&self.key, hidden.clone(), identity));
-        let value = heads(dense(&self.value, hidden, identity));
+        let (query, key, value) = (part(0), part(1), part(2));
         let scores = query
             .matmul(key.swap_dims(2, 3))
             .div_scalar((head_dim as f32).sqrt())
@@ -825,11 +836,12 @@ fn per_sequence<B: Backend>(
 
 /// `act(linear(x))` on `[rows, in]` as the backend's one dense op (see [`crate::dense`]).
 fn dense<B: DenseOps>(linear: &Linear<B>, x: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
-    let bias = linear
-        .bias
-        .as_ref()
-        .expect("every dense layer of BERT has a bias");
-    crate::dense::dense(x, linear.weight.val(), bias.val(), act)
+    crate::dense::dense(x, linear.weight.val(), bias(linear), act)
+}
+
+fn bias<B: Backend>(linear: &Linear<B>) -> Tensor<B, 1> {
+    let bias = linear.bias.as_ref();
+    bias.expect("every dense layer of BERT has a bias").val()
 }
 
 impl<B: Backend> Pooler<B> {
