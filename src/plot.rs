@@ -233,7 +233,7 @@ fn bounds(series: &[Series]) -> (f64, f64, f64, f64) {
 
 fn label(v: f64) -> String {
     let a = v.abs();
-    if a != 0.0 && (a < 1e-2 || a >= 1e5) {
+    if a != 0.0 && !(1e-2..1e5).contains(&a) {
         format!("{v:.2e}")
     } else if a >= 100.0 {
         format!("{v:.0}")

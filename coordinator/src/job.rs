@@ -430,7 +430,7 @@ impl JobConfig {
         }
         if let Some(min) = c.min_workers {
             let per_pass = u64::from(min) * t.micro_batch_size;
-            if min == 0 || min > c.world_size || t.global_batch_size % per_pass != 0 {
+            if min == 0 || min > c.world_size || !t.global_batch_size.is_multiple_of(per_pass) {
                 bail!(
                     "cluster.min_workers = {min}; it must be between 1 and cluster.world_size ({}), \
                      and train.global_batch_size ({}) a multiple of min_workers x train.micro_batch_size ({per_pass})",
@@ -440,7 +440,7 @@ impl JobConfig {
             }
         }
         let per_pass = u64::from(c.world_size) * t.micro_batch_size;
-        if t.global_batch_size % per_pass != 0 {
+        if !t.global_batch_size.is_multiple_of(per_pass) {
             let lower = (t.global_batch_size / per_pass).max(1) * per_pass;
             bail!(
                 "train.global_batch_size = {} is not a multiple of cluster.world_size ({}) x train.micro_batch_size ({}) = {per_pass}; \

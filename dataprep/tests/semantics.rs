@@ -172,7 +172,7 @@ fn whole_word_masking_masks_all_pieces_of_a_word() {
     let docs = corpus(200, &mut rng);
     // Every position not divisible by 3 continues the word before it: words of 3 pieces
     // (cut at sentence and segment boundaries).
-    let cont = |t: u32| t >= BASE && (t - BASE) % DOC_STRIDE % 3 != 0;
+    let cont = |t: u32| t >= BASE && !((t - BASE) % DOC_STRIDE).is_multiple_of(3);
     let v = vocab(cont);
     let mut opts = options(true);
     opts.max_predictions = 20;

@@ -473,7 +473,7 @@ impl Unpadding {
             cls: row_indices(&mut (0..self.rows as u32).map(|r| r * seq)),
             masked: row_indices(&mut self.masked.iter().copied()),
             keys,
-            view: if tokens % group == 0 {
+            view: if tokens.is_multiple_of(group) {
                 [tokens / group, group]
             } else {
                 [tokens, 1]

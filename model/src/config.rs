@@ -186,7 +186,7 @@ impl BertConfig {
                 bail!("key {key} must be positive");
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "key num_attention_heads = {} does not divide hidden_size = {}",
                 self.num_attention_heads,
