@@ -767,10 +767,17 @@ impl<B: DenseOps> SelfAttention<B> {
         let qkv = crate::dense::dense(
             hidden,
             Tensor::cat(
-                vec![self.query.weight.val(), self.key.weight.val(), self.value.weight.val()],
+                vec![
+                    self.query.weight.val(),
+                    self.key.weight.val(),
+                    self.value.weight.val(),
+                ],
                 1,
             ),
-            Tensor::cat(vec![bias(&self.query), bias(&self.key), bias(&self.value)], 0),
+            Tensor::cat(
+                vec![bias(&self.query), bias(&self.key), bias(&self.value)],
+                0,
+            ),
             Activation::Identity,
         );
         let padded = match &rows.unpad {

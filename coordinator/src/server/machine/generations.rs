@@ -55,7 +55,10 @@ impl Machine {
         let t = &self.job.train;
         (self.watchdog.min_workers..=available.min(self.world_size()))
             .rev()
-            .find(|&w| t.global_batch_size.is_multiple_of(w as u64 * t.micro_batch_size))
+            .find(|&w| {
+                t.global_batch_size
+                    .is_multiple_of(w as u64 * t.micro_batch_size)
+            })
     }
 
     /// Workers joined a running elastic job that trains with fewer than `world_size`: asks
