@@ -73,29 +73,65 @@ fn metrics_lines(path: &std::path::Path) -> usize {
 fn bench_step_prints_where_a_step_goes() {
     let mut c = bertrain();
     c.args([
-        "bench", "step", "--preset", "tiny", "--batch", "2,4", "--iters", "1",
+        "bench",
+        "step",
+        "--presets",
+        "tiny",
+        "--seq",
+        "128,512",
+        "--tokens",
+        "1024",
+        "--iters",
+        "1",
     ]);
     let out = run_bounded(c, Duration::from_secs(300));
     ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for batch in ["2", "4"] {
-        let rows: Vec<Vec<&str>> = stdout
-            .lines()
-            .filter(|l| l.split_whitespace().next() == Some(batch))
-            .map(|l| l.split_whitespace().collect())
-            .collect();
-        // matmul, forward, forward + backward, trainer step and its two parts
-        assert_eq!(rows.len(), 6, "{stdout}");
-        let ms = |row: &Vec<&str>| row[row.len() - 3].parse::<f64>().unwrap();
-        assert!(rows.iter().all(|r| ms(r) > 0.0), "{stdout}");
-        // The backward pass costs more than the forward pass alone.
-        assert!(ms(&rows[2]) > ms(&rows[1]), "{stdout}");
-    }
+    // | model | seq | batch | step ms | tokens/s | TFLOP/s | MFU | dense ms | dense TFLOP/s |
+    // attention ms | attention TFLOP/s | other ms | optimizer ms | all-reduce ms |
+    let rows: Vec<Vec<f64>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| tiny |"))
+        .map(|l| {
+            l.split('|')
+                .map(str::trim)
+                .filter(|c| !c.is_empty() && *c != "tiny" && *c != "-")
+                .map(|c| c.parse::<f64>().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    let [
+        seq,
+        batch,
+        step,
+        _,
+        _,
+        dense,
+        _,
+        attention,
+        _,
+        _,
+        _,
+        all_reduce,
+    ] = rows[0][..]
+    else {
+        panic!("{stdout}")
+    };
+    assert_eq!((seq, batch), (128.0, 8.0), "{stdout}");
+    assert!(step > 0.0 && dense > 0.0 && attention > 0.0, "{stdout}");
+    assert!(dense + attention < 2.0 * step, "{stdout}");
+    // One process: nothing to all-reduce.
+    assert!(all_reduce < 1.0, "{stdout}");
+    // At 512 the same tokens attend over 4x the positions: attention costs about 4x.
+    let (seq, attention_512) = (rows[1][0], rows[1][7]);
+    assert_eq!(seq, 512.0, "{stdout}");
+    assert!(attention_512 > 2.0 * attention, "{stdout}");
 
     // Without the cuda feature the GPU variant says so in one line.
     if !cfg!(feature = "cuda") {
         let mut c = bertrain();
-        c.args(["bench", "step", "--backend", "cuda", "--preset", "tiny"]);
+        c.args(["bench", "step", "--backend", "cuda", "--presets", "tiny"]);
         let out = run_bounded(c, Duration::from_secs(60));
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);

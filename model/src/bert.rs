@@ -34,6 +34,10 @@ const HIDDEN_ACT: Activation = Activation::GeluErf;
 /// (which never occurs: [CLS] is always present) could not produce NaN.
 const MASKED_SCORE: f32 = -1.0e9;
 
+/// On a GPU the MLM decoder's product runs over the vocabulary rounded up to a multiple of
+/// this (see [`padded_vocab`]).
+const VOCAB_MULTIPLE: usize = 64;
+
 /// A batch of pretraining instances, padded to the longest sequence in the batch.
 #[derive(Debug, Clone)]
 pub struct PretrainingBatch<B: Backend> {
@@ -793,21 +797,42 @@ impl<B: DenseOps> SelfAttention<B> {
                 .reshape([batch, seq, self.num_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let (query, key, value) = (part(0), part(1), part(2));
-        let scores = query
-            .matmul(key.swap_dims(2, 3))
-            .div_scalar((head_dim as f32).sqrt())
-            + score_bias;
-        let probs = dropout::apply(&self.dropout, softmax(scores, 3), &rows.attention_keys);
-        let context = probs
-            .matmul(value)
-            .swap_dims(1, 2)
-            .reshape([batch * seq, hidden_size]);
+        let context = attention(
+            part(0),
+            part(1),
+            part(2),
+            score_bias,
+            &self.dropout,
+            &rows.attention_keys,
+        );
+        let context = context.swap_dims(1, 2).reshape([batch * seq, hidden_size]);
         match &rows.unpad {
             Some((_, positions)) => context.gather_nd::<2, 2>(positions.clone()),
             None => context,
         }
     }
+}
+
+/// Scaled dot-product attention on per-head `[batch, heads, seq, head_dim]` queries, keys
+/// and values: `softmax(q kᵀ / √head_dim + score_bias)` with dropout on the probabilities,
+/// times the values. `score_bias` broadcasts (`[batch, 1, 1, seq]`: 0 where attended,
+/// [`MASKED_SCORE`] on padding); `keys` name the probabilities' `batch * heads * seq` rows
+/// for host-drawn dropout masks (see [`crate::dropout`]; empty where they are not read).
+/// Public so that `bench step` can time attention alone at the model's shapes.
+pub fn attention<B: Backend>(
+    query: Tensor<B, 4>,
+    key: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+    score_bias: Tensor<B, 4>,
+    dropout: &Dropout,
+    keys: &[u64],
+) -> Tensor<B, 4> {
+    let head_dim = query.dims()[3];
+    let scores = query
+        .matmul(key.swap_dims(2, 3))
+        .div_scalar((head_dim as f32).sqrt())
+        + score_bias;
+    dropout::apply(dropout, softmax(scores, 3), keys).matmul(value)
 }
 
 impl<B: DenseOps> Output<B> {
@@ -865,8 +890,41 @@ impl<B: DenseOps> LmPredictionHead<B> {
             self.transform
                 .layer_norm
                 .forward(dense(&self.transform.dense, at_masks, HIDDEN_ACT));
-        transformed.matmul(word_embeddings.transpose()) + self.bias.val().unsqueeze_dim(0)
+        let vocab = padded_vocab::<B>(word_embeddings.dims()[0], &transformed.device());
+        tied_decoder(transformed, word_embeddings, self.bias.val(), vocab)
     }
+}
+
+/// The vocabulary size the MLM decoder's product runs over on `device`: `vocab` rounded up
+/// to a multiple of [`VOCAB_MULTIPLE`] on a GPU, so that the product's output dimension
+/// suits tensor cores (BERT's 30,522 is not a multiple of 8); `vocab` itself on the CPU,
+/// where the padding would only add copies.
+pub fn padded_vocab<B: Backend>(vocab: usize, device: &B::Device) -> usize {
+    if dropout::computes_on_host::<B>(device) {
+        vocab
+    } else {
+        vocab.next_multiple_of(VOCAB_MULTIPLE)
+    }
+}
+
+/// `x · embeddingsᵀ + bias`, `[rows, vocab]`, as one dense op over `padded` ≥ vocab
+/// columns (zero weights and biases beyond the vocabulary, cut off again): the padding is
+/// internal, the parameters keep HF's shapes.
+fn tied_decoder<B: DenseOps>(
+    x: Tensor<B, 2>,
+    embeddings: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+    padded: usize,
+) -> Tensor<B, 2> {
+    let [vocab, hidden] = embeddings.dims();
+    let (mut weight, mut bias) = (embeddings.transpose(), bias);
+    if padded > vocab {
+        let device = weight.device();
+        let extra = padded - vocab;
+        weight = Tensor::cat(vec![weight, Tensor::zeros([hidden, extra], &device)], 1);
+        bias = Tensor::cat(vec![bias, Tensor::zeros([extra], &device)], 0);
+    }
+    crate::dense::dense(x, weight, bias, Activation::Identity).narrow(1, 0, vocab)
 }
 
 #[cfg(test)]
@@ -989,6 +1047,67 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The decoder over the padded vocabulary (as on a GPU) is the plain tied decoder: the
+    /// same logits and the same gradients of the embeddings, the bias and the input.
+    #[test]
+    fn padded_decoder_is_the_plain_decoder() {
+        let device = Default::default();
+        let model = init_bert::<Train>(&config(0.0), 5, &device);
+        let head = &model.cls.predictions;
+        let vocab = model.bert.embeddings.word_embeddings.weight.dims()[0];
+        let padded = vocab.next_multiple_of(VOCAB_MULTIPLE);
+        assert!(padded > vocab, "the test exercises the padding");
+        let at_masks = Tensor::<Train, 2>::random(
+            [6, 128],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let upstream = Tensor::<Train, 2>::random(
+            [6, vocab],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let plain = |x: Tensor<Train, 2>, embeddings: Tensor<Train, 2>| {
+            let t = head
+                .transform
+                .layer_norm
+                .forward(dense(&head.transform.dense, x, HIDDEN_ACT));
+            t.matmul(embeddings.transpose()) + head.bias.val().unsqueeze_dim(0)
+        };
+        let gradients = |logits: Tensor<Train, 2>, x: &Tensor<Train, 2>, e: &Tensor<Train, 2>| {
+            let grads = (logits.clone() * upstream.clone()).sum().backward();
+            let values = |t: Tensor<Flex, 2>| t.into_data().to_vec::<f32>().unwrap();
+            let mut all = values(logits.inner());
+            all.extend(values(x.grad(&grads).unwrap()));
+            all.extend(values(e.grad(&grads).unwrap()));
+            all.extend(
+                head.bias
+                    .val()
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap(),
+            );
+            all
+        };
+        let embeddings = model.bert.embeddings.word_embeddings.weight.val();
+        let (x1, e1) = (
+            at_masks.clone().require_grad(),
+            embeddings.clone().require_grad(),
+        );
+        let transformed =
+            head.transform
+                .layer_norm
+                .forward(dense(&head.transform.dense, x1.clone(), HIDDEN_ACT));
+        let logits = tied_decoder(transformed, e1.clone(), head.bias.val(), padded);
+        let padded = gradients(logits, &x1, &e1);
+        let (x2, e2) = (at_masks.require_grad(), embeddings.require_grad());
+        let reference = gradients(plain(x2.clone(), e2.clone()), &x2, &e2);
+        let diff = max_diff(&padded, &reference);
+        assert!(diff < 1e-5, "differ by {diff}");
     }
 
     /// Padding positions read from a spare padding row, never from a real token; a batch

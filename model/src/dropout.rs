@@ -70,7 +70,7 @@ pub(crate) fn apply<B: Backend, const D: usize>(
 
 /// Whether [`apply`] on `device` reads its keys: in training, on a CPU backend. Callers
 /// skip making keys otherwise.
-pub(crate) fn uses_keys<B: Backend>(device: &B::Device) -> bool {
+pub fn uses_keys<B: Backend>(device: &B::Device) -> bool {
     B::ad_enabled(device) && computes_on_host::<B>(device)
 }
 

@@ -1,7 +1,7 @@
 //! `bertrain bench dense`: the dense op's cuBLASLt products against burn's own, on a GPU.
 //!
 //! For the dense layers of BERT-base and BERT-large at 16,384 tokens (128 sequences of
-//! 128), runs forward and backward (the three products, the bias and the erf GELU)
+//! 128; the MLM decoder at its 15% masked positions), runs forward and backward (the three products, the bias and the erf GELU)
 //! through burn's ops and through cuBLASLt on the same random inputs, and prints how far
 //! apart the outputs and the three gradients are (relative to the largest magnitude of
 //! burn's) and how long each path takes. Fails when any difference exceeds the float
@@ -48,31 +48,67 @@ fn run<D: 'static>(bench: &DenseBench, device: &D) -> Result<()> {
         Precision::Bf16 => 2e-2,
         Precision::Fp32 => 5e-3,
     };
+    // The MLM decoder runs on the masked positions only (15% of the tokens), over BERT's
+    // vocabulary padded as the model pads it.
+    let (tokens, masked) = (bench.tokens, (bench.tokens * 15).div_ceil(100));
+    let vocab = bertrain_model::bert::padded_vocab::<burn::backend::Cuda>(30522, device);
     let layers = [
-        ("base attention", 768, 768, Activation::Identity),
-        ("base intermediate", 768, 3072, Activation::GeluErf),
-        ("base output", 3072, 768, Activation::Identity),
-        ("large attention", 1024, 1024, Activation::Identity),
-        ("large intermediate", 1024, 4096, Activation::GeluErf),
-        ("large output", 4096, 1024, Activation::Identity),
+        (
+            "base query/key/value",
+            tokens,
+            768,
+            3 * 768,
+            Activation::Identity,
+        ),
+        (
+            "base attention output",
+            tokens,
+            768,
+            768,
+            Activation::Identity,
+        ),
+        ("base intermediate", tokens, 768, 3072, Activation::GeluErf),
+        ("base output", tokens, 3072, 768, Activation::Identity),
+        ("base MLM decoder", masked, 768, vocab, Activation::Identity),
+        (
+            "large query/key/value",
+            tokens,
+            1024,
+            3 * 1024,
+            Activation::Identity,
+        ),
+        (
+            "large intermediate",
+            tokens,
+            1024,
+            4096,
+            Activation::GeluErf,
+        ),
+        ("large output", tokens, 4096, 1024, Activation::Identity),
+        (
+            "large MLM decoder",
+            masked,
+            1024,
+            vocab,
+            Activation::Identity,
+        ),
     ];
     println!(
         "bench dense: {} tokens, {:?}, GPU {}, mean of {} runs after 1; error = max |cuBLASLt - burn| / max |burn| (tolerance {tolerance})",
         bench.tokens, bench.precision, device.index, bench.iters
     );
     println!(
-        "| layer | in → out | error y | dX | dW | db | burn ms | cuBLASLt ms | burn TFLOP/s | cuBLASLt TFLOP/s |"
+        "| layer | rows | in → out | error y | dX | dW | db | burn ms | cuBLASLt ms | burn TFLOP/s | cuBLASLt TFLOP/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut worst = 0f32;
-    for (name, d_in, d_out, act) in layers {
-        let c = compare_with_burn(device, [bench.tokens, d_in, d_out], act, bench.iters)
+    for (name, rows, d_in, d_out, act) in layers {
+        let c = compare_with_burn(device, [rows, d_in, d_out], act, bench.iters)
             .map_err(|e| anyhow::anyhow!("bench dense, {name}: {e}"))?;
-        let tflops =
-            |ms: f64| 3.0 * 2.0 * (bench.tokens * d_in * d_out) as f64 / (ms * 1e-3) / 1e12;
+        let tflops = |ms: f64| 3.0 * 2.0 * (rows * d_in * d_out) as f64 / (ms * 1e-3) / 1e12;
         let [y, dx, dw, db] = c.errors;
         println!(
-            "| {name} | {d_in} → {d_out} | {y:.1e} | {dx:.1e} | {dw:.1e} | {db:.1e} | {:.2} | {:.2} | {:.0} | {:.0} |",
+            "| {name} | {rows} | {d_in} → {d_out} | {y:.1e} | {dx:.1e} | {dw:.1e} | {db:.1e} | {:.2} | {:.2} | {:.0} | {:.0} |",
             c.burn_ms,
             c.cublaslt_ms,
             tflops(c.burn_ms),

@@ -74,16 +74,19 @@ enum BenchKind {
         #[arg(long, default_value_t = 256)]
         max_mb: usize,
     },
-    /// Where a training step's time goes, on the CPU or a GPU: one matrix product, the
-    /// forward pass, forward + backward, and the trainer's step, in ms and TFLOP/s.
+    /// Where a training step's time goes, on the CPU or a GPU: the whole step split into
+    /// dense layers, attention, other kernels, optimizer and all-reduce, in ms and TFLOP/s.
     Step {
-        /// Model preset.
+        /// Model presets, comma-separated.
         #[arg(long, default_value = "base")]
-        preset: String,
-        /// Sequences per step, comma-separated (each of length 128).
-        #[arg(long, default_value = "32,128")]
-        batch: String,
-        /// Measured runs per row (after 2 warm-up runs).
+        presets: String,
+        /// Sequence lengths, comma-separated (full-length random sequences).
+        #[arg(long, default_value = "128")]
+        seq: String,
+        /// Tokens per step: `tokens / seq` sequences at each length.
+        #[arg(long, default_value_t = 16384)]
+        tokens: usize,
+        /// Measured runs per part (after 2 warm-up runs).
         #[arg(long, default_value_t = 10)]
         iters: usize,
         #[arg(long, value_enum, default_value = "cpu")]
@@ -182,7 +185,6 @@ fn bench_batch_size(preset: &str) -> usize {
 }
 
 const SEQ_LEN: usize = 128;
-const PREDICTIONS: usize = 20;
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
@@ -245,25 +247,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchKind::Allreduce { ranks, max_mb } => bench_allreduce(ranks, max_mb),
         BenchKind::Checkpoint { presets, dir } => bench_checkpoint(&presets, &dir),
         BenchKind::Step {
-            preset,
-            batch,
+            presets,
+            seq,
+            tokens,
             iters,
             backend,
             device,
             precision,
             peak_tflops,
         } => {
-            if iters == 0 {
-                bail!("--iters must be at least 1");
-            }
             let choice = DeviceChoice {
                 backend,
                 index: device,
                 precision,
             };
             let bench = step::StepBench {
-                preset,
-                batches: parse_list(&batch, "--batch")?,
+                presets: presets.split(',').map(|p| p.trim().to_string()).collect(),
+                seq_lens: parse_list(&seq, "--seq")?,
+                tokens,
                 iters,
                 precision,
                 peak_tflops: bertrain_worker::peak(choice, peak_tflops).map(|p| p.tflops),
@@ -273,6 +274,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     Backend::Cuda => format!("GPU {device}"),
                 },
             };
+            bench.check()?;
             bertrain_worker::with_backend(choice, &bench)
         }
         BenchKind::Dense {

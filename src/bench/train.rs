@@ -15,7 +15,7 @@ use bertrain_worker::collective::{Collective, LocalCollective, RingListener, Rin
 use bertrain_worker::{BatchShape, SampleSource, step_data};
 use bertrain_worker::{Optimizer, OptimizerConfig};
 
-use super::{ISSUE_REFERENCE, PREDICTIONS, SEQ_LEN, bench_batch_size};
+use super::{ISSUE_REFERENCE, SEQ_LEN, bench_batch_size};
 
 pub(super) fn bench_train(
     presets: &str,
@@ -52,7 +52,8 @@ pub(super) fn bench_train(
         None => ISSUE_REFERENCE.to_string(),
     };
     println!(
-        "training step, seq {SEQ_LEN}, {PREDICTIONS} predictions/seq, AdamW, fp32, CPU (Flex), {workers} worker process(es); HF torch: {}",
+        "training step, seq {SEQ_LEN}, {} predictions/seq, AdamW, fp32, CPU (Flex), {workers} worker process(es); HF torch: {}",
+        predictions_per_seq(SEQ_LEN),
         if hf_python.is_some() {
             "measured just now"
         } else {
@@ -198,9 +199,13 @@ pub(super) fn train_rank(
         let model = init_bert::<CpuBackend>(&config, 0, &device);
         let optimizer = OptimizerConfig::bert(Optimizer::Adamw, 0.01);
         let mut trainer = Trainer::new(model, optimizer, 1.0, 0, device);
-        let local =
-            std::slice::from_ref(&random_batch(&config, batch_size / world, 1 + rank as u64))
-                .to_vec();
+        let local = std::slice::from_ref(&random_batch(
+            &config,
+            batch_size / world,
+            SEQ_LEN,
+            1 + rank as u64,
+        ))
+        .to_vec();
         trainer.step(0, rank, &local, 1e-4, false, collective)?;
         collective.barrier()?;
         let started = Instant::now();
@@ -337,18 +342,25 @@ pub(super) fn dataset_rank(
     Ok(())
 }
 
-/// Full-length instances of random tokens with `PREDICTIONS` masked positions each.
-pub fn random_batch(config: &BertConfig, rows: usize, seed: u64) -> HostBatch {
+/// Masked positions per sequence of `seq` tokens: 15%, rounded up (20 at 128).
+fn predictions_per_seq(seq: usize) -> usize {
+    (seq * 15).div_ceil(100)
+}
+
+/// `rows` full-length instances of `seq` random tokens with [`predictions_per_seq`] masked.
+pub fn random_batch(config: &BertConfig, rows: usize, seq: usize, seed: u64) -> HostBatch {
     let mut rng = SplitMix64::new(seed);
     let mut below = |n: usize| (rng.next_u64() % n as u64) as u32;
+    let predictions = predictions_per_seq(seq);
+    let spacing = (seq - 2) / predictions;
     let instances: Vec<Instance> = (0..rows)
         .map(|_| {
-            let input_ids: Vec<u32> = (0..SEQ_LEN)
+            let input_ids: Vec<u32> = (0..seq)
                 .map(|_| 999 + below(config.vocab_size - 999))
                 .collect();
-            let token_type_ids = (0..SEQ_LEN).map(|i| u8::from(i >= SEQ_LEN / 2)).collect();
+            let token_type_ids = (0..seq).map(|i| u8::from(i >= seq / 2)).collect();
             let masked_lm_positions: Vec<u32> =
-                (0..PREDICTIONS).map(|k| 1 + (k * 6) as u32).collect();
+                (0..predictions).map(|k| 1 + (k * spacing) as u32).collect();
             let masked_lm_ids = masked_lm_positions
                 .iter()
                 .map(|&p| input_ids[p as usize])
