@@ -272,6 +272,7 @@ fn prepare(args: &FinetuneArgs) -> Result<train::Job> {
         vocab_path,
         tokenizer_config: vocab.casing.tokenizer_config_json(),
         args: args.clone(),
+        optimizer_on_device: args.backend == Backend::Cuda,
     })
 }
 
@@ -456,6 +457,43 @@ mod tests {
             }
             assert!(!args.output.exists(), "{error}: output written");
         }
+    }
+
+    /// With the optimizer on the device (as `--backend cuda` runs it) the fine-tuned
+    /// parameters are the host path's, to float rounding: checked on the CPU backend, which
+    /// runs both.
+    #[test]
+    fn the_optimizer_on_the_device_gives_the_host_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = |name: &str, on_device: bool| {
+            let mut a = args(dir.path(), TRAIN, VALIDATION);
+            a.output = dir.path().join(name);
+            let mut job = prepare(&a).unwrap();
+            job.optimizer_on_device = on_device;
+            let cpu = DeviceChoice {
+                backend: Backend::Cpu,
+                index: 0,
+                precision: Precision::Fp32,
+            };
+            with_backend(cpu, job).unwrap();
+            // safetensors: an 8-byte header length, the JSON header, then the f32 values.
+            let bytes = std::fs::read(a.output.join(hf::WEIGHTS_FILE)).unwrap();
+            let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let values: Vec<f32> = bytes[header..]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (bytes[..header].to_vec(), values)
+        };
+        let (host_header, host) = weights("host", false);
+        let (device_header, device) = weights("device", true);
+        assert_eq!(host_header, device_header);
+        let diff = host
+            .iter()
+            .zip(&device)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "parameters differ by {diff}");
     }
 
     /// Same inputs and seed: the same parameters, byte for byte; another seed: others.

@@ -1,6 +1,7 @@
 //! The fine-tuning loop, written once for every backend ([`OnBackend`]): shuffled batches,
 //! forward and backward, gradient clipping, AdamW with warmup and linear decay on flat
-//! host buffers (the worker's optimizer and schedule), evaluation after every epoch,
+//! buffers (the worker's optimizer and schedule; on the host for the CPU, on the device
+//! for a GPU), evaluation after every epoch,
 //! `metrics.jsonl`, and the fine-tuned model as an HF directory.
 
 use std::fs;
@@ -17,8 +18,8 @@ use bertrain_model::params::{Accumulation, accumulate_grads, load_flat_params};
 use bertrain_model::{BertConfig, BertForSequenceClassification, ParamLayout, seed_dropout};
 use bertrain_model::{DenseOps, TrainingBackend};
 use bertrain_worker::LrSchedule;
-use bertrain_worker::OnBackend;
 use bertrain_worker::optim::{self, Optimizer, OptimizerConfig, OptimizerState};
+use bertrain_worker::{DeviceMaster, OnBackend};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 
@@ -43,6 +44,8 @@ pub(crate) struct Job {
     pub vocab_path: PathBuf,
     pub tokenizer_config: String,
     pub args: FinetuneArgs,
+    /// Keep the master parameters and optimizer state on the device (`--backend cuda`).
+    pub optimizer_on_device: bool,
 }
 
 /// A run's figures.
@@ -102,6 +105,13 @@ impl OnBackend for Job {
         let optimizer = OptimizerConfig::bert(Optimizer::Adamw, args.weight_decay as f32);
         let mut state = OptimizerState::new(layout.total);
         let mut grads = vec![0.0f32; layout.total];
+        // On a GPU the master parameters and AdamW's moments stay there, as in pretraining.
+        let mut on_device = match self.optimizer_on_device {
+            true => Some(DeviceMaster::<B::InnerBackend>::upload(
+                &optimizer, &layout, &params, &state, &device,
+            )?),
+            false => None,
+        };
 
         fs::create_dir_all(&args.output)
             .with_context(|| format!("cannot create {}", args.output.display()))?;
@@ -140,17 +150,27 @@ impl OnBackend for Job {
                 let loss = model.loss(logits, &batch.targets);
                 let gradients = loss.backward();
                 let loss_value: f32 = loss.into_scalar().elem();
-                accumulate_grads(
-                    &model,
-                    &gradients,
-                    &layout,
-                    &mut grads,
-                    Accumulation::Overwrite,
-                );
-                optim::clip_grad_norm(&mut grads, MAX_GRAD_NORM);
                 let lr = schedule.at(step) as f32;
-                optim::update(&optimizer, &layout, &mut state, &mut params, &grads, lr);
-                model = load_flat_params(model, &params, &layout);
+                match &mut on_device {
+                    Some(master) => {
+                        master.accumulate(&model, &gradients, &layout, Accumulation::Overwrite);
+                        master.clip(MAX_GRAD_NORM);
+                        master.adamw(&optimizer, &mut state, lr);
+                        model = master.write_into(model, &layout);
+                    }
+                    None => {
+                        accumulate_grads(
+                            &model,
+                            &gradients,
+                            &layout,
+                            &mut grads,
+                            Accumulation::Overwrite,
+                        );
+                        optim::clip_grad_norm(&mut grads, MAX_GRAD_NORM);
+                        optim::update(&optimizer, &layout, &mut state, &mut params, &grads, lr);
+                        model = load_flat_params(model, &params, &layout);
+                    }
+                }
                 step += 1;
                 train_time += step_started.elapsed();
                 train_tokens += batch.tokens;
@@ -189,6 +209,9 @@ impl OnBackend for Job {
             records.push(record);
         }
         progress.finish();
+        if let Some(master) = &on_device {
+            master.download(&mut params, &mut state);
+        }
 
         let names = match &self.labels {
             LabelSpace::Classes { names, .. } => names.clone(),

@@ -28,6 +28,7 @@ pub use device::{DeviceChoice, OnBackend, peak, set_precision, with_backend};
 pub use loader::{BatchShape, SampleSource, step_data};
 pub use node::{WorkerArgs, run};
 pub use optim::{Optimizer, OptimizerConfig, OptimizerState};
+pub use resident::DeviceMaster;
 pub use schedule::LrSchedule;
 pub use trainer::Trainer;
 

@@ -1,4 +1,5 @@
-//! Master parameters and AdamW state kept on the device (the GPU path).
+//! Master parameters and AdamW state kept on the device (the GPU path), for any model
+//! (pretraining in `Trainer`, fine-tuning in `bertrain-finetune`).
 //!
 //! The host path (`Trainer` without this) copies every step's gradients to a flat host
 //! buffer, updates host copies of the parameters and loads them back into the model: right
@@ -16,7 +17,7 @@
 //! bucket: the whole model, after the backward pass); other collectives get a host copy.
 
 use anyhow::{Result, bail};
-use bertrain_model::{Accumulation, BertForPreTraining, ParamLayout, in_f32};
+use bertrain_model::{Accumulation, ParamLayout, in_f32};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -84,9 +85,9 @@ impl<B: Backend> DeviceMaster<B> {
 
     /// Writes (or adds, for later micro-batches) the gradients after `backward` into the
     /// flat gradient tensor. A parameter without a gradient contributes zeros.
-    pub fn accumulate<A: AutodiffBackend<InnerBackend = B>>(
+    pub fn accumulate<A: AutodiffBackend<InnerBackend = B>, M: Module<A>>(
         &mut self,
-        model: &BertForPreTraining<A>,
+        model: &M,
         gradients: &A::Gradients,
         layout: &ParamLayout,
         how: Accumulation,
@@ -204,11 +205,11 @@ impl<B: Backend> DeviceMaster<B> {
 
     /// The model with every parameter replaced by its slice of the master parameters, in
     /// the model's own float type.
-    pub fn write_into<A: AutodiffBackend<InnerBackend = B>>(
+    pub fn write_into<A: AutodiffBackend<InnerBackend = B>, M: Module<A>>(
         &self,
-        model: BertForPreTraining<A>,
+        model: M,
         layout: &ParamLayout,
-    ) -> BertForPreTraining<A> {
+    ) -> M {
         struct Load<'a, B: Backend> {
             flat: &'a Tensor<B, 1>,
             layout: &'a ParamLayout,
