@@ -141,6 +141,9 @@ fn run(
     vector: Option<&Primitive>,
 ) {
     let call = LtCall::of(product).unwrap_or_else(|e| panic!("dense op: {e}"));
+    if let Err(e) = epilogue.check(&call) {
+        panic!("dense op: {e}");
+    }
     <Cuda as Backend>::sync(&d.device)
         .expect("waiting for burn's kernels before a cuBLASLt product");
     let ptr = |t: &Primitive| {
@@ -188,11 +191,23 @@ fn handles() -> &'static Mutex<HashMap<usize, Lt>> {
     HANDLES.get_or_init(Default::default)
 }
 
-/// A cuBLASLt handle with its stream and workspace, one per GPU.
+/// A cuBLASLt handle with its stream and workspace, one per GPU, and the algorithm
+/// chosen for each call it has seen.
 struct Lt {
     handle: sys::cublasLtHandle_t,
     stream: Arc<CudaStream>,
     workspace: CudaSlice<u8>,
+    algorithms: HashMap<AlgorithmKey, sys::cublasLtMatmulAlgo_t>,
+}
+
+/// What cuBLASLt's algorithm choice depends on: the call's shapes and transposes, its
+/// epilogue, the element type and the alignment of A, B and D.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct AlgorithmKey {
+    call: LtCall,
+    epilogue: Epilogue,
+    element: sys::cudaDataType,
+    alignments: [u32; 3],
 }
 
 // SAFETY: the handle is used under the mutex of `handles` only.
@@ -213,6 +228,7 @@ impl Lt {
             handle,
             stream,
             workspace,
+            algorithms: HashMap::new(),
         }
     }
 
@@ -296,27 +312,58 @@ impl Lt {
                 size_of::<u64>(),
             )?;
         }
-        let pref = Pref(result::create_matmul_pref()?);
-        let workspace_bytes = WORKSPACE_BYTES;
-        unsafe {
-            result::set_matmul_pref_attribute(
-                pref.0,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&workspace_bytes) as *const usize as *const c_void,
-                size_of::<usize>(),
-            )?;
-        }
-        // One heuristic query per call: caching the algorithm per shape waits for a GPU run.
-        let heuristic = unsafe {
-            result::get_matmul_algo_heuristic(
-                self.handle,
-                desc.0,
-                a_layout.0,
-                b_layout.0,
-                d_layout.0,
-                d_layout.0,
-                pref.0,
-            )?
+        // The heuristic assumes 256-byte aligned buffers unless told otherwise, and a
+        // tensor may start inside an allocation: say what the pointers give.
+        let alignments = [a, b, d].map(super::lt::alignment_of);
+        let key = AlgorithmKey {
+            call: *call,
+            epilogue,
+            element,
+            alignments,
+        };
+        let algorithm = match self.algorithms.get(&key) {
+            Some(algorithm) => *algorithm,
+            None => {
+                use sys::cublasLtMatmulPreferenceAttributes_t as PrefAttr;
+                let pref = Pref(result::create_matmul_pref()?);
+                let set_pref = |attr: PrefAttr, value: *const c_void, size: usize| unsafe {
+                    result::set_matmul_pref_attribute(pref.0, attr, value, size)
+                };
+                let workspace_bytes = WORKSPACE_BYTES;
+                set_pref(
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&workspace_bytes) as *const usize as *const c_void,
+                    size_of::<usize>(),
+                )?;
+                for (attr, alignment) in [
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                ]
+                .into_iter()
+                .zip([alignments[0], alignments[1], alignments[2], alignments[2]])
+                {
+                    set_pref(
+                        attr,
+                        (&alignment) as *const u32 as *const c_void,
+                        size_of::<u32>(),
+                    )?;
+                }
+                let heuristic = unsafe {
+                    result::get_matmul_algo_heuristic(
+                        self.handle,
+                        desc.0,
+                        a_layout.0,
+                        b_layout.0,
+                        d_layout.0,
+                        d_layout.0,
+                        pref.0,
+                    )?
+                };
+                self.algorithms.insert(key, heuristic.algo);
+                heuristic.algo
+            }
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (workspace, _record) = self.workspace.device_ptr(&self.stream);
@@ -334,7 +381,7 @@ impl Lt {
                 d_layout.0,
                 d as *mut c_void,
                 d_layout.0,
-                &heuristic.algo,
+                &algorithm,
                 workspace as *mut c_void,
                 WORKSPACE_BYTES,
                 self.stream.cu_stream() as sys::cudaStream_t,

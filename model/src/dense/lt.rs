@@ -46,7 +46,7 @@ pub struct Product {
 
 /// One matrix as cuBLASLt's `cublasLtMatrixLayoutCreate` takes it: column-major,
 /// `rows × cols` as stored (before the call's transpose), leading dimension `ld`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ColumnMajor {
     pub rows: usize,
     pub cols: usize,
@@ -57,7 +57,7 @@ pub struct ColumnMajor {
 /// The arguments of one `cublasLtMatmul`: `D = op(A) · op(B)` with `op(A)` of `m × k`,
 /// `op(B)` of `k × n`, `D` of `m × n`, all column-major. Its A is the memory of the row-
 /// major product's B, its B the memory of the row-major A.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LtCall {
     pub trans_a: bool,
     pub trans_b: bool,
@@ -127,7 +127,7 @@ impl LtCall {
 
 /// What cuBLASLt applies to a product `P = op(A) · op(B)` (column-major, `m × n`) before
 /// writing `D`. Vectors have `m` entries (one per row of `D`), except `BGradB`'s.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Epilogue {
     /// `D = P`.
     Default,
@@ -141,6 +141,30 @@ pub enum Epilogue {
     BGradA,
     /// `bias = Σ_k op(B)` (length `n`); `D = P`.
     BGradB,
+}
+
+impl Epilogue {
+    /// Whether cuBLASLt runs this epilogue on `call`: a bias gradient is reduced from a
+    /// non-transposed A (`BGradA`) or a transposed B (`BGradB`) only, and no epilogue with
+    /// a vector is used on batched calls (the vector would need a batch stride).
+    pub fn check(self, call: &LtCall) -> Result<(), String> {
+        match self {
+            Epilogue::BGradA if call.trans_a => {
+                Err("BGRADA needs cuBLASLt's A untransposed".into())
+            }
+            Epilogue::BGradB if !call.trans_b => Err("BGRADB needs cuBLASLt's B transposed".into()),
+            Epilogue::Default => Ok(()),
+            _ if call.batch > 1 => Err(format!("{self:?} on a batch of {}", call.batch)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The alignment cuBLASLt may assume for a buffer at `address`: the largest power of two
+/// dividing it, up to the 256 bytes its algorithm choice assumes by default (burn-cuda's
+/// allocations are 512-aligned, but a tensor may start inside one).
+pub fn alignment_of(address: u64) -> u32 {
+    1 << address.trailing_zeros().min(8)
 }
 
 /// Which row-major operand of a weight-gradient product holds the output gradient whose
@@ -593,6 +617,55 @@ mod tests {
         assert_eq!(plan.weight_gradient, Epilogue::BGradA);
         let next = DensePlan::new(Activation::Identity, Activation::GeluErf);
         assert_eq!(next.input_gradient, Epilogue::Default);
+    }
+
+    /// Every epilogue the plan picks is one cuBLASLt runs on its call (a bias gradient from
+    /// an untransposed A or a transposed B); the other orientations are refused.
+    #[test]
+    fn planned_epilogues_suit_their_calls() {
+        for act in [
+            Activation::Identity,
+            Activation::GeluErf,
+            Activation::GeluTanh,
+        ] {
+            for input_from in [Activation::Identity, Activation::GeluTanh] {
+                let plan = DensePlan::new(act, input_from);
+                let [forward, weight, input] = DensePlan::products(64, 32, 48);
+                for (epilogue, product) in [
+                    (plan.forward, forward),
+                    (plan.weight_gradient, weight),
+                    (plan.input_gradient, input),
+                ] {
+                    let call = LtCall::of(&product).unwrap();
+                    assert_eq!(epilogue.check(&call), Ok(()), "{act:?} {epilogue:?}");
+                }
+            }
+        }
+        let [_, weight, _] = DensePlan::products(64, 32, 48);
+        let call = LtCall::of(&weight).unwrap();
+        let flipped = LtCall {
+            trans_a: !call.trans_a,
+            ..call
+        };
+        assert!(Epilogue::BGradA.check(&flipped).is_err());
+        let b_untransposed = LtCall {
+            trans_b: false,
+            ..call
+        };
+        assert!(Epilogue::BGradB.check(&b_untransposed).is_err());
+        let [scores, _] = attention_products(2, 3, 4, 5);
+        let batched = LtCall::of(&scores).unwrap();
+        assert_eq!(Epilogue::Default.check(&batched), Ok(()));
+        assert!(Epilogue::Bias.check(&batched).is_err());
+    }
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_up_to_256() {
+        assert_eq!(alignment_of(0x7f00_0000_0000), 256);
+        assert_eq!(alignment_of(0x7f00_0000_0200), 256);
+        assert_eq!(alignment_of(0x7f00_0000_0080), 128);
+        assert_eq!(alignment_of(0x7f00_0000_0002), 2);
+        assert_eq!(alignment_of(0x7f00_0000_0001), 1);
     }
 
     #[test]
