@@ -14,7 +14,9 @@
 #   smoke     scripts/gpu-smoke.sh: tiny, base, base+cublaslt train 200 steps through NCCL
 #   finetune  the demo on the CPU (for its model and task), then `bertrain finetune
 #             --backend cuda` on the same task: accuracy within 0.05 of the CPU's
-# Environment: OUT (default gpu-check), ITERS (bench step rounds, default 3), SECTIONS.
+# Environment: OUT (default gpu-check), ITERS (bench step rounds, default 3), SECTIONS,
+# SECTION_TIMEOUT (seconds, default 300: a section that hangs is stopped and marked failed,
+# and the next one runs).
 # NCCL and cuBLASLt are looked for on LD_LIBRARY_PATH, then anywhere on the machine (NVIDIA's
 # Python wheels put them in site-packages/nvidia/*/lib).
 set -uo pipefail
@@ -22,6 +24,7 @@ set -uo pipefail
 bin=$(realpath "${1:-target/release/bertrain}")
 out=${OUT:-gpu-check}
 iters=${ITERS:-3}
+limit=${SECTION_TIMEOUT:-300}
 sections=${SECTIONS:-dense step step-lt smoke finetune}
 here=$(dirname "$(realpath "$0")")
 mkdir -p "$out"
@@ -53,7 +56,7 @@ run() {
     shift
     echo "== $section: $*"
     local started=$SECONDS
-    if "$@" 2>&1 | tee "$out/$section.log"; then
+    if timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$section.log"; then
         result[$section]=ok
     else
         result[$section]=failed
@@ -99,7 +102,9 @@ for section in $sections; do
             run smoke env KEEP="$out/smoke" "$here/gpu-smoke.sh" "$bin"
             ;;
         finetune)
-            run finetune finetune_check
+            export bin work
+            export -f finetune_check
+            run finetune bash -c finetune_check
             ;;
         *)
             echo "unknown section $section (dense, step, step-lt, smoke, finetune)" >&2
