@@ -100,7 +100,7 @@ struct Split {
 /// Runs the benchmark on the backend `B` (with autodiff) on `device`.
 fn run<B: TrainingBackend>(bench: &StepBench, device: B::Device) -> Result<()> {
     println!(
-        "bench step: {} tokens per step, {:?}, {}, mean of {} runs after {WARMUP} warm-up runs{}",
+        "bench step: {} tokens per step, {:?}, {}, mean of {} rounds after {WARMUP} warm-up rounds{}",
         bench.tokens,
         bench.precision,
         bench.label,
@@ -162,7 +162,7 @@ fn measure<B: TrainingBackend>(
     let mut dense = dense_layers::<B::InnerBackend>(config, batch, device);
     let mut attention = attention_layers::<B>(config, batch, device);
     let model: BertForPreTraining<B> = init_bert(config, 0, device);
-    let forward_backward = {
+    let mut forward_backward = {
         let model = model.clone();
         move || -> Result<()> {
             let on_device = batch.to_device::<B>(device);
@@ -171,7 +171,6 @@ fn measure<B: TrainingBackend>(
             Ok(())
         }
     };
-    let mut forward_backward = forward_backward;
     let optimizer = OptimizerConfig::bert(Optimizer::Adamw, 0.01);
     let mut trainer = Trainer::new(model, optimizer, 1.0, 0, device.clone());
     if bench.state_on_device {
