@@ -10,8 +10,10 @@
 # Sections (SECTIONS, default all, in this order):
 #   dense     bench dense: cuBLASLt's dense products against burn's (values, gradients, time)
 #   step      bench step, base and large at 128 and 512, burn's products
-#   step-lt   the same with BERTRAIN_DENSE=cublaslt (skipped when `dense` failed)
-#   smoke     scripts/gpu-smoke.sh: tiny, base, base+cublaslt train 200 steps through NCCL
+#   step-lt   the same with BERTRAIN_DENSE=cublaslt and BERTRAIN_LAYER_NORM=fused (skipped
+#             when `dense` failed: it also compares the fused LayerNorm with burn's)
+#   smoke     scripts/gpu-smoke.sh: tiny, base, base+cublaslt, base+cublaslt+fused train 200
+#             steps through NCCL
 #   finetune  the demo on the CPU (for its model and task), then `bertrain finetune
 #             --backend cuda` on the same task: accuracy within 0.05 of the CPU's
 # Environment: OUT (default gpu-check), ITERS (bench step rounds, default 3), SECTIONS,
@@ -91,7 +93,8 @@ for section in $sections; do
             ;;
         step-lt)
             if [[ $dense_ok == 1 ]]; then
-                run step-lt env BERTRAIN_DENSE=cublaslt "$bin" bench step --backend cuda \
+                run step-lt env BERTRAIN_DENSE=cublaslt BERTRAIN_LAYER_NORM=fused \
+                    "$bin" bench step --backend cuda \
                     --precision bf16 --presets base,large --seq 128,512 --iters "$iters"
             else
                 result[step-lt]="skipped (dense failed)"

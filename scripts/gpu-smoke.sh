@@ -3,13 +3,15 @@
 # (one rank through NCCL), on the project's synthetic corpus. Prints tokens/s, MFU and the
 # loss at the start and the end of each job; fails if a job fails or its loss does not fall.
 # On a GPU it first runs `bertrain bench dense` (the dense op's cuBLASLt products against
-# burn's ops: values and gradients), and a model named `NAME+cublaslt` is the same job with
-# BERTRAIN_DENSE=cublaslt; its last-five loss must be within 5% of NAME's (bf16 noise).
+# burn's ops: values and gradients; then the fused residual + LayerNorm against burn's
+# LayerNorm). A model named `NAME+cublaslt` is the same job with BERTRAIN_DENSE=cublaslt,
+# `NAME+fused` with BERTRAIN_LAYER_NORM=fused, `NAME+cublaslt+fused` with both; their
+# last-five loss must be within 5% of NAME's (bf16 noise).
 #
 #   scripts/gpu-smoke.sh [BERTRAIN]        (default: target/release/bertrain, built with
 #                                           `cargo build --release --features cuda`)
 #
-# Environment: MODELS (default "tiny base base+cublaslt" on a GPU, "tiny base" otherwise), STEPS (default 200), BATCH (sequences per step,
+# Environment: MODELS (default "tiny base base+cublaslt base+cublaslt+fused" on a GPU, "tiny base" otherwise), STEPS (default 200), BATCH (sequences per step,
 # default 32), PRECISION (default bf16), DEVICE (the GPU to use, through CUDA_VISIBLE_DEVICES;
 # default GPU 0), BACKEND (default cuda; "cpu" runs the same script on a machine without a GPU,
 # which is how CI checks the script itself, with PRECISION=fp32), KEEP (a directory: each job's
@@ -23,7 +25,7 @@ batch=${BATCH:-32}
 precision=${PRECISION:-bf16}
 backend=${BACKEND:-cuda}
 if [[ $backend == cuda ]]; then
-    models=${MODELS:-tiny base base+cublaslt}
+    models=${MODELS:-tiny base base+cublaslt base+cublaslt+fused}
 else
     models=${MODELS:-tiny base}
 fi
@@ -50,13 +52,15 @@ results=()
 failed=0
 declare -A last_loss
 if [[ $backend == cuda ]]; then
-    echo "== dense op: cuBLASLt against burn's ops ($precision)"
+    echo "== dense op: cuBLASLt against burn's ops; fused LayerNorm against burn's ($precision)"
     "$bin" bench dense --precision "$precision" --iters 5 || failed=1
 fi
 for model in $models; do
-    preset=${model%+cublaslt}
+    preset=${model%%+*}
     dense=burn
-    [[ $model == *+cublaslt ]] && dense=cublaslt
+    [[ $model == *+cublaslt* ]] && dense=cublaslt
+    layer_norm=burn
+    [[ $model == *+fused* ]] && layer_norm=fused
     case $preset in
         tiny) lr=1e-3 ;;
         *) lr=1e-4 ;;
@@ -93,9 +97,9 @@ coordinator = "127.0.0.1:$port"
 world_size = 1
 backend = "$backend"
 JOB
-    echo "== $model: $steps steps, batch $batch, seq 128, $precision, backend $backend, dense op $dense"
+    echo "== $model: $steps steps, batch $batch, seq 128, $precision, backend $backend, dense op $dense, LayerNorm $layer_norm"
     status=ok
-    BERTRAIN_DENSE=$dense "$bin" launch --config "$work/$model.toml" 2>&1 | tee "$work/$model.log" || status="job failed"
+    BERTRAIN_DENSE=$dense BERTRAIN_LAYER_NORM=$layer_norm "$bin" launch --config "$work/$model.toml" 2>&1 | tee "$work/$model.log" || status="job failed"
     metrics="$run/metrics.jsonl"
     line=$(grep -o 'throughput of rank 0, .*' "$work/$model.log" | tail -n 1 || true)
     tokens=$(sed -n 's/.*: \([0-9]*\) tokens\/s.*/\1/p' <<< "$line")
@@ -109,7 +113,7 @@ JOB
         status="loss did not fall"
     fi
     last_loss[$model]=$last
-    if [[ $status == ok && $dense == cublaslt && -n ${last_loss[$preset]:-} ]] &&
+    if [[ $status == ok && $model != "$preset" && -n ${last_loss[$preset]:-} ]] &&
         ! awk -v a="${last_loss[$preset]}" -v b="$last" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 0.05 * a) }'; then
         status="loss differs from $preset's by more than 5%"
     fi

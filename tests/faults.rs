@@ -45,10 +45,7 @@ fn launch_command(job: &Path, run_dir: &Path, extra: &[String]) -> std::process:
 fn reference() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir =
-            std::env::temp_dir().join(format!("bertrain-e2e-reference-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = shared_dir("reference");
         let job = job(&dir);
         let out = run_bounded(launch_command(&job, &dir.join("run"), &[]), LIMIT);
         ok(&out);

@@ -97,6 +97,8 @@ pub struct Embeddings<B: Backend> {
     pub position_embeddings: Embedding<B>,
     pub token_type_embeddings: Embedding<B>,
     pub layer_norm: LayerNorm<B>,
+    /// `layer_norm`'s ε, for the fused op (burn's `LayerNorm` keeps its own private).
+    pub layer_norm_eps: f64,
     pub dropout: Dropout,
 }
 
@@ -134,6 +136,8 @@ pub struct SelfAttention<B: Backend> {
 pub struct Output<B: Backend> {
     pub dense: Linear<B>,
     pub layer_norm: LayerNorm<B>,
+    /// As [`Embeddings::layer_norm_eps`].
+    pub layer_norm_eps: f64,
     pub dropout: Dropout,
 }
 
@@ -595,6 +599,7 @@ impl<B: Backend> BertModel<B> {
         let output = |i| Output {
             dense: linear(i, h),
             layer_norm: layer_norm(),
+            layer_norm_eps: config.layer_norm_eps,
             dropout: hidden_dropout(),
         };
         let layer = (0..config.num_hidden_layers)
@@ -621,6 +626,7 @@ impl<B: Backend> BertModel<B> {
                 position_embeddings: embedding(config.max_position_embeddings),
                 token_type_embeddings: embedding(config.type_vocab_size),
                 layer_norm: layer_norm(),
+                layer_norm_eps: config.layer_norm_eps,
                 dropout: hidden_dropout(),
             },
             encoder: Encoder { layer },
@@ -718,7 +724,7 @@ fn row_group<B: Backend>(device: &B::Device) -> usize {
     }
 }
 
-impl<B: Backend> Embeddings<B> {
+impl<B: DenseOps> Embeddings<B> {
     /// `[rows, hidden]`: the sum of the three embeddings, normalised, with dropout.
     fn forward(
         &self,
@@ -731,8 +737,18 @@ impl<B: Backend> Embeddings<B> {
         let types = self.token_type_embeddings.forward(token_type_ids);
         let positions = self.position_embeddings.forward(position_ids);
         let [groups, per_group, hidden_size] = words.dims();
-        let normed = self.layer_norm.forward(words + types + positions);
-        dropout::apply(&self.dropout, normed, &rows.keys).reshape([groups * per_group, hidden_size])
+        let flat = |t: Tensor<B, 3>| t.reshape([groups * per_group, hidden_size]);
+        let normed = if B::fused_layer_norm() {
+            add_layer_norm(
+                &self.layer_norm,
+                self.layer_norm_eps,
+                flat(words + types),
+                flat(positions),
+            )
+        } else {
+            flat(self.layer_norm.forward(words + types + positions))
+        };
+        dropout::apply(&self.dropout, normed, &rows.keys)
     }
 }
 
@@ -839,10 +855,25 @@ impl<B: DenseOps> Output<B> {
     fn forward(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>, rows: &Rows<B>) -> Tensor<B, 2> {
         let projected = dense(&self.dense, x, Activation::Identity);
         let projected = dropout::apply(&self.dropout, projected, &rows.keys);
+        if B::fused_layer_norm() {
+            return add_layer_norm(&self.layer_norm, self.layer_norm_eps, projected, residual);
+        }
         per_sequence(projected + residual, rows.view, |x| {
             self.layer_norm.forward(x)
         })
     }
+}
+
+/// `layer_norm(x + residual)` as the backend's fused op (see [`crate::layer_norm`]).
+fn add_layer_norm<B: DenseOps>(
+    layer_norm: &LayerNorm<B>,
+    epsilon: f64,
+    x: Tensor<B, 2>,
+    residual: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let beta = layer_norm.beta.as_ref();
+    let beta = beta.expect("every LayerNorm of BERT has a bias").val();
+    crate::layer_norm::add_layer_norm(x, residual, layer_norm.gamma.val(), beta, epsilon)
 }
 
 /// `f` applied to `x`, `[rows, n]`, viewed as `view` = `[groups, per group]` by `n`.

@@ -5,7 +5,8 @@
 //! through burn's ops and through cuBLASLt on the same random inputs, and prints how far
 //! apart the outputs and the three gradients are (relative to the largest magnitude of
 //! burn's) and how long each path takes. Fails when any difference exceeds the float
-//! type's tolerance: `scripts/gpu-smoke.sh` runs it before its training jobs.
+//! type's tolerance: `scripts/gpu-smoke.sh` runs it before its training jobs. The fused
+//! residual + LayerNorm op gets the same comparison.
 
 use anyhow::{Result, bail};
 use bertrain_coordinator::job::Precision;
@@ -119,6 +120,34 @@ fn run<D: 'static>(bench: &DenseBench, device: &D) -> Result<()> {
     if worst > tolerance {
         bail!(
             "bench dense: cuBLASLt's results differ from burn's by {worst:.1e}, above the {tolerance} tolerance"
+        );
+    }
+
+    // The fused residual + LayerNorm kernels (bertrain_model::layer_norm) against burn's
+    // LayerNorm. burn's bf16 ops round the mean and the variance to bf16 where the kernels
+    // keep f32: twice the products' tolerance.
+    use bertrain_model::layer_norm::compare_with_burn as compare_layer_norm;
+    let tolerance = 2.0 * tolerance;
+    println!();
+    println!(
+        "| add + LayerNorm | rows | width | error y | d(x + r) | dγ | dβ | burn ms | fused ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut worst = 0f32;
+    for (name, width) in [("base", 768), ("large", 1024)] {
+        type Train = burn::backend::Autodiff<burn::backend::Cuda>;
+        let c = compare_layer_norm::<Train>(device, [tokens, width], bench.iters)
+            .map_err(|e| anyhow::anyhow!("bench dense, {name} LayerNorm: {e}"))?;
+        let [y, ds, dgamma, dbeta] = c.errors;
+        println!(
+            "| {name} | {tokens} | {width} | {y:.1e} | {ds:.1e} | {dgamma:.1e} | {dbeta:.1e} | {:.2} | {:.2} |",
+            c.burn_ms, c.fused_ms
+        );
+        worst = c.errors.into_iter().fold(worst, f32::max);
+    }
+    if worst > tolerance {
+        bail!(
+            "bench dense: the fused LayerNorm differs from burn's by {worst:.1e}, above the {tolerance} tolerance"
         );
     }
     Ok(())

@@ -107,14 +107,35 @@ pub fn ok(out: &Output) {
     assert!(out.status.success(), "{}", describe(out));
 }
 
+/// An empty directory `bertrain-e2e-{tag}-{pid}` for what a test binary makes once and
+/// shares between its tests (a static, so never dropped). It lies under cargo's temp dir
+/// for integration tests (inside `target/`), and the directories that earlier runs left
+/// there, whose processes have ended, are removed first.
+pub fn shared_dir(tag: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("bertrain-e2e-{tag}-");
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ended = name
+            .strip_prefix(&prefix)
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if ended {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = root.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A small dataset of the synthetic corpus (corpus, vocab, shards with a validation split),
 /// made once per test binary and shared read-only by its tests.
 pub fn dataset() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("bertrain-e2e-data-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = shared_dir("data");
         let corpus = dir.join("corpus.txt");
         let steps: [Vec<String>; 3] = [
             vec![

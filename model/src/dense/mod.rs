@@ -21,11 +21,14 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
+use crate::layer_norm::LayerNormOps;
+
 pub use lt::Activation;
 
 /// A backend with the dense layer as one op. CPU backends take the provided methods,
 /// which are burn's own ops; autodiff wraps any of them with the written-out backward.
-pub trait DenseOps: Backend {
+/// The model's other fused op, `LayerNorm(x + residual)`, comes with it.
+pub trait DenseOps: LayerNormOps {
     /// `(act(x · w + b), x · w + b)` for `x` `[rows, in]`, `w` `[in, out]`, `b` `[out]`.
     /// The pre-activation is returned only when `act` is not the identity (the backward
     /// needs it; cuBLASLt writes it as the epilogue's aux output).
@@ -209,6 +212,11 @@ impl DenseOps for burn::backend::Flex {
         <Self as ActivationOps<Self>>::gelu_backward(pre, dy)
     }
 }
+
+/// burn's ops: the model on burn-wgpu tests the GPU code path without a GPU
+/// (`tests/cube_kernels.rs`).
+#[cfg(feature = "wgpu")]
+impl DenseOps for burn::backend::Wgpu {}
 
 /// cuBLASLt's products with `BERTRAIN_DENSE=cublaslt` (see [`cublaslt`]), burn's ops
 /// otherwise.

@@ -1,0 +1,229 @@
+//! The cubecl kernels and the model's GPU code path, run without a GPU: on burn-wgpu over
+//! Vulkan, which Mesa's lavapipe (Debian's `mesa-vulkan-drivers`) implements on the CPU.
+//! The same kernels compile for burn-cuda; what only a GPU shows (speed, bf16) is left to
+//! `scripts/gpu-check.sh`.
+//!
+//! Run with `cargo test -p bertrain-model --features wgpu --test cube_kernels`
+//! (scripts/test does, after installing lavapipe where it is missing).
+#![cfg(feature = "wgpu")]
+
+use bertrain_model::layer_norm::{LAYER_NORM_ENV, LayerNormOps, add_layer_norm};
+use bertrain_model::{
+    Accumulation, BertConfig, BertForPreTraining, ParamLayout, PretrainingBatch, Unpadding,
+    accumulate_grads, flatten_params, init_bert, load_flat_params,
+};
+use burn::backend::{Autodiff, Flex, Wgpu};
+use burn::nn::LayerNormConfig;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+type Gpu = Autodiff<Wgpu>;
+type Cpu = Autodiff<Flex>;
+
+/// Turns the fused op on for the model (read once per process; every test of this file
+/// wants it on, so racing writes all write the same).
+fn fused_on() {
+    // SAFETY: the tests of this binary only ever set this one variable to this one value.
+    unsafe { std::env::set_var(LAYER_NORM_ENV, "fused") };
+    assert!(
+        Gpu::fused_layer_norm(),
+        "{LAYER_NORM_ENV}=fused turns the op on"
+    );
+    assert!(!Cpu::fused_layer_norm(), "Flex has no fused kernels");
+}
+
+/// Deterministic values in [-scale, scale).
+fn values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn tensor<B: Backend, const D: usize>(data: &[f32], shape: [usize; D]) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(data.to_vec(), shape), &Default::default())
+}
+
+fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The fused op's output and its gradients for x, the residual, γ and β, against burn's
+/// `LayerNorm` of `x + residual` and burn's autodiff of it on Flex, for row counts that do
+/// not fill the backward's last cube and widths below, at and above a cube's 256 units.
+#[test]
+fn fused_layer_norm_matches_burns_layer_norm_and_its_gradients() {
+    fused_on();
+    for (rows, n) in [(37, 128), (70, 768), (5, 100), (33, 1024)] {
+        let x = values(rows * n, 1, 2.0);
+        let residual = values(rows * n, 2, 1.0);
+        let gamma: Vec<f32> = values(n, 3, 0.5).iter().map(|v| 1.0 + v).collect();
+        let beta = values(n, 4, 0.3);
+        let upstream = values(rows * n, 5, 1.0);
+
+        let (xs, rs) = (
+            tensor::<Cpu, 2>(&x, [rows, n]),
+            tensor::<Cpu, 2>(&residual, [rows, n]),
+        );
+        let (xs, rs) = (xs.require_grad(), rs.require_grad());
+        let mut norm = LayerNormConfig::new(n)
+            .with_epsilon(1e-12)
+            .init::<Cpu>(&Default::default());
+        norm.gamma = norm
+            .gamma
+            .map(|_| tensor::<Cpu, 1>(&gamma, [n]).require_grad());
+        norm.beta = norm
+            .beta
+            .map(|b| b.map(|_| tensor::<Cpu, 1>(&beta, [n]).require_grad()));
+        let want = norm.forward(xs.clone() + rs.clone());
+        let grads = (want.clone() * tensor::<Cpu, 2>(&upstream, [rows, n]))
+            .sum()
+            .backward();
+        let want_grads = [
+            flat(xs.grad(&grads).unwrap()),
+            flat(rs.grad(&grads).unwrap()),
+            flat(norm.gamma.val().grad(&grads).unwrap()),
+            flat(norm.beta.as_ref().unwrap().val().grad(&grads).unwrap()),
+        ];
+
+        let xg = tensor::<Gpu, 2>(&x, [rows, n]).require_grad();
+        let rg = tensor::<Gpu, 2>(&residual, [rows, n]).require_grad();
+        let gg = tensor::<Gpu, 1>(&gamma, [n]).require_grad();
+        let bg = tensor::<Gpu, 1>(&beta, [n]).require_grad();
+        let got = add_layer_norm(xg.clone(), rg.clone(), gg.clone(), bg.clone(), 1e-12);
+        let grads = (got.clone() * tensor::<Gpu, 2>(&upstream, [rows, n]))
+            .sum()
+            .backward();
+        let got_grads = [
+            flat(xg.grad(&grads).unwrap()),
+            flat(rg.grad(&grads).unwrap()),
+            flat(gg.grad(&grads).unwrap()),
+            flat(bg.grad(&grads).unwrap()),
+        ];
+
+        let output = max_diff(&flat(want), &flat(got));
+        assert!(output < 1e-5, "{rows}x{n}: outputs differ by {output}");
+        for (name, (want, got)) in ["x", "residual", "gamma", "beta"]
+            .iter()
+            .zip(want_grads.iter().zip(&got_grads))
+        {
+            // γ's and β's gradients are sums over the rows: their error grows with them.
+            let limit = if name.starts_with('x') || *name == "residual" {
+                1e-5
+            } else {
+                1e-4
+            };
+            let diff = max_diff(want, got);
+            assert!(
+                diff < limit,
+                "{rows}x{n}: the gradients of {name} differ by {diff}"
+            );
+        }
+    }
+}
+
+/// A small BERT, without dropout (burn-wgpu draws its own masks).
+fn config() -> BertConfig {
+    BertConfig {
+        vocab_size: 120,
+        max_position_embeddings: 16,
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        ..BertConfig::preset("tiny").unwrap()
+    }
+}
+
+/// Rows of lengths 5, 12, 9 and 12 padded to 12, predictions in every row.
+fn batch<B: Backend>() -> (PretrainingBatch<B>, Unpadding) {
+    let device = Default::default();
+    let (rows, seq) = (4, 12);
+    let lengths = [5, 12, 9, 12];
+    let mut ids = vec![0i64; rows * seq];
+    let mut types = vec![0i64; rows * seq];
+    let mut mask = vec![0i64; rows * seq];
+    for (row, &len) in lengths.iter().enumerate() {
+        for p in 0..len {
+            ids[row * seq + p] = 5 + ((row * 37 + p * 11) % 110) as i64;
+            types[row * seq + p] = i64::from(p >= len / 2);
+            mask[row * seq + p] = 1;
+        }
+    }
+    let masked: Vec<i64> = vec![1, 3, 12 + 2, 12 + 11, 24 + 8, 36 + 4, 36 + 5];
+    let m = masked.len();
+    let ints2 = |v: &Vec<i64>| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [rows, seq]), &device)
+    };
+    let ints1 = |v: Vec<i64>| {
+        let n = v.len();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
+    };
+    let batch = PretrainingBatch {
+        input_ids: ints2(&ids),
+        token_type_ids: ints2(&types),
+        attention_mask: ints2(&mask),
+        masked_lm_ids: ints1(masked.iter().map(|&p| ids[p as usize]).collect()),
+        masked_positions: ints1(masked.clone()),
+        masked_lm_weights: Tensor::from_data(TensorData::new(vec![0.5f32; m], [m]), &device),
+        next_sentence_labels: ints1(vec![0, 1, 1, 0]),
+    };
+    (batch, Unpadding::new(&mask, [rows, seq], &masked))
+}
+
+/// The loss, the logits and every parameter's gradient, flat.
+fn step<B: bertrain_model::TrainingBackend>(
+    model: &BertForPreTraining<B>,
+) -> (f32, Vec<f32>, Vec<f32>) {
+    let (batch, unpadding) = batch::<B>();
+    let output = model.forward_unpadded(&batch, &unpadding);
+    let loss = model.loss(&output, &batch).loss;
+    let layout = ParamLayout::of(model);
+    let mut grads = vec![0.0; layout.total + 1];
+    accumulate_grads(
+        model,
+        &loss.clone().backward(),
+        &layout,
+        &mut grads,
+        Accumulation::Overwrite,
+    );
+    let mut logits = flat(output.mlm_logits);
+    logits.extend(flat(output.nsp_logits));
+    (flat(loss)[0], logits, grads)
+}
+
+/// The model on a cubecl backend takes its GPU code path: rows placed in groups of 64, the
+/// gathers around attention, the MLM decoder over a vocabulary padded to a multiple of 64,
+/// and the fused LayerNorm op. It computes what the CPU path computes.
+#[test]
+fn bert_on_a_cubecl_backend_matches_the_cpu() {
+    fused_on();
+    let cpu = init_bert::<Cpu>(&config(), 3, &Default::default());
+    let params = flatten_params(&cpu);
+    let gpu = BertForPreTraining::<Gpu>::new(&config(), &Default::default());
+    let layout = ParamLayout::of(&gpu);
+    let gpu = load_flat_params(gpu, &params, &layout);
+
+    let (cpu_loss, cpu_logits, cpu_grads) = step(&cpu);
+    let (gpu_loss, gpu_logits, gpu_grads) = step(&gpu);
+    assert!(cpu_grads.iter().any(|g| g.abs() > 1e-3), "gradients flow");
+    assert!(
+        (cpu_loss - gpu_loss).abs() < 1e-4,
+        "losses {cpu_loss} and {gpu_loss}"
+    );
+    let logits = max_diff(&cpu_logits, &gpu_logits);
+    assert!(logits < 1e-4, "logits differ by {logits}");
+    let grads = max_diff(&cpu_grads, &gpu_grads);
+    assert!(grads < 1e-4, "gradients differ by {grads}");
+}
