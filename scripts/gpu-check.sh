@@ -10,8 +10,8 @@
 # Sections (SECTIONS, default all, in this order):
 #   dense     bench dense: cuBLASLt's dense products against burn's (values, gradients, time)
 #   step      bench step, base and large at 128 and 512, burn's products
-#   step-lt   the same with BERTRAIN_DENSE=cublaslt and BERTRAIN_LAYER_NORM=fused (skipped
-#             when `dense` failed: it also compares the fused LayerNorm with burn's)
+#   step-lt   the same with BERTRAIN_DENSE=cublaslt and BERTRAIN_KERNELS=fused (skipped
+#             when `dense` failed: it also compares the fused kernels with burn's)
 #   smoke     scripts/gpu-smoke.sh: tiny, base, base+cublaslt, base+cublaslt+fused train 200
 #             steps through NCCL
 #   finetune  the demo on the CPU (for its model and task), then `bertrain finetune
@@ -93,7 +93,7 @@ for section in $sections; do
             ;;
         step-lt)
             if [[ $dense_ok == 1 ]]; then
-                run step-lt env BERTRAIN_DENSE=cublaslt BERTRAIN_LAYER_NORM=fused \
+                run step-lt env BERTRAIN_DENSE=cublaslt BERTRAIN_KERNELS=fused \
                     "$bin" bench step --backend cuda \
                     --precision bf16 --presets base,large --seq 128,512 --iters "$iters"
             else

@@ -3,9 +3,9 @@
 # (one rank through NCCL), on the project's synthetic corpus. Prints tokens/s, MFU and the
 # loss at the start and the end of each job; fails if a job fails or its loss does not fall.
 # On a GPU it first runs `bertrain bench dense` (the dense op's cuBLASLt products against
-# burn's ops: values and gradients; then the fused residual + LayerNorm against burn's
-# LayerNorm). A model named `NAME+cublaslt` is the same job with BERTRAIN_DENSE=cublaslt,
-# `NAME+fused` with BERTRAIN_LAYER_NORM=fused, `NAME+cublaslt+fused` with both; their
+# burn's ops: values and gradients; then the fused residual + LayerNorm and attention
+# softmax against burn's). A model named `NAME+cublaslt` is the same job with BERTRAIN_DENSE=cublaslt,
+# `NAME+fused` with BERTRAIN_KERNELS=fused (the LayerNorm, softmax and AdamW kernels), `NAME+cublaslt+fused` with both; their
 # last-five loss must be within 5% of NAME's (bf16 noise).
 #
 #   scripts/gpu-smoke.sh [BERTRAIN]        (default: target/release/bertrain, built with
@@ -52,15 +52,15 @@ results=()
 failed=0
 declare -A last_loss
 if [[ $backend == cuda ]]; then
-    echo "== dense op: cuBLASLt against burn's ops; fused LayerNorm against burn's ($precision)"
+    echo "== dense op: cuBLASLt against burn's ops; fused LayerNorm and softmax against burn's ($precision)"
     "$bin" bench dense --precision "$precision" --iters 5 || failed=1
 fi
 for model in $models; do
     preset=${model%%+*}
     dense=burn
     [[ $model == *+cublaslt* ]] && dense=cublaslt
-    layer_norm=burn
-    [[ $model == *+fused* ]] && layer_norm=fused
+    kernels=burn
+    [[ $model == *+fused* ]] && kernels=fused
     case $preset in
         tiny) lr=1e-3 ;;
         *) lr=1e-4 ;;
@@ -97,9 +97,9 @@ coordinator = "127.0.0.1:$port"
 world_size = 1
 backend = "$backend"
 JOB
-    echo "== $model: $steps steps, batch $batch, seq 128, $precision, backend $backend, dense op $dense, LayerNorm $layer_norm"
+    echo "== $model: $steps steps, batch $batch, seq 128, $precision, backend $backend, dense op $dense, kernels $kernels"
     status=ok
-    BERTRAIN_DENSE=$dense BERTRAIN_LAYER_NORM=$layer_norm "$bin" launch --config "$work/$model.toml" 2>&1 | tee "$work/$model.log" || status="job failed"
+    BERTRAIN_DENSE=$dense BERTRAIN_KERNELS=$kernels "$bin" launch --config "$work/$model.toml" 2>&1 | tee "$work/$model.log" || status="job failed"
     metrics="$run/metrics.jsonl"
     line=$(grep -o 'throughput of rank 0, .*' "$work/$model.log" | tail -n 1 || true)
     tokens=$(sed -n 's/.*: \([0-9]*\) tokens\/s.*/\1/p' <<< "$line")

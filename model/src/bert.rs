@@ -830,12 +830,13 @@ impl<B: DenseOps> SelfAttention<B> {
 }
 
 /// Scaled dot-product attention on per-head `[batch, heads, seq, head_dim]` queries, keys
-/// and values: `softmax(q kᵀ / √head_dim + score_bias)` with dropout on the probabilities,
+/// and values: `softmax(q kᵀ / √head_dim + score_bias)` (the backend's fused op where it
+/// has one switched on) with dropout on the probabilities,
 /// times the values. `score_bias` broadcasts (`[batch, 1, 1, seq]`: 0 where attended,
 /// [`MASKED_SCORE`] on padding); `keys` name the probabilities' `batch * heads * seq` rows
 /// for host-drawn dropout masks (see [`crate::dropout`]; empty where they are not read).
 /// Public so that `bench step` can time attention alone at the model's shapes.
-pub fn attention<B: Backend>(
+pub fn attention<B: DenseOps>(
     query: Tensor<B, 4>,
     key: Tensor<B, 4>,
     value: Tensor<B, 4>,
@@ -843,12 +844,14 @@ pub fn attention<B: Backend>(
     dropout: &Dropout,
     keys: &[u64],
 ) -> Tensor<B, 4> {
-    let head_dim = query.dims()[3];
-    let scores = query
-        .matmul(key.swap_dims(2, 3))
-        .div_scalar((head_dim as f32).sqrt())
-        + score_bias;
-    dropout::apply(dropout, softmax(scores, 3), keys).matmul(value)
+    let divisor = (query.dims()[3] as f32).sqrt();
+    let scores = query.matmul(key.swap_dims(2, 3));
+    let probs = if B::fused_softmax() {
+        crate::fused::softmax::attention_softmax(scores, score_bias, divisor)
+    } else {
+        softmax(scores.div_scalar(divisor) + score_bias, 3)
+    };
+    dropout::apply(dropout, probs, keys).matmul(value)
 }
 
 impl<B: DenseOps> Output<B> {
@@ -864,7 +867,7 @@ impl<B: DenseOps> Output<B> {
     }
 }
 
-/// `layer_norm(x + residual)` as the backend's fused op (see [`crate::layer_norm`]).
+/// `layer_norm(x + residual)` as the backend's fused op (see [`crate::fused::layer_norm`]).
 fn add_layer_norm<B: DenseOps>(
     layer_norm: &LayerNorm<B>,
     epsilon: f64,
@@ -873,7 +876,7 @@ fn add_layer_norm<B: DenseOps>(
 ) -> Tensor<B, 2> {
     let beta = layer_norm.beta.as_ref();
     let beta = beta.expect("every LayerNorm of BERT has a bias").val();
-    crate::layer_norm::add_layer_norm(x, residual, layer_norm.gamma.val(), beta, epsilon)
+    crate::fused::layer_norm::add_layer_norm(x, residual, layer_norm.gamma.val(), beta, epsilon)
 }
 
 /// `f` applied to `x`, `[rows, n]`, viewed as `view` = `[groups, per group]` by `n`.

@@ -4,7 +4,7 @@
 //! - [`bert`]: the model itself, forward pass and losses, in one file.
 //! - [`classifier`]: the encoder with a classification or regression head (fine-tuning).
 //! - [`dense`]: the dense layer as one op with its own backward (the seam for cuBLASLt).
-//! - [`layer_norm`]: `LayerNorm(x + residual)` as one op (the seam for fused GPU kernels).
+//! - [`fused`]: residual + LayerNorm and the AdamW step as ops a GPU runs as one kernel each.
 //! - [`dropout`]: dropout with masks drawn on the host on CPU backends.
 //! - [`init`]: BERT's initialisation, deterministic from a seed.
 //! - [`params`]: parameters as named flat buffers (checkpoints, all-reduce, optimizer).
@@ -17,9 +17,9 @@ pub mod classifier;
 pub mod config;
 pub mod dense;
 pub mod dropout;
+pub mod fused;
 pub mod hf;
 pub mod init;
-pub mod layer_norm;
 pub mod params;
 
 pub use bert::{

@@ -7,7 +7,10 @@
 //! (scripts/test does, after installing lavapipe where it is missing).
 #![cfg(feature = "wgpu")]
 
-use bertrain_model::layer_norm::{LAYER_NORM_ENV, LayerNormOps, add_layer_norm};
+use bertrain_model::fused::KERNELS_ENV;
+use bertrain_model::fused::adamw::{AdamwOps, AdamwStep};
+use bertrain_model::fused::layer_norm::{LayerNormOps, add_layer_norm};
+use bertrain_model::fused::softmax::attention_softmax;
 use bertrain_model::{
     Accumulation, BertConfig, BertForPreTraining, ParamLayout, PretrainingBatch, Unpadding,
     accumulate_grads, flatten_params, init_bert, load_flat_params,
@@ -24,10 +27,10 @@ type Cpu = Autodiff<Flex>;
 /// wants it on, so racing writes all write the same).
 fn fused_on() {
     // SAFETY: the tests of this binary only ever set this one variable to this one value.
-    unsafe { std::env::set_var(LAYER_NORM_ENV, "fused") };
+    unsafe { std::env::set_var(KERNELS_ENV, "fused") };
     assert!(
         Gpu::fused_layer_norm(),
-        "{LAYER_NORM_ENV}=fused turns the op on"
+        "{KERNELS_ENV}=fused turns the op on"
     );
     assert!(!Cpu::fused_layer_norm(), "Flex has no fused kernels");
 }
@@ -135,6 +138,86 @@ fn fused_layer_norm_matches_burns_layer_norm_and_its_gradients() {
     }
 }
 
+/// The softmax kernels against burn's softmax of the scaled, masked scores and burn's
+/// autodiff of it (Flex), at row lengths below and above a cube's 256 units.
+#[test]
+fn fused_softmax_matches_burns_softmax_and_its_gradient() {
+    fused_on();
+    for [batch, heads, seq] in [[2, 3, 37], [2, 2, 300]] {
+        let n = batch * heads * seq * seq;
+        let scores = values(n, 21, 8.0);
+        let upstream = values(n, 22, 1.0);
+        // The last quarter of each sequence is padding.
+        let bias: Vec<f32> = (0..batch * seq)
+            .map(|i| if i % seq >= seq * 3 / 4 { -1e9 } else { 0.0 })
+            .collect();
+        let shape = [batch, heads, seq, seq];
+        let run = |fused: bool| -> (Vec<f32>, Vec<f32>) {
+            if fused {
+                let s = tensor::<Gpu, 4>(&scores, shape).require_grad();
+                let p = attention_softmax(s.clone(), tensor(&bias, [batch, 1, 1, seq]), 8.0);
+                let grads = (p.clone() * tensor::<Gpu, 4>(&upstream, shape))
+                    .sum()
+                    .backward();
+                (flat(p), flat(s.grad(&grads).unwrap()))
+            } else {
+                let s = tensor::<Cpu, 4>(&scores, shape).require_grad();
+                let biased = s.clone().div_scalar(8.0) + tensor(&bias, [batch, 1, 1, seq]);
+                let p = burn::tensor::activation::softmax(biased, 3);
+                let grads = (p.clone() * tensor::<Cpu, 4>(&upstream, shape))
+                    .sum()
+                    .backward();
+                (flat(p), flat(s.grad(&grads).unwrap()))
+            }
+        };
+        let (want, want_grad) = run(false);
+        let (got, got_grad) = run(true);
+        let probs = max_diff(&want, &got);
+        assert!(probs < 1e-6, "{shape:?}: probabilities differ by {probs}");
+        let grad = max_diff(&want_grad, &got_grad);
+        assert!(grad < 1e-6, "{shape:?}: gradients differ by {grad}");
+        assert!(want_grad.iter().any(|g| g.abs() > 1e-3), "gradients flow");
+    }
+}
+
+/// The AdamW kernel gives burn's ops' step (Flex), over more elements than one row of
+/// cubes holds and not a multiple of a cube.
+#[test]
+fn fused_adamw_matches_burns_ops() {
+    fused_on();
+    let n = 70_001;
+    let step = AdamwStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        epsilon: 1e-6,
+        weight_decay: 0.01,
+        bias1: 1.0 - 0.9f32.powi(7),
+        bias2: 1.0 - 0.999f32.powi(7),
+    };
+    let params = values(n, 11, 0.1);
+    let exp_avg = values(n, 12, 0.01);
+    let exp_avg_sq: Vec<f32> = values(n, 13, 1e-4).iter().map(|v| v.abs()).collect();
+    let grads = values(n, 14, 0.05);
+    let decays: Vec<f32> = (0..n).map(|i| f32::from(i % 3 != 0)).collect();
+    let inputs = [&params, &exp_avg, &exp_avg_sq, &grads, &decays];
+    let [p, m, v, g, d] = inputs.map(|v| tensor::<Flex, 1>(v, [n]));
+    let want = Flex::adamw(p, m, v, g, d, &step).map(flat);
+    let [p, m, v, g, d] = inputs.map(|v| tensor::<Wgpu, 1>(v, [n]));
+    let got = Wgpu::adamw(p, m, v, g, d, &step).map(flat);
+    for (name, (got, want)) in ["parameters", "first moments", "second moments"]
+        .iter()
+        .zip(got.iter().zip(&want))
+    {
+        let diff = max_diff(got, want);
+        assert!(diff < 1e-7, "{name} differ by {diff}");
+    }
+    assert!(
+        max_diff(&want[0], &params) > 1e-4,
+        "the step moves the parameters"
+    );
+}
+
 /// A small BERT, without dropout (burn-wgpu draws its own masks).
 fn config() -> BertConfig {
     BertConfig {
@@ -205,7 +288,7 @@ fn step<B: bertrain_model::TrainingBackend>(
 
 /// The model on a cubecl backend takes its GPU code path: rows placed in groups of 64, the
 /// gathers around attention, the MLM decoder over a vocabulary padded to a multiple of 64,
-/// and the fused LayerNorm op. It computes what the CPU path computes.
+/// and the fused LayerNorm and softmax ops. It computes what the CPU path computes.
 #[test]
 fn bert_on_a_cubecl_backend_matches_the_cpu() {
     fused_on();

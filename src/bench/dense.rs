@@ -6,7 +6,7 @@
 //! apart the outputs and the three gradients are (relative to the largest magnitude of
 //! burn's) and how long each path takes. Fails when any difference exceeds the float
 //! type's tolerance: `scripts/gpu-smoke.sh` runs it before its training jobs. The fused
-//! residual + LayerNorm op gets the same comparison.
+//! residual + LayerNorm and attention softmax ops get the same comparison.
 
 use anyhow::{Result, bail};
 use bertrain_coordinator::job::Precision;
@@ -123,10 +123,10 @@ fn run<D: 'static>(bench: &DenseBench, device: &D) -> Result<()> {
         );
     }
 
-    // The fused residual + LayerNorm kernels (bertrain_model::layer_norm) against burn's
+    // The fused residual + LayerNorm kernels (bertrain_model::fused::layer_norm) against burn's
     // LayerNorm. burn's bf16 ops round the mean and the variance to bf16 where the kernels
     // keep f32: twice the products' tolerance.
-    use bertrain_model::layer_norm::compare_with_burn as compare_layer_norm;
+    use bertrain_model::fused::layer_norm::compare_with_burn as compare_layer_norm;
     let tolerance = 2.0 * tolerance;
     println!();
     println!(
@@ -148,6 +148,33 @@ fn run<D: 'static>(bench: &DenseBench, device: &D) -> Result<()> {
     if worst > tolerance {
         bail!(
             "bench dense: the fused LayerNorm differs from burn's by {worst:.1e}, above the {tolerance} tolerance"
+        );
+    }
+
+    // Attention's softmax (bertrain_model::fused::softmax) at BERT-base's 12 heads, at the
+    // benchmark's tokens in sequences of 128 and of 512.
+    use bertrain_model::fused::softmax::compare_with_burn as compare_softmax;
+    println!();
+    println!(
+        "| attention softmax | batch × heads × seq² | error P | d(scores) | burn ms | fused ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut worst = 0f32;
+    for seq in [128, 512] {
+        type Train = burn::backend::Autodiff<burn::backend::Cuda>;
+        let batch = (tokens / seq).max(1);
+        let c = compare_softmax::<Train>(device, [batch, 12, seq], bench.iters)
+            .map_err(|e| anyhow::anyhow!("bench dense, softmax at {seq}: {e}"))?;
+        let [p, ds] = c.errors;
+        println!(
+            "| base, seq {seq} | {batch} × 12 × {seq}² | {p:.1e} | {ds:.1e} | {:.2} | {:.2} |",
+            c.burn_ms, c.fused_ms
+        );
+        worst = c.errors.into_iter().fold(worst, f32::max);
+    }
+    if worst > tolerance {
+        bail!(
+            "bench dense: the fused softmax differs from burn's by {worst:.1e}, above the {tolerance} tolerance"
         );
     }
     Ok(())

@@ -17,6 +17,7 @@
 //! bucket: the whole model, after the backward pass); other collectives get a host copy.
 
 use anyhow::{Result, bail};
+use bertrain_model::fused::adamw::{AdamwOps, AdamwStep};
 use bertrain_model::{Accumulation, ParamLayout, in_f32};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
@@ -50,7 +51,7 @@ fn to_host(t: &Tensor<impl Backend, 1>) -> Vec<f32> {
         .expect("converted to f32")
 }
 
-impl<B: Backend> DeviceMaster<B> {
+impl<B: AdamwOps> DeviceMaster<B> {
     /// Copies the host master parameters and optimizer state to `device`. Only AdamW runs
     /// here (LAMB needs per-parameter norms; it stays on the host path).
     pub fn upload(
@@ -183,24 +184,33 @@ impl<B: Backend> DeviceMaster<B> {
         norm
     }
 
-    /// One AdamW update, the same rule as `optim::update` (same order of operations).
+    /// One AdamW update, the same rule as `optim::update` (same order of operations): the
+    /// backend's fused kernel where it has one switched on (`bertrain_model::fused`),
+    /// burn's ops otherwise.
     pub fn adamw(&mut self, config: &OptimizerConfig, state: &mut OptimizerState, lr: f32) {
-        let g = self.grads.take().expect("accumulate runs before adamw");
+        let grads = self.grads.take().expect("accumulate runs before adamw");
         state.step += 1;
         let t = state.step as i32;
-        let bias1 = 1.0 - config.beta1.powi(t);
-        let bias2 = 1.0 - config.beta2.powi(t);
-        let m = self.exp_avg.clone().mul_scalar(config.beta1)
-            + g.clone().mul_scalar(1.0 - config.beta1);
-        let v = self.exp_avg_sq.clone().mul_scalar(config.beta2)
-            + (g.clone() * g).mul_scalar(1.0 - config.beta2);
-        let m_hat = m.clone().div_scalar(bias1);
-        let v_hat = v.clone().div_scalar(bias2);
-        let decay = self.decays.clone().mul_scalar(config.weight_decay) * self.params.clone();
-        let direction = m_hat / v_hat.sqrt().add_scalar(config.epsilon) + decay;
-        self.params = self.params.clone() - direction.mul_scalar(lr);
-        self.exp_avg = m;
-        self.exp_avg_sq = v;
+        let step = AdamwStep {
+            lr,
+            beta1: config.beta1,
+            beta2: config.beta2,
+            epsilon: config.epsilon,
+            weight_decay: config.weight_decay,
+            bias1: 1.0 - config.beta1.powi(t),
+            bias2: 1.0 - config.beta2.powi(t),
+        };
+        let [params, exp_avg, exp_avg_sq] = B::adamw(
+            self.params.clone(),
+            self.exp_avg.clone(),
+            self.exp_avg_sq.clone(),
+            grads,
+            self.decays.clone(),
+            &step,
+        );
+        self.params = params;
+        self.exp_avg = exp_avg;
+        self.exp_avg_sq = exp_avg_sq;
     }
 
     /// The model with every parameter replaced by its slice of the master parameters, in

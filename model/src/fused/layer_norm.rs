@@ -1,5 +1,5 @@
 //! `LayerNorm(x + residual)` over the last dimension as one op with its own backward: the
-//! seam where a GPU backend puts one kernel each way ([`cube`]) in place of the dozen
+//! seam where a GPU backend puts one kernel each way in place of the dozens of
 //! element-wise and reduction kernels that burn's `LayerNorm` and its autodiff launch per
 //! normalisation. BERT adds and normalises this way after every attention output, every
 //! feed-forward output and the embeddings.
@@ -7,11 +7,10 @@
 //! Backends without the kernels (Flex) keep burn's `LayerNorm` in the model, unchanged;
 //! they still implement the op with burn's ops (the provided methods), which is the
 //! reference the kernels are tested against.
-
-#[cfg(feature = "cube")]
-mod cube;
-
-use std::sync::OnceLock;
+//!
+//! The backward, per row, with `x̂` the normalised input and `g = dy ⊙ γ`:
+//! `d(x + residual) = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ`, `dγ = Σ_rows dy ⊙ x̂`,
+//! `dβ = Σ_rows dy`.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -21,16 +20,6 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
-
-/// The environment variable that turns the fused kernels on (`fused`), where the backend
-/// has them. Off by default until `scripts/gpu-check.sh` has shown them on a GPU.
-pub const LAYER_NORM_ENV: &str = "BERTRAIN_LAYER_NORM";
-
-/// Whether `BERTRAIN_LAYER_NORM=fused` is set (read once per process).
-pub fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var(LAYER_NORM_ENV).is_ok_and(|v| v == "fused"))
-}
 
 /// A backend with `LayerNorm(x + residual)` as one op. All tensors are `[rows, n]` but γ
 /// and β, `[n]`.
@@ -64,8 +53,7 @@ pub trait LayerNormOps: Backend {
         (primitive(y.cast(dtype)), primitive(stats))
     }
 
-    /// `[d(x + residual), dγ, dβ]` from the output gradient `dy` (see [`cube`] for the
-    /// formula).
+    /// `[d(x + residual), dγ, dβ]` from the output gradient `dy` (the module's formula).
     fn layer_norm_backward(
         x: FloatTensor<Self>,
         residual: FloatTensor<Self>,
@@ -116,11 +104,11 @@ pub fn add_layer_norm<B: LayerNormOps>(
     float(y)
 }
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+pub(super) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+pub(super) fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
@@ -204,25 +192,15 @@ impl<B: LayerNormOps, C: CheckpointStrategy> LayerNormOps for Autodiff<B, C> {
     }
 }
 
-/// How the op compares with burn's `LayerNorm` of `x + residual` and burn's autodiff of it.
-#[derive(Debug)]
-pub struct Comparison {
-    /// Largest absolute difference of `y`, `d(x + residual)`, `dγ`, `dβ` from burn's, each
-    /// divided by the largest magnitude of burn's.
-    pub errors: [f32; 4],
-    /// Mean milliseconds of forward + backward per path.
-    pub burn_ms: f64,
-    pub fused_ms: f64,
-}
-
 /// Runs `LayerNorm(x + residual)` forward and backward on random `[rows, n]` inputs
 /// through burn's ops and through the backend's op, in the device's float type, and
-/// compares (values and gradients) and times them (`iters` runs after one).
+/// compares and times them (see [`super::compare`]): errors of `y`, `d(x + residual)`,
+/// `dγ`, `dβ`.
 pub fn compare_with_burn<B: AutodiffBackend + LayerNormOps>(
     device: &B::Device,
     [rows, n]: [usize; 2],
     iters: usize,
-) -> Result<Comparison, String> {
+) -> Result<super::Comparison<4>, String> {
     use burn::tensor::Distribution;
     const EPSILON: f64 = 1e-5;
     let random = |shape: [usize; 2], scale: f64| {
@@ -235,56 +213,25 @@ pub fn compare_with_burn<B: AutodiffBackend + LayerNormOps>(
     );
     let gamma = random([1, n], 0.2).add_scalar(1.0).reshape([n]);
     let beta = random([1, n], 0.2).reshape([n]);
-    type Path<B> = fn(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1>, Tensor<B, 1>) -> Tensor<B, 2>;
-    // What burn's `LayerNorm` module runs.
-    let through_burn: Path<B> = |x, residual, gamma, beta| {
-        float(B::layer_norm(
-            primitive(x + residual),
-            primitive(gamma),
-            Some(primitive(beta)),
-            EPSILON,
-        ))
-    };
-    let through_op: Path<B> =
-        |x, residual, gamma, beta| add_layer_norm(x, residual, gamma, beta, EPSILON);
-    let once = |path: Path<B>| {
+    super::compare::<B, 4>(device, iters, |fused| {
         let [x, residual] = [x.clone(), residual.clone()].map(|t| t.detach().require_grad());
         let [gamma, beta] = [gamma.clone(), beta.clone()].map(|t| t.detach().require_grad());
-        let y = path(x.clone(), residual, gamma.clone(), beta.clone());
+        let y = if fused {
+            add_layer_norm(x.clone(), residual, gamma.clone(), beta.clone(), EPSILON)
+        } else {
+            // What burn's `LayerNorm` module runs.
+            float(B::layer_norm(
+                primitive(x.clone() + residual),
+                primitive(gamma.clone()),
+                Some(primitive(beta.clone())),
+                EPSILON,
+            ))
+        };
         let grads = (y.clone() * dy.clone()).sum().backward();
         let ds = x.grad(&grads).expect("x takes part");
         let dgamma = gamma.grad(&grads).expect("γ takes part");
         let dbeta = beta.grad(&grads).expect("β takes part");
         [y.inner(), ds, dgamma.reshape([1, n]), dbeta.reshape([1, n])]
-    };
-    let timed = |path: Path<B>| -> Result<_, String> {
-        let mut out = once(path);
-        B::sync(device).map_err(|e| format!("{e:?}"))?;
-        let start = std::time::Instant::now();
-        for _ in 0..iters {
-            out = once(path);
-        }
-        B::sync(device).map_err(|e| format!("{e:?}"))?;
-        Ok((
-            out,
-            start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64,
-        ))
-    };
-    let (reference, burn_ms) = timed(through_burn)?;
-    let (fused, fused_ms) = timed(through_op)?;
-    let mut errors = [0f32; 4];
-    for (error, (got, want)) in errors.iter_mut().zip(fused.into_iter().zip(reference)) {
-        let scalar = |t: Tensor<B::InnerBackend, 1>| {
-            t.into_data().convert::<f32>().to_vec::<f32>().map(|v| v[0])
-        };
-        let scale = scalar(want.clone().abs().max()).map_err(|e| format!("{e:?}"))?;
-        let diff = scalar((got - want).abs().max()).map_err(|e| format!("{e:?}"))?;
-        *error = diff / scale.max(f32::MIN_POSITIVE);
-    }
-    Ok(Comparison {
-        errors,
-        burn_ms,
-        fused_ms,
     })
 }
 

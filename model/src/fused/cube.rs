@@ -1,26 +1,30 @@
-//! The op's kernels for burn's cubecl backends (burn-cuda, and burn-wgpu in tests): one
-//! pass over the rows forward, one backward, both accumulating in f32 whatever the
-//! tensors' float type.
+//! The fused ops' kernels for burn's cubecl backends (burn-cuda, and burn-wgpu in tests).
 //!
-//! Forward: one cube per row; the row's sum and then its squared deviations are reduced
+//! LayerNorm, one pass over the rows forward and one backward, both accumulating in f32
+//! whatever the tensors' float type. Forward: one cube per row; the row's sum and then its squared deviations are reduced
 //! in shared memory, and the normalised row is written with γ and β applied. The row's
 //! mean and 1/σ are kept for the backward (8 bytes a row).
 //!
-//! Backward: one cube per [`ROWS_PER_CUBE`] rows. Per row, with `x̂` the normalised input
-//! and `g = dy ⊙ γ`: `d(x + residual) = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ`. Each unit also
+//! Backward: one cube per [`ROWS_PER_CUBE`] rows, by the formula of [`super::layer_norm`]. Each unit also
 //! sums `dy ⊙ x̂` and `dy` over the cube's rows for its own columns, so γ's and β's
 //! gradients leave the kernel as `[cubes, n]` partial sums, which one small reduction
 //! finishes (reducing all the rows at once is what burn-cuda does slowly).
+//!
+//! Attention's softmax: one cube per row of the scores, each way, in f32.
+//!
+//! AdamW: one unit per element of the flat buffers.
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
-use cubecl::{CubeCount, CubeDim};
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
-use super::LayerNormOps;
+use super::adamw::{AdamwOps, AdamwStep, adamw_with_burn_ops};
+use super::layer_norm::{LayerNormOps, float};
+use super::softmax::SoftmaxOps;
 
 /// Rows of one backward cube: enough that γ's and β's partial sums are few, few enough
 /// that the cubes fill the GPU (16k rows make 512 cubes).
@@ -299,9 +303,278 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
             dtype.into(),
         );
         let finish = |partials: CubeTensor<R>| {
-            let sums = super::float::<Self, 2>(partials).sum_dim(0).reshape([n]);
+            let sums = float::<Self, 2>(partials).sum_dim(0).reshape([n]);
             sums.cast(gamma_dtype).into_primitive().tensor()
         };
         [dx, finish(gamma_partials), finish(beta_partials)]
+    }
+}
+
+/// One AdamW step per element (see [`super::adamw`]); all buffers flat f32.
+#[cube(launch)]
+fn adamw_kernel(
+    params: &Tensor<f32>,
+    exp_avg: &Tensor<f32>,
+    exp_avg_sq: &Tensor<f32>,
+    grads: &Tensor<f32>,
+    decays: &Tensor<f32>,
+    new_params: &mut Tensor<f32>,
+    new_exp_avg: &mut Tensor<f32>,
+    new_exp_avg_sq: &mut Tensor<f32>,
+    coefficients: &Tensor<f32>,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= params.len() {
+        terminate!();
+    }
+    let lr = coefficients[0];
+    let beta1 = coefficients[1];
+    let beta2 = coefficients[2];
+    let epsilon = coefficients[3];
+    let weight_decay = coefficients[4];
+    let bias1 = coefficients[5];
+    let bias2 = coefficients[6];
+    let one_minus_beta1 = coefficients[7];
+    let one_minus_beta2 = coefficients[8];
+    let g = grads[i];
+    let m = exp_avg[i] * beta1 + g * one_minus_beta1;
+    let v = exp_avg_sq[i] * beta2 + g * g * one_minus_beta2;
+    let decay = decays[i] * weight_decay * params[i];
+    let direction = (m / bias1) / (f32::sqrt(v / bias2) + epsilon) + decay;
+    new_params[i] = params[i] - direction * lr;
+    new_exp_avg[i] = m;
+    new_exp_avg_sq[i] = v;
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> AdamwOps
+    for CubeBackend<R, F, I, BT>
+{
+    fn adamw(
+        params: BurnTensor<Self, 1>,
+        exp_avg: BurnTensor<Self, 1>,
+        exp_avg_sq: BurnTensor<Self, 1>,
+        grads: BurnTensor<Self, 1>,
+        decays: BurnTensor<Self, 1>,
+        step: &AdamwStep,
+    ) -> [BurnTensor<Self, 1>; 3] {
+        if !super::enabled() {
+            return adamw_with_burn_ops(params, exp_avg, exp_avg_sq, grads, decays, step);
+        }
+        let device = params.device();
+        // The coefficients change every step: a small tensor, not kernel constants (which
+        // would compile a kernel per step).
+        let coefficients = BurnTensor::<Self, 1>::from_data(
+            TensorData::new(
+                vec![
+                    step.lr,
+                    step.beta1,
+                    step.beta2,
+                    step.epsilon,
+                    step.weight_decay,
+                    step.bias1,
+                    step.bias2,
+                    1.0 - step.beta1,
+                    1.0 - step.beta2,
+                ],
+                [9],
+            ),
+            (&device, DType::F32),
+        );
+        let [params, exp_avg, exp_avg_sq, grads, decays, coefficients] =
+            [params, exp_avg, exp_avg_sq, grads, decays, coefficients]
+                .map(|t| same_type(t.into_primitive().tensor(), DType::F32));
+        let n = params.meta.num_elements();
+        let client = params.client.clone();
+        let empty = || {
+            empty_device_dtype(
+                client.clone(),
+                params.device.clone(),
+                params.meta.shape().clone(),
+                DType::F32,
+            )
+        };
+        let outputs = [empty(), empty(), empty()];
+        let cube_dim = CubeDim::new_1d(256);
+        adamw_kernel::launch::<R>(
+            &client,
+            calculate_cube_count_elemwise(&client, n, cube_dim),
+            cube_dim,
+            params.into_tensor_arg(),
+            exp_avg.into_tensor_arg(),
+            exp_avg_sq.into_tensor_arg(),
+            grads.into_tensor_arg(),
+            decays.into_tensor_arg(),
+            outputs[0].clone().into_tensor_arg(),
+            outputs[1].clone().into_tensor_arg(),
+            outputs[2].clone().into_tensor_arg(),
+            coefficients.into_tensor_arg(),
+        );
+        outputs.map(float::<Self, 1>)
+    }
+}
+
+/// `value`'s maximum over the cube's units, as [`cube_sum`].
+#[cube]
+fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    shared[unit] = value;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if unit < stride && shared[unit + stride] > shared[unit] {
+            shared[unit] = shared[unit + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = shared[0];
+    sync_cube();
+    total
+}
+
+/// One cube per row of the scores: its maximum, then its sum of exponentials, then the
+/// probabilities (see [`super::softmax`]). `per_batch` is heads × seq, the rows that share
+/// one row of the bias.
+#[cube(launch)]
+fn softmax_kernel<F: Float>(
+    scores: &Tensor<F>,
+    bias: &Tensor<F>,
+    probs: &mut Tensor<F>,
+    divisor: f32,
+    per_batch: usize,
+    #[comptime] units: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let n = scores.shape(3);
+    let row = cube_index();
+    if row * n >= scores.len() {
+        terminate!();
+    }
+    let base = row * n;
+    let bias_base = (row / per_batch) * n;
+    let step = units as usize;
+    let first = UNIT_POS_X as usize;
+    let mut shared = SharedMemory::<f32>::new(units as usize);
+
+    let mut largest = f32::new(-1.0e30);
+    let mut i = first;
+    while i < n {
+        let v = f32::cast_from(scores[base + i]) / divisor + f32::cast_from(bias[bias_base + i]);
+        if v > largest {
+            largest = v;
+        }
+        i += step;
+    }
+    let largest = cube_max(&mut shared, largest);
+
+    let mut sum = f32::new(0.0);
+    let mut i = first;
+    while i < n {
+        let v = f32::cast_from(scores[base + i]) / divisor + f32::cast_from(bias[bias_base + i]);
+        sum += f32::exp(v - largest);
+        i += step;
+    }
+    let sum = cube_sum(&mut shared, sum);
+
+    let mut i = first;
+    while i < n {
+        let v = f32::cast_from(scores[base + i]) / divisor + f32::cast_from(bias[bias_base + i]);
+        probs[base + i] = F::cast_from(f32::exp(v - largest) / sum);
+        i += step;
+    }
+}
+
+/// One cube per row: `d(scores) = P ⊙ (dP − Σ dP ⊙ P) / divisor`.
+#[cube(launch)]
+fn softmax_backward_kernel<F: Float>(
+    probs: &Tensor<F>,
+    dprobs: &Tensor<F>,
+    dscores: &mut Tensor<F>,
+    divisor: f32,
+    #[comptime] units: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let n = probs.shape(3);
+    let row = cube_index();
+    if row * n >= probs.len() {
+        terminate!();
+    }
+    let base = row * n;
+    let step = units as usize;
+    let first = UNIT_POS_X as usize;
+    let mut shared = SharedMemory::<f32>::new(units as usize);
+
+    let mut dot = f32::new(0.0);
+    let mut i = first;
+    while i < n {
+        dot += f32::cast_from(dprobs[base + i]) * f32::cast_from(probs[base + i]);
+        i += step;
+    }
+    let dot = cube_sum(&mut shared, dot);
+
+    let mut i = first;
+    while i < n {
+        let p = f32::cast_from(probs[base + i]);
+        dscores[base + i] = F::cast_from(p * (f32::cast_from(dprobs[base + i]) - dot) / divisor);
+        i += step;
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SoftmaxOps
+    for CubeBackend<R, F, I, BT>
+{
+    fn fused_softmax() -> bool {
+        super::enabled()
+    }
+
+    fn attention_softmax(
+        scores: CubeTensor<R>,
+        bias: CubeTensor<R>,
+        divisor: f32,
+    ) -> CubeTensor<R> {
+        let dtype = scores.dtype;
+        let [scores, bias] = [scores, bias].map(|t| same_type(t, dtype));
+        let [batch, heads, seq, n] = scores.meta.shape().dims::<4>();
+        let (client, device) = (scores.client.clone(), scores.device.clone());
+        let probs = empty_device_dtype(client.clone(), device, scores.meta.shape().clone(), dtype);
+        let units = units(n);
+        softmax_kernel::launch::<R>(
+            &client,
+            cube_count(batch * heads * seq),
+            CubeDim::new_1d(units),
+            scores.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            probs.clone().into_tensor_arg(),
+            divisor,
+            heads * seq,
+            units,
+            dtype.into(),
+        );
+        probs
+    }
+
+    fn attention_softmax_backward(
+        probs: CubeTensor<R>,
+        dprobs: CubeTensor<R>,
+        divisor: f32,
+    ) -> CubeTensor<R> {
+        let dtype = probs.dtype;
+        let [probs, dprobs] = [probs, dprobs].map(|t| same_type(t, dtype));
+        let [batch, heads, seq, n] = probs.meta.shape().dims::<4>();
+        let (client, device) = (probs.client.clone(), probs.device.clone());
+        let dscores = empty_device_dtype(client.clone(), device, probs.meta.shape().clone(), dtype);
+        let units = units(n);
+        softmax_backward_kernel::launch::<R>(
+            &client,
+            cube_count(batch * heads * seq),
+            CubeDim::new_1d(units),
+            probs.into_tensor_arg(),
+            dprobs.into_tensor_arg(),
+            dscores.clone().into_tensor_arg(),
+            divisor,
+            units,
+            dtype.into(),
+        );
+        dscores
     }
 }

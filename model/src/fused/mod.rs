@@ -1,0 +1,80 @@
+//! Ops that a GPU backend runs as one kernel each where burn's ops launch many: the
+//! residual + LayerNorm of every encoder layer ([`layer_norm`]), attention's scaled,
+//! masked softmax ([`softmax`]) and the AdamW update over the flat master buffers
+//! ([`adamw`]). Each is a trait over `Backend` whose provided
+//! methods compute it with burn's ops (what the CPU runs, and the reference the kernels
+//! are tested against); [`cube`] implements them with cubecl kernels for burn's cubecl
+//! backends (burn-cuda, and burn-wgpu in tests).
+//!
+//! The kernels are used with `BERTRAIN_KERNELS=fused` only, until `scripts/gpu-check.sh`
+//! has shown them on a GPU; `model/tests/cube_kernels.rs` runs them on burn-wgpu over
+//! Mesa's lavapipe (Vulkan on the CPU).
+
+pub mod adamw;
+#[cfg(feature = "cube")]
+mod cube;
+pub mod layer_norm;
+pub mod softmax;
+
+use std::sync::OnceLock;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+
+/// The environment variable that switches the kernels on (`fused`), where the backend has
+/// them.
+pub const KERNELS_ENV: &str = "BERTRAIN_KERNELS";
+
+/// Whether `BERTRAIN_KERNELS=fused` is set (read once per process).
+pub fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var(KERNELS_ENV).is_ok_and(|v| v == "fused"))
+}
+
+/// How a fused op compares with burn's ops on the same random inputs.
+#[derive(Debug)]
+pub struct Comparison<const N: usize> {
+    /// For each output and gradient: the largest absolute difference from burn's, divided
+    /// by the largest magnitude of burn's.
+    pub errors: [f32; N],
+    /// Mean milliseconds of forward + backward per path.
+    pub burn_ms: f64,
+    pub fused_ms: f64,
+}
+
+/// Runs `once(false)` (burn's ops) and `once(true)` (the fused op), each once and then
+/// `iters` times timed, and compares their last results (flattened to `[1, len]` or any
+/// matrix shape).
+fn compare<B: AutodiffBackend, const N: usize>(
+    device: &B::Device,
+    iters: usize,
+    once: impl Fn(bool) -> [Tensor<B::InnerBackend, 2>; N],
+) -> Result<Comparison<N>, String> {
+    let timed = |fused: bool| -> Result<_, String> {
+        let mut out = once(fused);
+        B::sync(device).map_err(|e| format!("{e:?}"))?;
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            out = once(fused);
+        }
+        B::sync(device).map_err(|e| format!("{e:?}"))?;
+        let ms = start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+        Ok((out, ms))
+    };
+    let (reference, burn_ms) = timed(false)?;
+    let (fused, fused_ms) = timed(true)?;
+    let mut errors = [0f32; N];
+    for (error, (got, want)) in errors.iter_mut().zip(fused.into_iter().zip(reference)) {
+        let scalar = |t: Tensor<B::InnerBackend, 1>| {
+            t.into_data().convert::<f32>().to_vec::<f32>().map(|v| v[0])
+        };
+        let scale = scalar(want.clone().abs().max()).map_err(|e| format!("{e:?}"))?;
+        let diff = scalar((got - want).abs().max()).map_err(|e| format!("{e:?}"))?;
+        *error = diff / scale.max(f32::MIN_POSITIVE);
+    }
+    Ok(Comparison {
+        errors,
+        burn_ms,
+        fused_ms,
+    })
+}
