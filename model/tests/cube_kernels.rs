@@ -139,11 +139,12 @@ fn fused_layer_norm_matches_burns_layer_norm_and_its_gradients() {
 }
 
 /// The softmax kernels against burn's softmax of the scaled, masked scores and burn's
-/// autodiff of it (Flex), at row lengths below and above a cube's 256 units.
+/// autodiff of it (Flex), at row lengths below and above a cube's 256 units, and with more
+/// rows than one grid dimension holds (65,535 cubes).
 #[test]
 fn fused_softmax_matches_burns_softmax_and_its_gradient() {
     fused_on();
-    for [batch, heads, seq] in [[2, 3, 37], [2, 2, 300]] {
+    for [batch, heads, seq] in [[2, 3, 37], [2, 2, 300], [300, 4, 64]] {
         let n = batch * heads * seq * seq;
         let scores = values(n, 21, 8.0);
         let upstream = values(n, 22, 1.0);
