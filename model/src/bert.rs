@@ -845,13 +845,34 @@ pub fn attention<B: DenseOps>(
     keys: &[u64],
 ) -> Tensor<B, 4> {
     let divisor = (query.dims()[3] as f32).sqrt();
-    let scores = query.matmul(key.swap_dims(2, 3));
+    let scores = per_head_product(query, key, true);
     let probs = if B::fused_softmax() {
         crate::fused::softmax::attention_softmax(scores, score_bias, divisor)
     } else {
         softmax(scores.div_scalar(divisor) + score_bias, 3)
     };
-    dropout::apply(dropout, probs, keys).matmul(value)
+    per_head_product(dropout::apply(dropout, probs, keys), value, false)
+}
+
+/// `a · op(b)` for each (sequence, head) of `[batch, heads, rows, cols]` tensors: the
+/// backend's batched product where it has one switched on, burn's `matmul` otherwise.
+fn per_head_product<B: DenseOps>(
+    a: Tensor<B, 4>,
+    b: Tensor<B, 4>,
+    b_transposed: bool,
+) -> Tensor<B, 4> {
+    if !B::batched_products() {
+        return a.matmul(if b_transposed { b.swap_dims(2, 3) } else { b });
+    }
+    let [batch, heads, rows, _] = a.dims();
+    let [_, _, b_rows, b_cols] = b.dims();
+    let cols = if b_transposed { b_rows } else { b_cols };
+    let matrices = |t: Tensor<B, 4>| {
+        let [batch, heads, rows, cols] = t.dims();
+        t.reshape([batch * heads, rows, cols])
+    };
+    crate::dense::batched_matmul(matrices(a), false, matrices(b), b_transposed)
+        .reshape([batch, heads, rows, cols])
 }
 
 impl<B: DenseOps> Output<B> {

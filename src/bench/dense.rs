@@ -5,8 +5,9 @@
 //! through burn's ops and through cuBLASLt on the same random inputs, and prints how far
 //! apart the outputs and the three gradients are (relative to the largest magnitude of
 //! burn's) and how long each path takes. Fails when any difference exceeds the float
-//! type's tolerance: `scripts/gpu-smoke.sh` runs it before its training jobs. The fused
-//! residual + LayerNorm and attention softmax ops get the same comparison.
+//! type's tolerance: `scripts/gpu-smoke.sh` runs it before its training jobs. Attention's
+//! strided-batched products, and the fused residual + LayerNorm and attention softmax
+//! ops, get the same comparison.
 
 use anyhow::{Result, bail};
 use bertrain_coordinator::job::Precision;
@@ -120,6 +121,53 @@ fn run<D: 'static>(bench: &DenseBench, device: &D) -> Result<()> {
     if worst > tolerance {
         bail!(
             "bench dense: cuBLASLt's results differ from burn's by {worst:.1e}, above the {tolerance} tolerance"
+        );
+    }
+
+    // Attention's products, each one strided-batched call per layer: scores `Q Kᵀ` and
+    // context `P V` forward, and the two products of each one's backward, at BERT-base's
+    // 12 heads of 64 for the benchmark's tokens in sequences of 128 and of 512.
+    println!();
+    println!(
+        "| attention product | batch | m × k × n | error | burn ms | cuBLASLt ms | burn TFLOP/s | cuBLASLt TFLOP/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for seq in [128, 512] {
+        let batch = (tokens / seq).max(1) * 12;
+        let head = 64;
+        let products = [
+            ("scores Q Kᵀ", [seq, head, seq], (false, true)),
+            ("dQ = dS K", [seq, seq, head], (false, false)),
+            ("dK = dSᵀ Q", [seq, seq, head], (true, false)),
+            ("context P V", [seq, seq, head], (false, false)),
+            ("dP = dO Vᵀ", [seq, head, seq], (false, true)),
+            ("dV = Pᵀ dO", [seq, seq, head], (true, false)),
+        ];
+        for (name, shape, transposes) in products {
+            let c = bertrain_model::dense::compare_batched_with_burn(
+                device,
+                batch,
+                shape,
+                transposes,
+                bench.iters,
+            )
+            .map_err(|e| anyhow::anyhow!("bench dense, {name} at {seq}: {e}"))?;
+            let [m, k, n] = shape;
+            let tflops = |ms: f64| 2.0 * (batch * m * k * n) as f64 / (ms * 1e-3) / 1e12;
+            println!(
+                "| {name}, seq {seq} | {batch} | {m} × {k} × {n} | {:.1e} | {:.2} | {:.2} | {:.0} | {:.0} |",
+                c.error,
+                c.burn_ms,
+                c.cublaslt_ms,
+                tflops(c.burn_ms),
+                tflops(c.cublaslt_ms)
+            );
+            worst = worst.max(c.error);
+        }
+    }
+    if worst > tolerance {
+        bail!(
+            "bench dense: cuBLASLt's attention products differ from burn's by {worst:.1e}, above the {tolerance} tolerance"
         );
     }
 

@@ -17,10 +17,11 @@ use burn::backend::Cuda;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, FloatDType, Shape};
+use burn_cubecl::kernel::into_contiguous;
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
-use super::lt::{DensePlan, Epilogue, LtCall};
+use super::lt::{DensePlan, Epilogue, LtCall, Product};
 use super::{Activation, burn_backward, burn_forward, pre_activation_gradient};
 
 /// The environment variable that turns the cuBLASLt products on.
@@ -105,6 +106,38 @@ pub(super) fn backward(
         Some(&db),
     );
     [dx, dw, db]
+}
+
+/// `op(a) · op(b)` for `[batch, rows, cols]` tensors as one strided-batched call (the
+/// attention products). Operands are made contiguous first: the model's per-head views
+/// of Q, K and V are strided.
+pub(super) fn batched(
+    a: Primitive,
+    a_transposed: bool,
+    b: Primitive,
+    b_transposed: bool,
+) -> Primitive {
+    let (a, b) = (into_contiguous(a), into_contiguous(b));
+    if !usable(&[&a, &b]) {
+        return super::burn_batched_matmul::<Cuda>(a, a_transposed, b, b_transposed);
+    }
+    let dims3 = |t: &Primitive| {
+        let shape = t.meta.shape();
+        [shape[0], shape[1], shape[2]]
+    };
+    let ([batch, a_rows, a_cols], [_, b_rows, b_cols]) = (dims3(&a), dims3(&b));
+    let product = Product::batched(
+        batch,
+        [a_rows, a_cols],
+        a_transposed,
+        [b_rows, b_cols],
+        b_transposed,
+    )
+    .unwrap_or_else(|e| panic!("batched product: {e}"));
+    let c = empty(&a, [batch, product.c.rows, product.c.cols]);
+    // The row-major B is cuBLASLt's A.
+    run(&product, Epilogue::Default, &b, &a, &c, None);
+    c
 }
 
 /// Contiguous, on one device, in bf16 or f32 alike: what the calls below read in place.
@@ -496,6 +529,70 @@ pub fn compare_with_burn(
     }
     Ok(Comparison {
         errors,
+        burn_ms,
+        cublaslt_ms,
+    })
+}
+
+/// How one batched product compares: [`Comparison`]'s figures for its one output.
+#[derive(Debug)]
+pub struct BatchedComparison {
+    pub error: f32,
+    pub burn_ms: f64,
+    pub cublaslt_ms: f64,
+}
+
+/// Runs `op(a) · op(b)` over `batch` random matrices (`op(a)` `m × k`, `op(b)` `k × n`)
+/// through burn's `matmul` and through one strided-batched cuBLASLt call, in the device's
+/// float type, and compares and times them (`iters` runs after one).
+pub fn compare_batched_with_burn(
+    device: &burn::backend::cuda::CudaDevice,
+    batch: usize,
+    [m, k, n]: [usize; 3],
+    (a_transposed, b_transposed): (bool, bool),
+    iters: usize,
+) -> Result<BatchedComparison, String> {
+    use burn::tensor::{Distribution, Tensor};
+    let random = |shape: [usize; 3]| -> Primitive {
+        Tensor::<Cuda, 3>::random(shape, Distribution::Normal(0.0, 1.0), device)
+            .into_primitive()
+            .tensor()
+    };
+    let a = random(if a_transposed {
+        [batch, k, m]
+    } else {
+        [batch, m, k]
+    });
+    let b = random(if b_transposed {
+        [batch, n, k]
+    } else {
+        [batch, k, n]
+    });
+    type Path = fn(Primitive, bool, Primitive, bool) -> Primitive;
+    let timed = |path: Path| -> Result<(Primitive, f64), String> {
+        let mut out = path(a.clone(), a_transposed, b.clone(), b_transposed);
+        <Cuda as Backend>::sync(device).map_err(|e| format!("{e:?}"))?;
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            out = path(a.clone(), a_transposed, b.clone(), b_transposed);
+        }
+        <Cuda as Backend>::sync(device).map_err(|e| format!("{e:?}"))?;
+        Ok((
+            out,
+            start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64,
+        ))
+    };
+    let (want, burn_ms) = timed(super::burn_batched_matmul::<Cuda>)?;
+    let (got, cublaslt_ms) = timed(batched)?;
+    let (got, want) = (
+        super::float::<Cuda, 2>(flat(got)),
+        super::float::<Cuda, 2>(flat(want)),
+    );
+    let scalar = |t: Tensor<Cuda, 1>| t.into_data().convert::<f32>().to_vec::<f32>().map(|v| v[0]);
+    let scale = scalar(want.clone().abs().max()).map_err(|e| format!("{e:?}"))?;
+    let diff = scalar((got - want).abs().max()).map_err(|e| format!("{e:?}"))?;
+    Ok(BatchedComparison {
+        error: diff / scale.max(f32::MIN_POSITIVE),
         burn_ms,
         cublaslt_ms,
     })

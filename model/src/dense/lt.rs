@@ -265,37 +265,48 @@ impl DensePlan {
     }
 }
 
+impl Product {
+    /// `op(A) · op(B)` over `batch` contiguous matrices each, `A` stored `[batch, a_rows,
+    /// a_cols]` and `B` `[batch, b_rows, b_cols]`, into a contiguous `C`. An error names
+    /// the mismatch.
+    pub fn batched(
+        batch: usize,
+        [a_rows, a_cols]: [usize; 2],
+        a_transposed: bool,
+        [b_rows, b_cols]: [usize; 2],
+        b_transposed: bool,
+    ) -> Result<Product, String> {
+        let stored = |rows, cols| RowMajor {
+            rows,
+            cols,
+            ld: cols,
+            batch_stride: rows * cols,
+        };
+        let m = if a_transposed { a_cols } else { a_rows };
+        let n = if b_transposed { b_rows } else { b_cols };
+        let product = Product {
+            a: stored(a_rows, a_cols),
+            a_transposed,
+            b: stored(b_rows, b_cols),
+            b_transposed,
+            c: stored(m, n),
+            batch,
+        };
+        LtCall::of(&product).map(|_| product)
+    }
+}
+
 /// The attention products of one layer for `batch` sequences of `seq` positions and
 /// `heads` heads of `head_dim`, each head's Q, K and V contiguous `[seq, head_dim]`
 /// matrices laid out `[batch × heads, seq, head_dim]`: scores `Q Kᵀ` and context `P V`,
 /// each one strided-batched call.
 pub fn attention_products(batch: usize, heads: usize, seq: usize, head_dim: usize) -> [Product; 2] {
-    let per_head = |rows, cols| RowMajor {
-        rows,
-        cols,
-        ld: cols,
-        batch_stride: rows * cols,
-    };
-    let qkv = per_head(seq, head_dim);
-    let scores = per_head(seq, seq);
     let count = batch * heads;
+    let product =
+        |a, a_t, b, b_t| Product::batched(count, a, a_t, b, b_t).expect("attention's shapes agree");
     [
-        Product {
-            a: qkv,
-            a_transposed: false,
-            b: qkv,
-            b_transposed: true,
-            c: scores,
-            batch: count,
-        },
-        Product {
-            a: scores,
-            a_transposed: false,
-            b: qkv,
-            b_transposed: false,
-            c: qkv,
-            batch: count,
-        },
+        product([seq, head_dim], false, [seq, head_dim], true),
+        product([seq, seq], false, [seq, head_dim], false),
     ]
 }
 
@@ -471,6 +482,32 @@ mod tests {
                 close(one, &row_major_product(p, &a, &b, i));
             }
         }
+    }
+
+    /// Every combination of transposes, as the batched op's backward uses them.
+    #[test]
+    fn batched_products_map_for_every_transpose() {
+        let (batch, m, k, n) = (3, 4, 5, 2);
+        for (which, (a_t, b_t)) in [(false, false), (false, true), (true, false), (true, true)]
+            .into_iter()
+            .enumerate()
+        {
+            let a = if a_t { [k, m] } else { [m, k] };
+            let b = if b_t { [n, k] } else { [k, n] };
+            let p = Product::batched(batch, a, a_t, b, b_t).unwrap();
+            assert_eq!((p.c.rows, p.c.cols, p.c.batch_stride), (m, n, m * n));
+            let a = values(batch * m * k, 61 + which as u64);
+            let b = values(batch * k * n, 71 + which as u64);
+            let (d, _) = run(&p, &a, &b, Epilogue::Default, None, &mut []);
+            for i in 0..batch {
+                close(&d[i * m * n..][..m * n], &row_major_product(&p, &a, &b, i));
+            }
+        }
+        assert!(
+            Product::batched(2, [3, 4], false, [5, 6], false)
+                .unwrap_err()
+                .contains("inner dimensions")
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ mod cublaslt;
 pub mod lt;
 
 #[cfg(feature = "cuda")]
-pub use cublaslt::{Comparison, DENSE_ENV, check_library as check_cublaslt, compare_with_burn};
+pub use cublaslt::{
+    BatchedComparison, Comparison, DENSE_ENV, check_library as check_cublaslt,
+    compare_batched_with_burn, compare_with_burn,
+};
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -54,6 +57,24 @@ pub trait DenseOps: LayerNormOps + SoftmaxOps + AdamwOps {
         burn_backward::<Self>(x, w, pre, dy, act)
     }
 
+    /// Whether the model should run attention's products through
+    /// [`DenseOps::batched_matmul`] (the backend's own products, switched on); burn's
+    /// `matmul` otherwise.
+    fn batched_products() -> bool {
+        false
+    }
+
+    /// `op(a) · op(b)` for `[batch, rows, cols]` tensors, where `op(x)` transposes each
+    /// matrix when its flag is set: attention's products, one batched call each.
+    fn batched_matmul(
+        a: FloatTensor<Self>,
+        a_transposed: bool,
+        b: FloatTensor<Self>,
+        b_transposed: bool,
+    ) -> FloatTensor<Self> {
+        burn_batched_matmul::<Self>(a, a_transposed, b, b_transposed)
+    }
+
     /// `dy ⊙ gelu'(pre)` for the erf GELU, exactly. Provided with burn's element-wise ops
     /// (burn's own `gelu_backward` is by default the tanh form's derivative, which
     /// burn-cuda keeps); Flex's is exact and one pass.
@@ -76,6 +97,23 @@ fn gelu_erf_backward_composed<B: Backend>(
     let pdf = (z.clone().powi_scalar(2) * -0.5).exp()
         * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
     (float::<B, 2>(dy) * (cdf + z * pdf))
+        .into_primitive()
+        .tensor()
+}
+
+/// [`DenseOps::batched_matmul`] with burn's ops.
+fn burn_batched_matmul<B: Backend>(
+    a: FloatTensor<B>,
+    a_transposed: bool,
+    b: FloatTensor<B>,
+    b_transposed: bool,
+) -> FloatTensor<B> {
+    let op = |x: FloatTensor<B>, transposed| {
+        let x = float::<B, 3>(x);
+        if transposed { x.swap_dims(1, 2) } else { x }
+    };
+    op(a, a_transposed)
+        .matmul(op(b, b_transposed))
         .into_primitive()
         .tensor()
 }
@@ -145,6 +183,22 @@ fn pre_activation_gradient<B: DenseOps>(
 pub trait TrainingBackend: AutodiffBackend<InnerBackend: DenseOps> + DenseOps {}
 
 impl<B: AutodiffBackend<InnerBackend: DenseOps> + DenseOps> TrainingBackend for B {}
+
+/// `op(a) · op(b)` through the backend's batched product (see
+/// [`DenseOps::batched_matmul`]).
+pub fn batched_matmul<B: DenseOps>(
+    a: Tensor<B, 3>,
+    a_transposed: bool,
+    b: Tensor<B, 3>,
+    b_transposed: bool,
+) -> Tensor<B, 3> {
+    float(B::batched_matmul(
+        a.into_primitive().tensor(),
+        a_transposed,
+        b.into_primitive().tensor(),
+        b_transposed,
+    ))
+}
 
 /// `act(x · w + b)` through the backend's dense op.
 pub fn dense<B: DenseOps>(
@@ -216,9 +270,15 @@ impl DenseOps for burn::backend::Flex {
 }
 
 /// burn's ops: the model on burn-wgpu tests the GPU code path without a GPU
-/// (`tests/cube_kernels.rs`).
+/// (`tests/cube_kernels.rs`), attention's products through the batched op (burn's
+/// products inside it, its written-out backward around them) when the fused kernels are
+/// switched on, as cuBLASLt's are on burn-cuda.
 #[cfg(feature = "wgpu")]
-impl DenseOps for burn::backend::Wgpu {}
+impl DenseOps for burn::backend::Wgpu {
+    fn batched_products() -> bool {
+        crate::fused::enabled()
+    }
+}
 
 /// cuBLASLt's products with `BERTRAIN_DENSE=cublaslt` (see [`cublaslt`]), burn's ops
 /// otherwise.
@@ -250,6 +310,23 @@ impl DenseOps for burn::backend::Cuda {
             burn_backward::<Self>(x, w, pre, dy, act)
         }
     }
+
+    fn batched_products() -> bool {
+        cublaslt::enabled()
+    }
+
+    fn batched_matmul(
+        a: FloatTensor<Self>,
+        a_transposed: bool,
+        b: FloatTensor<Self>,
+        b_transposed: bool,
+    ) -> FloatTensor<Self> {
+        if cublaslt::enabled() {
+            cublaslt::batched(a, a_transposed, b, b_transposed)
+        } else {
+            burn_batched_matmul::<Self>(a, a_transposed, b, b_transposed)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -272,7 +349,72 @@ impl<B: DenseOps> Backward<B, 3> for DenseBackward {
     }
 }
 
+/// `C = op_a(A) · op_b(B)`: `dA = dC · op_b(B)ᵀ` (or its transpose, `op_b(B) · dCᵀ`, when A
+/// is transposed), `dB = op_a(A)ᵀ · dC` (or `dCᵀ · op_a(A)`), each again one batched
+/// product.
+#[derive(Debug)]
+struct BatchedBackward {
+    a_transposed: bool,
+    b_transposed: bool,
+}
+
+impl<B: DenseOps> Backward<B, 2> for BatchedBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dc = grads.consume::<B>(&ops.node);
+        let (a, b) = ops.state;
+        let (a_t, b_t) = (self.a_transposed, self.b_transposed);
+        let [a_parent, b_parent] = ops.parents;
+        if let Some(parent) = a_parent {
+            let da = if a_t {
+                B::batched_matmul(b.clone(), b_t, dc.clone(), true)
+            } else {
+                B::batched_matmul(dc.clone(), false, b.clone(), !b_t)
+            };
+            grads.register::<B>(parent.id, da);
+        }
+        if let Some(parent) = b_parent {
+            let db = if b_t {
+                B::batched_matmul(dc, true, a, a_t)
+            } else {
+                B::batched_matmul(a, !a_t, dc, false)
+            };
+            grads.register::<B>(parent.id, db);
+        }
+    }
+}
+
 impl<B: DenseOps, C: CheckpointStrategy> DenseOps for Autodiff<B, C> {
+    fn batched_products() -> bool {
+        B::batched_products()
+    }
+
+    fn batched_matmul(
+        a: FloatTensor<Self>,
+        a_transposed: bool,
+        b: FloatTensor<Self>,
+        b_transposed: bool,
+    ) -> FloatTensor<Self> {
+        let prep = BatchedBackward {
+            a_transposed,
+            b_transposed,
+        }
+        .prepare::<C>([a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful();
+        let (a, b) = (a.primitive, b.primitive);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let c = B::batched_matmul(a.clone(), a_transposed, b.clone(), b_transposed);
+                prep.finish((a, b), c)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::batched_matmul(a, a_transposed, b, b_transposed))
+            }
+        }
+    }
+
     fn dense_forward(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
@@ -387,6 +529,35 @@ mod tests {
                 &float::<Flex, 2>(exact).into_data(),
                 Tolerance::absolute(1e-5),
             );
+    }
+
+    /// The batched product and its written-out backward against burn's autodiff of
+    /// `matmul`, for every combination of transposes.
+    #[test]
+    fn the_batched_product_and_its_backward_match_burns_autodiff() {
+        let (batch, m, k, n) = (3, 4, 5, 2);
+        for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a = random(if a_t { [batch, k, m] } else { [batch, m, k] }, 5);
+            let b = random(if b_t { [batch, n, k] } else { [batch, k, n] }, 6);
+            let upstream = random([batch, m, n], 7).detach();
+            let c = batched_matmul(a.clone(), a_t, b.clone(), b_t);
+            let grads = (c.clone() * upstream.clone()).sum().backward();
+            let got = [a.grad(&grads).unwrap(), b.grad(&grads).unwrap()];
+            let (a2, b2) = (a.detach().require_grad(), b.detach().require_grad());
+            let op = |x: Tensor<Ad, 3>, t| if t { x.swap_dims(1, 2) } else { x };
+            let reference = op(a2.clone(), a_t).matmul(op(b2.clone(), b_t));
+            let grads2 = (reference.clone() * upstream).sum().backward();
+            let tolerance = Tolerance::<f32>::absolute(1e-5).set_relative(1e-5);
+            c.into_data()
+                .assert_approx_eq::<f32>(&reference.into_data(), tolerance);
+            for (got, want) in got
+                .into_iter()
+                .zip([a2.grad(&grads2).unwrap(), b2.grad(&grads2).unwrap()])
+            {
+                got.into_data()
+                    .assert_approx_eq::<f32>(&want.into_data(), tolerance);
+            }
+        }
     }
 
     /// Without autodiff (evaluation) the op is the plain function.
