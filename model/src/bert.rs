@@ -985,57 +985,12 @@ fn tied_decoder<B: DenseOps>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{padded_batch as batch, small_config as config};
     use crate::params::{Accumulation, ParamLayout, accumulate_grads};
     use crate::{init_bert, seed_dropout};
     use burn::backend::{Autodiff, Flex};
 
     type Train = Autodiff<Flex>;
-
-    fn config(dropout: f64) -> BertConfig {
-        BertConfig {
-            vocab_size: 120,
-            max_position_embeddings: 16,
-            hidden_dropout_prob: dropout,
-            attention_probs_dropout_prob: dropout,
-            ..BertConfig::preset("tiny").unwrap()
-        }
-    }
-
-    /// Four rows of lengths 5, 12, 9 and 12 padded to 12, with predictions in every row.
-    fn batch(device: &burn::tensor::Device<Train>) -> (PretrainingBatch<Train>, Unpadding) {
-        let (rows, seq) = (4, 12);
-        let lengths = [5, 12, 9, 12];
-        let mut ids = vec![0i64; rows * seq];
-        let mut types = vec![0i64; rows * seq];
-        let mut mask = vec![0i64; rows * seq];
-        for (row, &len) in lengths.iter().enumerate() {
-            for p in 0..len {
-                ids[row * seq + p] = 5 + ((row * 37 + p * 11) % 110) as i64;
-                types[row * seq + p] = i64::from(p >= len / 2);
-                mask[row * seq + p] = 1;
-            }
-        }
-        let masked: Vec<i64> = vec![1, 3, 12 + 2, 12 + 11, 24 + 8, 36 + 4, 36 + 5];
-        let m = masked.len();
-        let ints2 = |v: &Vec<i64>| {
-            Tensor::<Train, 2, Int>::from_data(TensorData::new(v.clone(), [rows, seq]), device)
-        };
-        let ints1 = |v: Vec<i64>| {
-            let n = v.len();
-            Tensor::<Train, 1, Int>::from_data(TensorData::new(v, [n]), device)
-        };
-        let batch = PretrainingBatch {
-            input_ids: ints2(&ids),
-            token_type_ids: ints2(&types),
-            attention_mask: ints2(&mask),
-            masked_lm_ids: ints1(masked.iter().map(|&p| ids[p as usize]).collect()),
-            masked_positions: ints1(masked.clone()),
-            masked_lm_weights: Tensor::from_data(TensorData::new(vec![0.5f32; m], [m]), device),
-            next_sentence_labels: ints1(vec![0, 1, 1, 0]),
-        };
-        let unpadding = Unpadding::new(&mask, [rows, seq], &masked);
-        (batch, unpadding)
-    }
 
     /// Logits and the gradient of the loss for every parameter, flat.
     fn run(

@@ -6,6 +6,7 @@
 //! - [`dense`]: the dense layer as one op with its own backward (the seam for cuBLASLt).
 //! - [`fused`]: residual + LayerNorm and the AdamW step as ops a GPU runs as one kernel each.
 //! - [`dropout`]: dropout with masks drawn on the host on CPU backends.
+//! - `fixtures` (tests, and the `wgpu` feature's kernel tests): values, a small BERT, a padded batch.
 //! - [`init`]: BERT's initialisation, deterministic from a seed.
 //! - [`params`]: parameters as named flat buffers (checkpoints, all-reduce, optimizer).
 //! - [`hf`]: HF directories (`config.json`, `model.safetensors`, `vocab.txt`).
@@ -17,6 +18,8 @@ pub mod classifier;
 pub mod config;
 pub mod dense;
 pub mod dropout;
+#[cfg(any(test, feature = "wgpu"))]
+pub mod fixtures;
 pub mod fused;
 pub mod hf;
 pub mod init;

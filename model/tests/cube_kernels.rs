@@ -7,18 +7,19 @@
 //! (scripts/test does, after installing lavapipe where it is missing).
 #![cfg(feature = "wgpu")]
 
+use bertrain_model::fixtures::{padded_batch, small_config, values};
 use bertrain_model::fused::KERNELS_ENV;
 use bertrain_model::fused::adamw::{AdamwOps, AdamwStep};
 use bertrain_model::fused::layer_norm::{LayerNormOps, add_layer_norm};
 use bertrain_model::fused::softmax::attention_softmax;
 use bertrain_model::{
-    Accumulation, BertConfig, BertForPreTraining, ParamLayout, PretrainingBatch, Unpadding,
-    accumulate_grads, flatten_params, init_bert, load_flat_params,
+    Accumulation, BertForPreTraining, ParamLayout, accumulate_grads, flatten_params, init_bert,
+    load_flat_params,
 };
 use burn::backend::{Autodiff, Flex, Wgpu};
 use burn::nn::LayerNormConfig;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 type Gpu = Autodiff<Wgpu>;
 type Cpu = Autodiff<Flex>;
@@ -33,19 +34,6 @@ fn fused_on() {
         "{KERNELS_ENV}=fused turns the op on"
     );
     assert!(!Cpu::fused_layer_norm(), "Flex has no fused kernels");
-}
-
-/// Deterministic values in [-scale, scale).
-fn values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
 }
 
 fn tensor<B: Backend, const D: usize>(data: &[f32], shape: [usize; D]) -> Tensor<B, D> {
@@ -219,58 +207,11 @@ fn fused_adamw_matches_burns_ops() {
     );
 }
 
-/// A small BERT, without dropout (burn-wgpu draws its own masks).
-fn config() -> BertConfig {
-    BertConfig {
-        vocab_size: 120,
-        max_position_embeddings: 16,
-        hidden_dropout_prob: 0.0,
-        attention_probs_dropout_prob: 0.0,
-        ..BertConfig::preset("tiny").unwrap()
-    }
-}
-
-/// Rows of lengths 5, 12, 9 and 12 padded to 12, predictions in every row.
-fn batch<B: Backend>() -> (PretrainingBatch<B>, Unpadding) {
-    let device = Default::default();
-    let (rows, seq) = (4, 12);
-    let lengths = [5, 12, 9, 12];
-    let mut ids = vec![0i64; rows * seq];
-    let mut types = vec![0i64; rows * seq];
-    let mut mask = vec![0i64; rows * seq];
-    for (row, &len) in lengths.iter().enumerate() {
-        for p in 0..len {
-            ids[row * seq + p] = 5 + ((row * 37 + p * 11) % 110) as i64;
-            types[row * seq + p] = i64::from(p >= len / 2);
-            mask[row * seq + p] = 1;
-        }
-    }
-    let masked: Vec<i64> = vec![1, 3, 12 + 2, 12 + 11, 24 + 8, 36 + 4, 36 + 5];
-    let m = masked.len();
-    let ints2 = |v: &Vec<i64>| {
-        Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [rows, seq]), &device)
-    };
-    let ints1 = |v: Vec<i64>| {
-        let n = v.len();
-        Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
-    };
-    let batch = PretrainingBatch {
-        input_ids: ints2(&ids),
-        token_type_ids: ints2(&types),
-        attention_mask: ints2(&mask),
-        masked_lm_ids: ints1(masked.iter().map(|&p| ids[p as usize]).collect()),
-        masked_positions: ints1(masked.clone()),
-        masked_lm_weights: Tensor::from_data(TensorData::new(vec![0.5f32; m], [m]), &device),
-        next_sentence_labels: ints1(vec![0, 1, 1, 0]),
-    };
-    (batch, Unpadding::new(&mask, [rows, seq], &masked))
-}
-
 /// The loss, the logits and every parameter's gradient, flat.
 fn step<B: bertrain_model::TrainingBackend>(
     model: &BertForPreTraining<B>,
 ) -> (f32, Vec<f32>, Vec<f32>) {
-    let (batch, unpadding) = batch::<B>();
+    let (batch, unpadding) = padded_batch::<B>(&Default::default());
     let output = model.forward_unpadded(&batch, &unpadding);
     let loss = model.loss(&output, &batch).loss;
     let layout = ParamLayout::of(model);
@@ -293,9 +234,11 @@ fn step<B: bertrain_model::TrainingBackend>(
 #[test]
 fn bert_on_a_cubecl_backend_matches_the_cpu() {
     fused_on();
-    let cpu = init_bert::<Cpu>(&config(), 3, &Default::default());
+    // Without dropout: burn-wgpu draws its own masks.
+    let config = small_config(0.0);
+    let cpu = init_bert::<Cpu>(&config, 3, &Default::default());
     let params = flatten_params(&cpu);
-    let gpu = BertForPreTraining::<Gpu>::new(&config(), &Default::default());
+    let gpu = BertForPreTraining::<Gpu>::new(&config, &Default::default());
     let layout = ParamLayout::of(&gpu);
     let gpu = load_flat_params(gpu, &params, &layout);
 

@@ -314,17 +314,9 @@ pub fn attention_products(batch: usize, heads: usize, seq: usize, head_dim: usiz
 mod tests {
     use super::*;
 
-    /// A deterministic pseudo-random matrix.
+    /// A deterministic pseudo-random matrix in [-1, 1).
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::fixtures::values(len, seed, 1.0)
     }
 
     fn gelu_tanh(x: f32) -> f32 {
