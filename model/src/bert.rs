@@ -831,8 +831,8 @@ impl<B: DenseOps> SelfAttention<B> {
 
 /// Scaled dot-product attention on per-head `[batch, heads, seq, head_dim]` queries, keys
 /// and values: `softmax(q kᵀ / √head_dim + score_bias)` (the backend's fused op where it
-/// has one switched on) with dropout on the probabilities,
-/// times the values. `score_bias` broadcasts (`[batch, 1, 1, seq]`: 0 where attended,
+/// has one switched on) with dropout on the probabilities, times the values (both
+/// products batched per head where the backend has that switched on). `score_bias` broadcasts (`[batch, 1, 1, seq]`: 0 where attended,
 /// [`MASKED_SCORE`] on padding); `keys` name the probabilities' `batch * heads * seq` rows
 /// for host-drawn dropout masks (see [`crate::dropout`]; empty where they are not read).
 /// Public so that `bench step` can time attention alone at the model's shapes.

@@ -1,14 +1,14 @@
 //! The fused ops' kernels for burn's cubecl backends (burn-cuda, and burn-wgpu in tests).
 //!
 //! LayerNorm, one pass over the rows forward and one backward, both accumulating in f32
-//! whatever the tensors' float type. Forward: one cube per row; the row's sum and then its squared deviations are reduced
-//! in shared memory, and the normalised row is written with γ and β applied. The row's
-//! mean and 1/σ are kept for the backward (8 bytes a row).
+//! whatever the tensors' float type. Forward: one cube per row; the row's sum and then its
+//! squared deviations are reduced in shared memory, and the normalised row is written with
+//! γ and β applied. The row's mean and 1/σ are kept for the backward (8 bytes a row).
 //!
-//! Backward: one cube per [`ROWS_PER_CUBE`] rows, by the formula of [`super::layer_norm`]. Each unit also
-//! sums `dy ⊙ x̂` and `dy` over the cube's rows for its own columns, so γ's and β's
-//! gradients leave the kernel as `[cubes, n]` partial sums, which one small reduction
-//! finishes (reducing all the rows at once is what burn-cuda does slowly).
+//! Backward: one cube per [`ROWS_PER_CUBE`] rows, by the formula of [`super::layer_norm`].
+//! Each unit also sums `dy ⊙ x̂` and `dy` over the cube's rows for its own columns, so γ's
+//! and β's gradients leave the kernel as `[cubes, n]` partial sums, which one small
+//! reduction finishes (reducing all the rows at once is what burn-cuda does slowly).
 //!
 //! Attention's softmax: one cube per row of the scores, each way, in f32.
 //!
@@ -23,14 +23,15 @@ use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 use super::adamw::{AdamwOps, AdamwStep, adamw_with_burn_ops};
-use super::layer_norm::{LayerNormOps, float};
+use super::float;
+use super::layer_norm::LayerNormOps;
 use super::softmax::SoftmaxOps;
 
 /// Rows of one backward cube: enough that γ's and β's partial sums are few, few enough
 /// that the cubes fill the GPU (16k rows make 512 cubes).
 const ROWS_PER_CUBE: usize = 32;
 
-/// Units per cube: a power of two, at most 256, and no more than the row has columns.
+/// Units per cube for rows of `n`: `n` rounded up to a power of two, from 32 to 256.
 fn units(n: usize) -> u32 {
     (n.next_power_of_two().clamp(32, 256)) as u32
 }
@@ -64,7 +65,7 @@ fn cube_index() -> usize {
 }
 
 #[cube(launch)]
-fn forward_kernel<F: Float>(
+fn layer_norm_forward_kernel<F: Float>(
     x: &Tensor<F>,
     residual: &Tensor<F>,
     gamma: &Tensor<F>,
@@ -119,7 +120,7 @@ fn forward_kernel<F: Float>(
 }
 
 #[cube(launch)]
-fn backward_kernel<F: Float>(
+fn layer_norm_backward_kernel<F: Float>(
     x: &Tensor<F>,
     residual: &Tensor<F>,
     gamma: &Tensor<F>,
@@ -209,7 +210,7 @@ fn same_type<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
 /// Cubes for `count` independent blocks, 2-D beyond one grid dimension's 65,535.
 fn cube_count(count: usize) -> CubeCount {
     let count = count as u32;
-    let x = count.min(u16::MAX as u32);
+    let x = count.clamp(1, u16::MAX as u32);
     CubeCount::Static(x, count.div_ceil(x), 1)
 }
 
@@ -239,7 +240,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
         );
         let stats = empty_device_dtype(client.clone(), device, Shape::new([rows, 2]), DType::F32);
         let units = units(n);
-        forward_kernel::launch::<R>(
+        layer_norm_forward_kernel::launch::<R>(
             &client,
             cube_count(rows),
             CubeDim::new_1d(units),
@@ -286,7 +287,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
         };
         let (gamma_partials, beta_partials) = (partial(), partial());
         let units = units(n);
-        backward_kernel::launch::<R>(
+        layer_norm_backward_kernel::launch::<R>(
             &client,
             cube_count(cubes),
             CubeDim::new_1d(units),

@@ -19,7 +19,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
+
+use super::{float, primitive};
 
 /// A backend with `LayerNorm(x + residual)` as one op. All tensors are `[rows, n]` but γ
 /// and β, `[n]`.
@@ -102,14 +104,6 @@ pub fn add_layer_norm<B: LayerNormOps>(
         epsilon,
     );
     float(y)
-}
-
-pub(super) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-pub(super) fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
 }
 
 impl LayerNormOps for burn::backend::Flex {}

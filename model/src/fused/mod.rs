@@ -18,8 +18,9 @@ pub mod softmax;
 
 use std::sync::OnceLock;
 
-use burn::tensor::Tensor;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
 
 /// The environment variable that switches the kernels on (`fused`), where the backend has
 /// them.
@@ -29,6 +30,14 @@ pub const KERNELS_ENV: &str = "BERTRAIN_KERNELS";
 pub fn enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var(KERNELS_ENV).is_ok_and(|v| v == "fused"))
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
 }
 
 /// How a fused op compares with burn's ops on the same random inputs.

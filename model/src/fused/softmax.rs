@@ -18,7 +18,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
-use super::layer_norm::{float, primitive};
+use super::{float, primitive};
 
 /// A backend with attention's softmax as one op. Tensors are `[batch, heads, seq, seq]`
 /// but the bias, `[batch, 1, 1, seq]`.
