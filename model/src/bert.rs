@@ -985,7 +985,7 @@ fn tied_decoder<B: DenseOps>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{padded_batch as batch, small_config as config};
+    use crate::fixtures::{max_diff, padded_batch as batch, small_config as config};
     use crate::params::{Accumulation, ParamLayout, accumulate_grads};
     use crate::{init_bert, seed_dropout};
     use burn::backend::{Autodiff, Flex};
@@ -1013,14 +1013,6 @@ mod tests {
         let mut logits: Vec<f32> = output.mlm_logits.into_data().to_vec().unwrap();
         logits.extend(output.nsp_logits.into_data().to_vec::<f32>().unwrap());
         (logits, grads)
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     /// The unpadded encoder is the padded one's function: the same logits and gradients

@@ -19,6 +19,15 @@ pub fn values(len: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The largest absolute difference between two equally long slices.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// The tiny preset with a vocabulary of 120, 16 positions and the given dropout.
 pub fn small_config(dropout: f64) -> BertConfig {
     BertConfig {

@@ -7,7 +7,7 @@
 //! (scripts/test does, after installing lavapipe where it is missing).
 #![cfg(feature = "wgpu")]
 
-use bertrain_model::fixtures::{padded_batch, small_config, values};
+use bertrain_model::fixtures::{max_diff, padded_batch, small_config, values};
 use bertrain_model::fused::KERNELS_ENV;
 use bertrain_model::fused::adamw::{AdamwOps, AdamwStep};
 use bertrain_model::fused::layer_norm::{LayerNormOps, add_layer_norm};
@@ -42,14 +42,6 @@ fn tensor<B: Backend, const D: usize>(data: &[f32], shape: [usize; D]) -> Tensor
 
 fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The fused op's output and its gradients for x, the residual, γ and β, against burn's
