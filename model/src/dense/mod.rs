@@ -462,6 +462,14 @@ mod tests {
         Tensor::random(shape, Distribution::Normal(0.0, 1.5), &device).require_grad()
     }
 
+    /// Equal within 1e-5 (absolute and relative): the same function, summed in another
+    /// order.
+    fn assert_close<B: Backend, const D: usize>(got: Tensor<B, D>, want: Tensor<B, D>) {
+        let tolerance = Tolerance::<f32>::absolute(1e-5).set_relative(1e-5);
+        got.into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), tolerance);
+    }
+
     /// The op's value and its three gradients equal burn's autodiff of the same function
     /// written with burn's ops, for each activation.
     #[test]
@@ -491,19 +499,14 @@ mod tests {
                 Activation::GeluTanh => burn::tensor::activation::gelu_approximate(pre),
             };
             let grads2 = (reference.clone() * upstream).sum().backward();
-            let tolerance = Tolerance::<f32>::absolute(1e-5).set_relative(1e-5);
-            y.into_data()
-                .assert_approx_eq::<f32>(&reference.into_data(), tolerance);
+            assert_close(y, reference);
             for (got, want) in fused
                 .into_iter()
                 .zip([x2.grad(&grads2).unwrap(), w2.grad(&grads2).unwrap()])
             {
-                got.into_data()
-                    .assert_approx_eq::<f32>(&want.into_data(), tolerance);
+                assert_close(got, want);
             }
-            fused_b
-                .into_data()
-                .assert_approx_eq::<f32>(&b2.grad(&grads2).unwrap().into_data(), tolerance);
+            assert_close(fused_b, b2.grad(&grads2).unwrap());
         }
     }
 
@@ -547,15 +550,12 @@ mod tests {
             let op = |x: Tensor<Ad, 3>, t| if t { x.swap_dims(1, 2) } else { x };
             let reference = op(a2.clone(), a_t).matmul(op(b2.clone(), b_t));
             let grads2 = (reference.clone() * upstream).sum().backward();
-            let tolerance = Tolerance::<f32>::absolute(1e-5).set_relative(1e-5);
-            c.into_data()
-                .assert_approx_eq::<f32>(&reference.into_data(), tolerance);
+            assert_close(c, reference);
             for (got, want) in got
                 .into_iter()
                 .zip([a2.grad(&grads2).unwrap(), b2.grad(&grads2).unwrap()])
             {
-                got.into_data()
-                    .assert_approx_eq::<f32>(&want.into_data(), tolerance);
+                assert_close(got, want);
             }
         }
     }
