@@ -808,10 +808,13 @@ fn crash_while_writing_a_checkpoint_keeps_the_previous_one() {
         .into_iter()
         .find(|v| v["event"] == "generation_started" && v["generation"] == 2)
         .unwrap_or_else(|| panic!("no second generation\n{log}"));
-    assert_eq!(
-        restarted["start_step"].as_u64(),
-        Some(crash),
-        "continued from the step of the crash\n{log}"
+    // The write runs in the background, so rank 0 may finish a step or two more before it
+    // dies; the survivor's state is then that newer step. Never the checkpoint before.
+    let start = restarted["start_step"].as_u64().unwrap();
+    assert!(
+        (crash..crash + EVERY).contains(&start),
+        "continued from the step of the crash or just after it, not from step {}: {start}\n{log}",
+        crash - EVERY
     );
     assert!(
         restarted["source"].as_str().unwrap().ends_with("kept"),
