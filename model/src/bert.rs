@@ -23,7 +23,7 @@ use burn::tensor::{DType, FloatDType, TensorData};
 
 use crate::config::BertConfig;
 use crate::dense::{Activation, DenseOps};
-use crate::dropout;
+use crate::dropout::{self, RowKeys};
 
 /// The activation of the intermediate layer and the MLM transform: [`BertConfig`] accepts
 /// only `hidden_act = "gelu"`, the erf form.
@@ -363,9 +363,8 @@ struct Placed<B: Backend> {
     /// `[batch, 1]` and `[masked, 1]`: the rows of the [CLS] tokens and of the predictions.
     cls: Tensor<B, 2, Int>,
     masked: Tensor<B, 2, Int>,
-    /// Dropout keys of the rows (see [`dropout`]): `sequence << 32 | position`, the
-    /// sequence counted in the step's global batch.
-    keys: Vec<u64>,
+    /// Dropout keys of the rows (see [`dropout`]): their positions in the batch.
+    keys: RowKeys<B>,
     /// The rows as `[groups, per group]` (see [`per_sequence`]).
     view: [usize; 2],
 }
@@ -456,14 +455,6 @@ impl Unpadding {
             .collect();
         let seq = self.seq as u32;
         let positions: Vec<i64> = rows.iter().map(|&p| i64::from(p)).collect();
-        let keys = if dropout::uses_keys::<B>(device) {
-            let first = dropout::first_sequence();
-            rows.iter()
-                .map(|&p| ((first + u64::from(p / seq)) << 32) | u64::from(p % seq))
-                .collect()
-        } else {
-            Vec::new()
-        };
         let ints1 = |v: Vec<i64>| {
             let n = v.len();
             Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), device)
@@ -474,8 +465,15 @@ impl Unpadding {
                 device,
             )
         };
+        let gather_positions = index_column(positions, device);
+        let keys = RowKeys::listed(
+            dropout::first_sequence(),
+            self.seq,
+            &rows,
+            gather_positions.clone().reshape([tokens]),
+        );
         Placed {
-            gather_positions: index_column(positions, device),
+            gather_positions,
             padded_from: index_column(padded_from, device),
             position_ids: ints1(rows.iter().map(|&p| i64::from(p % seq)).collect()),
             cls: row_indices(&mut (0..self.rows as u32).map(|r| r * seq)),
@@ -505,10 +503,9 @@ struct Rows<B: Backend> {
     /// For the unpadded encoder: gather indices from the hidden rows to the padded layout
     /// (`[batch * seq, 1]`) and back (`[tokens, 1]`). None: the rows are the padded batch.
     unpad: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)>,
-    /// Dropout keys of the hidden rows and of the attention probabilities' rows (empty
-    /// where dropout does not read them).
-    keys: Vec<u64>,
-    attention_keys: Vec<u64>,
+    /// Dropout keys of the hidden rows and of the attention probabilities' rows.
+    keys: RowKeys<B>,
+    attention_keys: RowKeys<B>,
 }
 
 impl<B: DenseOps> BertModel<B> {
@@ -522,21 +519,13 @@ impl<B: DenseOps> BertModel<B> {
     ) -> Tensor<B, 2> {
         let [batch, seq] = input_ids.dims();
         let device = input_ids.device();
-        let keys = if dropout::uses_keys::<B>(&device) {
-            let first = dropout::first_sequence();
-            (first..first + batch as u64)
-                .flat_map(|row| (0..seq as u64).map(move |p| (row << 32) | p))
-                .collect()
-        } else {
-            Vec::new()
-        };
         let rows = Rows {
             batch,
             seq,
             view: [batch, seq],
             unpad: None,
-            keys,
-            attention_keys: self.attention_keys(&device, batch, seq),
+            keys: RowKeys::grid(dropout::first_sequence(), seq),
+            attention_keys: self.attention_keys(seq),
         };
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device).reshape([1, seq]);
         self.encode_rows(input_ids, token_type_ids, positions, &attention_mask, &rows)
@@ -567,19 +556,13 @@ impl<B: DenseOps> BertModel<B> {
 
     /// Dropout keys of the attention probabilities' rows, `[batch, heads, seq]`:
     /// `(sequence * heads + head) << 32 | query position`, the same in both encoders.
-    fn attention_keys(&self, device: &B::Device, batch: usize, seq: usize) -> Vec<u64> {
+    fn attention_keys(&self, seq: usize) -> RowKeys<B> {
         let heads = self
             .encoder
             .layer
             .first()
             .map_or(1, |l| l.attention.self_attention.num_heads);
-        if !dropout::uses_keys::<B>(device) {
-            return Vec::new();
-        }
-        let first = dropout::first_sequence() * heads as u64;
-        (first..first + (batch * heads) as u64)
-            .flat_map(|row| (0..seq as u64).map(move |q| (row << 32) | q))
-            .collect()
+        RowKeys::grid(dropout::first_sequence() * heads as u64, seq)
     }
 }
 
@@ -682,7 +665,6 @@ impl<B: DenseOps> BertModel<B> {
         unpadding: &Unpadding,
         placed: Placed<B>,
     ) -> (Tensor<B, 2>, Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
-        let device = input_ids.device();
         let [groups, per_group] = placed.view;
         let positions = placed
             .gather_positions
@@ -701,7 +683,7 @@ impl<B: DenseOps> BertModel<B> {
             view: placed.view,
             unpad: Some((placed.padded_from.clone(), placed.gather_positions.clone())),
             keys: placed.keys,
-            attention_keys: self.attention_keys(&device, unpadding.rows, unpadding.seq),
+            attention_keys: self.attention_keys(unpadding.seq),
         };
         let hidden = self.encode_rows(
             ids(input_ids),
@@ -834,7 +816,7 @@ impl<B: DenseOps> SelfAttention<B> {
 /// has one switched on) with dropout on the probabilities, times the values (both
 /// products batched per head where the backend has that switched on). `score_bias` broadcasts (`[batch, 1, 1, seq]`: 0 where attended,
 /// [`MASKED_SCORE`] on padding); `keys` name the probabilities' `batch * heads * seq` rows
-/// for host-drawn dropout masks (see [`crate::dropout`]; empty where they are not read).
+/// for keyed dropout masks (see [`crate::dropout`]).
 /// Public so that `bench step` can time attention alone at the model's shapes.
 pub fn attention<B: DenseOps>(
     query: Tensor<B, 4>,
@@ -842,7 +824,7 @@ pub fn attention<B: DenseOps>(
     value: Tensor<B, 4>,
     score_bias: Tensor<B, 4>,
     dropout: &Dropout,
-    keys: &[u64],
+    keys: &RowKeys<B>,
 ) -> Tensor<B, 4> {
     let divisor = (query.dims()[3] as f32).sqrt();
     let scores = per_head_product(query, key, true);

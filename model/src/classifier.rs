@@ -12,7 +12,7 @@ use burn::tensor::activation::log_softmax;
 use crate::bert::{BertModel, Unpadding, in_f32};
 use crate::config::BertConfig;
 use crate::dense::DenseOps;
-use crate::dropout;
+use crate::dropout::{self, RowKeys};
 
 #[derive(Module, Debug)]
 pub struct BertForSequenceClassification<B: Backend> {
@@ -78,18 +78,9 @@ impl<B: DenseOps> BertForSequenceClassification<B> {
     }
 
     fn head(&self, pooled: Tensor<B, 2>) -> Tensor<B, 2> {
-        let device = pooled.device();
-        let keys: Vec<u64> = if dropout::uses_keys::<B>(&device) {
-            // Keyed like a hidden row, at a position no sequence has, so that the pooled
-            // output's mask is not that of its [CLS] token (position 0).
-            let first = dropout::first_sequence();
-            let rows = pooled.dims()[0] as u64;
-            (first..first + rows)
-                .map(|row| (row << 32) | 0xFFFF_FFFF)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Keyed like a hidden row, at a position no sequence has, so that the pooled
+        // output's mask is not that of its [CLS] token (position 0).
+        let keys = RowKeys::grid(dropout::first_sequence(), 1).with_offset(u32::MAX);
         self.classifier
             .forward(dropout::apply(&self.dropout, pooled, &keys))
     }

@@ -5,7 +5,7 @@
 //! - [`classifier`]: the encoder with a classification or regression head (fine-tuning).
 //! - [`dense`]: the dense layer as one op with its own backward (the seam for cuBLASLt).
 //! - [`fused`]: residual + LayerNorm and the AdamW step as ops a GPU runs as one kernel each.
-//! - [`dropout`]: dropout with masks drawn on the host on CPU backends.
+//! - [`dropout`]: dropout with masks keyed by what each row is (host-drawn on CPU backends).
 //! - `fixtures` (tests, and the `wgpu` feature's kernel tests): values, a small BERT, a padded batch.
 //! - [`init`]: BERT's initialisation, deterministic from a seed.
 //! - [`params`]: parameters as named flat buffers (checkpoints, all-reduce, optimizer).

@@ -7,6 +7,9 @@
 //! (scripts/test does, after installing lavapipe where it is missing).
 #![cfg(feature = "wgpu")]
 
+use bertrain_model::dropout::{
+    DropoutOps, RowKeys, compare_with_host_masks, dropout_with_host_mask,
+};
 use bertrain_model::fixtures::{max_diff, padded_batch, small_config, values};
 use bertrain_model::fused::KERNELS_ENV;
 use bertrain_model::fused::adamw::{AdamwOps, AdamwStep};
@@ -14,12 +17,13 @@ use bertrain_model::fused::layer_norm::{LayerNormOps, add_layer_norm};
 use bertrain_model::fused::softmax::attention_softmax;
 use bertrain_model::{
     Accumulation, BertForPreTraining, ParamLayout, accumulate_grads, flatten_params, init_bert,
-    load_flat_params,
+    load_flat_params, seed_dropout,
 };
 use burn::backend::{Autodiff, Flex, Wgpu};
 use burn::nn::LayerNormConfig;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 
 type Gpu = Autodiff<Wgpu>;
 type Cpu = Autodiff<Flex>;
@@ -220,21 +224,78 @@ fn step<B: bertrain_model::TrainingBackend>(
     (flat(loss)[0], logits, grads)
 }
 
+/// The keyed dropout kernel draws, bit for bit, the masks the host draws for the same rows
+/// and stream value: for rows in grid order and listed ones, rows whose length is not a
+/// multiple of four, and through autodiff (the gradient is the upstream one, masked alike).
+#[test]
+fn keyed_dropout_kernel_draws_the_host_masks() {
+    fused_on();
+    assert!(Gpu::keyed_dropout_kernel());
+    let device = Default::default();
+    let positions = [0u32, 3, 8, 13, 20, 22];
+    let listed = || {
+        let ints = positions.iter().map(|&p| i64::from(p)).collect();
+        let t = Tensor::<Wgpu, 1, Int>::from_data(TensorData::new(ints, [6]), &device);
+        RowKeys::<Wgpu>::listed(4, 7, &positions, t)
+    };
+    let cases: [(RowKeys<Wgpu>, Vec<usize>); 4] = [
+        (RowKeys::grid(3, 7), vec![5, 7, 64]),
+        (RowKeys::grid(6, 9), vec![2, 3, 9, 9]),
+        (listed(), vec![6, 130]),
+        (RowKeys::grid(11, 1).with_offset(u32::MAX), vec![4, 33]),
+    ];
+    for (i, (keys, shape)) in cases.into_iter().enumerate() {
+        let len = shape.iter().product();
+        let x = values(len, i as u64, 1.0);
+        let input = || {
+            Tensor::<Wgpu, 1>::from_data(TensorData::new(x.clone(), [len]), &device)
+                .into_primitive()
+                .tensor()
+        };
+        let reshape = |t| <Wgpu>::float_reshape(t, burn::tensor::Shape::from(shape.as_slice()));
+        for (prob, call) in [(0.1, 0x0123_4567_89AB_CDEF_u64), (0.5, u64::MAX - 2)] {
+            let got = <Wgpu>::keyed_dropout(reshape(input()), &keys, call, prob);
+            let want = dropout_with_host_mask::<Wgpu>(reshape(input()), &keys, call, prob);
+            let [got, want] = [got, want].map(|t| {
+                flat(Tensor::<Wgpu, 1>::from_primitive(TensorPrimitive::Float(
+                    <Wgpu>::float_reshape(t, [len].into()),
+                )))
+            });
+            let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+            assert_eq!(
+                differ, 0,
+                "case {i}, prob {prob}: {differ} of {len} elements differ"
+            );
+            let dropped = got.iter().filter(|&&v| v == 0.0).count() as f64 / len as f64;
+            assert!(
+                (dropped - prob).abs() < 0.2,
+                "case {i}: dropped {dropped} at {prob}"
+            );
+        }
+    }
+
+    // Through autodiff, as `bench dense` checks it on a GPU: dx is dy under the same mask.
+    let c = compare_with_host_masks::<Gpu>(&device, [33, 70], 0.3, 0).unwrap();
+    assert_eq!(c.errors, [0.0, 0.0], "y and dx against the host's masks");
+}
+
 /// The model on a cubecl backend takes its GPU code path: rows placed in groups of 64, the
 /// gathers around attention, the MLM decoder over a vocabulary padded to a multiple of 64,
-/// and the fused LayerNorm and softmax ops. It computes what the CPU path computes.
+/// and the fused LayerNorm, softmax and dropout ops. It computes what the CPU path
+/// computes, dropout included: the kernel draws the CPU's masks.
 #[test]
 fn bert_on_a_cubecl_backend_matches_the_cpu() {
     fused_on();
-    // Without dropout: burn-wgpu draws its own masks.
-    let config = small_config(0.0);
+    let config = small_config(0.1);
     let cpu = init_bert::<Cpu>(&config, 3, &Default::default());
     let params = flatten_params(&cpu);
     let gpu = BertForPreTraining::<Gpu>::new(&config, &Default::default());
     let layout = ParamLayout::of(&gpu);
     let gpu = load_flat_params(gpu, &params, &layout);
 
+    seed_dropout(17, 0);
     let (cpu_loss, cpu_logits, cpu_grads) = step(&cpu);
+    seed_dropout(17, 0);
     let (gpu_loss, gpu_logits, gpu_grads) = step(&gpu);
     assert!(cpu_grads.iter().any(|g| g.abs() > 1e-3), "gradients flow");
     assert!(

@@ -7,7 +7,8 @@
 //! burn's) and how long each path takes. Fails when any difference exceeds the float
 //! type's tolerance: `scripts/gpu-smoke.sh` runs it before its training jobs. Attention's
 //! strided-batched products, and the fused residual + LayerNorm and attention softmax
-//! ops, get the same comparison.
+//! ops, get the same comparison; the keyed dropout kernel is compared with the masks the
+//! host draws.
 
 use anyhow::{Result, bail};
 use bertrain_coordinator::job::Precision;
@@ -223,6 +224,35 @@ fn run<D: 'static>(bench: &DenseBench, device: &D) -> Result<()> {
     if worst > tolerance {
         bail!(
             "bench dense: the fused softmax differs from burn's by {worst:.1e}, above the {tolerance} tolerance"
+        );
+    }
+
+    // Keyed dropout (bertrain_model::dropout) against the masks the host draws for the same
+    // rows: equal but for the rounding of 1 / (1 - p) (f32 in the kernel, bf16 in the
+    // reference's mask). Timed against burn's dropout, which draws other masks.
+    use bertrain_model::dropout::compare_with_host_masks;
+    println!();
+    println!("| keyed dropout, p = 0.1 | rows × width | error y | dx | burn ms | kernel ms |");
+    println!("|---|---|---|---|---|---|");
+    let mut worst = 0f32;
+    let probs_rows = (tokens / 128).max(1) * 12 * 128;
+    for (name, shape) in [
+        ("base hidden", [tokens, 768]),
+        ("base attention, seq 128", [probs_rows, 128]),
+    ] {
+        type Train = burn::backend::Autodiff<burn::backend::Cuda>;
+        let c = compare_with_host_masks::<Train>(device, shape, 0.1, bench.iters)
+            .map_err(|e| anyhow::anyhow!("bench dense, dropout of {name}: {e}"))?;
+        let [y, dx] = c.errors;
+        println!(
+            "| {name} | {} × {} | {y:.1e} | {dx:.1e} | {:.2} | {:.2} |",
+            shape[0], shape[1], c.burn_ms, c.fused_ms
+        );
+        worst = c.errors.into_iter().fold(worst, f32::max);
+    }
+    if worst > tolerance {
+        bail!(
+            "bench dense: the dropout kernel's masks differ from the host's by {worst:.1e}, above the {tolerance} tolerance"
         );
     }
     Ok(())

@@ -315,11 +315,7 @@ fn attention_layers<'a, B: TrainingBackend>(
     let (query, key, value) = (random(), random(), random());
     let score_bias = Tensor::<B, 4>::zeros([rows, 1, 1, seq], device);
     let dropout = DropoutConfig::new(config.attention_probs_dropout_prob).init();
-    let keys: Vec<u64> = if bertrain_model::dropout::uses_keys::<B>(device) {
-        (0..(rows * heads * seq) as u64).collect()
-    } else {
-        Vec::new()
-    };
+    let keys = bertrain_model::dropout::RowKeys::grid(0, seq);
     move || {
         for _ in 0..config.num_hidden_layers {
             let context = attention(

@@ -24,6 +24,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
+use crate::dropout::DropoutOps;
 use crate::fused::adamw::AdamwOps;
 use crate::fused::layer_norm::LayerNormOps;
 use crate::fused::softmax::SoftmaxOps;
@@ -33,7 +34,7 @@ pub use lt::Activation;
 /// A backend with the dense layer as one op. CPU backends take the provided methods,
 /// which are burn's own ops; autodiff wraps any of them with the written-out backward.
 /// The other fused ops ([`crate::fused`]) come with it.
-pub trait DenseOps: LayerNormOps + SoftmaxOps + AdamwOps {
+pub trait DenseOps: LayerNormOps + SoftmaxOps + AdamwOps + DropoutOps {
     /// `(act(x · w + b), x · w + b)` for `x` `[rows, in]`, `w` `[in, out]`, `b` `[out]`.
     /// The pre-activation is returned only when `act` is not the identity (the backward
     /// needs it; cuBLASLt writes it as the epilogue's aux output).

@@ -13,6 +13,10 @@
 //! Attention's softmax: one cube per row of the scores, each way, in f32.
 //!
 //! AdamW: one unit per element of the flat buffers.
+//!
+//! Keyed dropout: one unit per four elements of a row, which share one 64-bit draw of the
+//! row's stream (see [`crate::dropout`]). The GPU has no 64-bit integers everywhere (WebGPU
+//! has none), so the draws are computed on pairs of 32-bit words.
 
 use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
@@ -26,6 +30,7 @@ use super::adamw::{AdamwOps, AdamwStep, adamw_with_burn_ops};
 use super::float;
 use super::layer_norm::LayerNormOps;
 use super::softmax::SoftmaxOps;
+use crate::dropout::{self, DropoutOps, GAMMA, KEY_MULTIPLIER, RowKeys};
 
 /// Rows of one backward cube: enough that γ's and β's partial sums are few, few enough
 /// that the cubes fill the GPU (16k rows make 512 cubes).
@@ -577,5 +582,177 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SoftmaxOps
             dtype.into(),
         );
         dscores
+    }
+}
+
+/// A 64-bit integer as two 32-bit words.
+#[derive(CubeType, Clone, Copy)]
+struct Word {
+    hi: u32,
+    lo: u32,
+}
+
+#[cube]
+fn word(#[comptime] value: u64) -> Word {
+    Word {
+        hi: comptime!((value >> 32) as u32),
+        lo: comptime!(value as u32),
+    }
+}
+
+#[cube]
+fn word_add(a: Word, b: Word) -> Word {
+    let lo = a.lo + b.lo;
+    let carry = select(lo < a.lo, 1u32, 0u32);
+    Word {
+        hi: a.hi + b.hi + carry,
+        lo,
+    }
+}
+
+/// The low 64 bits of the product.
+#[cube]
+fn word_mul(a: Word, b: Word) -> Word {
+    Word {
+        hi: u32::mul_hi(a.lo, b.lo) + a.lo * b.hi + a.hi * b.lo,
+        lo: a.lo * b.lo,
+    }
+}
+
+#[cube]
+fn word_xor(a: Word, b: Word) -> Word {
+    Word {
+        hi: a.hi ^ b.hi,
+        lo: a.lo ^ b.lo,
+    }
+}
+
+/// `a ^ (a >> shift)` for `0 < shift < 32`.
+#[cube]
+fn word_xor_shift(a: Word, #[comptime] shift: u32) -> Word {
+    Word {
+        hi: a.hi ^ (a.hi >> shift),
+        lo: a.lo ^ ((a.lo >> shift) | (a.hi << comptime!(32 - shift))),
+    }
+}
+
+/// SplitMix64's output function.
+#[cube]
+fn mix(z: Word) -> Word {
+    let z = word_mul(word_xor_shift(z, 30u32), word(0xBF58_476D_1CE4_E5B9u64));
+    let z = word_mul(word_xor_shift(z, 27u32), word(0x94D0_49BB_1331_11EBu64));
+    word_xor_shift(z, 31u32)
+}
+
+/// `x ⊙ mask` (see [`crate::dropout`]): one unit per four elements of a row. Row `r` is
+/// grid position `f = r` (or `positions[r]` when `listed`), keyed
+/// `(first + f / seq) << 32 | (f % seq + offset)`; only `first`'s low word matters.
+#[cube(launch)]
+fn keyed_dropout_kernel<F: Float, I: Int>(
+    x: &Tensor<F>,
+    positions: &Tensor<I>,
+    output: &mut Tensor<F>,
+    row_len: usize,
+    first: u32,
+    seq: u32,
+    offset: u32,
+    call_hi: u32,
+    call_lo: u32,
+    drop_below: u32,
+    keep_scale: f32,
+    #[comptime] listed: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let groups = row_len.div_ceil(4);
+    let unit = ABSOLUTE_POS;
+    if unit >= (x.len() / row_len) * groups {
+        terminate!();
+    }
+    let row = unit / groups;
+    let group = unit % groups;
+    let mut f = row as u32;
+    if listed {
+        f = u32::cast_from(positions[row]);
+    }
+    let key = Word {
+        hi: first + f / seq,
+        lo: f % seq + offset,
+    };
+    let call = Word {
+        hi: call_hi,
+        lo: call_lo,
+    };
+    let start = word_xor(call, word_mul(key, word(KEY_MULTIPLIER)));
+    let state = mix(word_add(start, word(GAMMA)));
+    let counter = Word {
+        hi: 0u32,
+        lo: group as u32 + 1,
+    };
+    let bits = mix(word_add(state, word_mul(counter, word(GAMMA))));
+    let base = row * row_len;
+    let mut lane = 0usize;
+    while lane < 4 {
+        let column = group * 4 + lane;
+        if column < row_len {
+            let half = select(lane < 2, bits.lo, bits.hi);
+            let draw = (half >> (16 * (lane as u32 % 2))) & 0xFFFF;
+            let scale = select(draw < drop_below, f32::new(0.0), keep_scale);
+            output[base + column] = F::cast_from(f32::cast_from(x[base + column]) * scale);
+        }
+        lane += 1;
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DropoutOps
+    for CubeBackend<R, F, I, BT>
+{
+    fn keyed_dropout_kernel() -> bool {
+        super::enabled()
+    }
+
+    fn keyed_dropout(
+        x: CubeTensor<R>,
+        keys: &RowKeys<Self>,
+        call: u64,
+        prob: f64,
+    ) -> CubeTensor<R> {
+        let x = into_contiguous(x);
+        let dtype = x.dtype;
+        let shape = x.meta.shape().clone();
+        let row_len = shape.as_slice().last().copied().unwrap_or(1).max(1);
+        let rows = shape.num_elements() / row_len;
+        let (first, seq, offset, positions) = keys.parts();
+        let (client, device) = (x.client.clone(), x.device.clone());
+        let (positions, listed) = match positions {
+            Some(p) => (into_contiguous(p.clone()), true),
+            // Not read: any int tensor will do.
+            None => (
+                empty_device_dtype(client.clone(), device.clone(), Shape::new([1]), I::dtype()),
+                false,
+            ),
+        };
+        let int_dtype = positions.dtype;
+        let output = empty_device_dtype(client.clone(), device, shape, dtype);
+        let units = rows * row_len.div_ceil(4);
+        let cube_dim = CubeDim::new_1d(256);
+        keyed_dropout_kernel::launch::<R>(
+            &client,
+            calculate_cube_count_elemwise(&client, units, cube_dim),
+            cube_dim,
+            x.into_tensor_arg(),
+            positions.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            row_len,
+            first as u32,
+            seq,
+            offset,
+            (call >> 32) as u32,
+            call as u32,
+            dropout::drop_below(prob),
+            dropout::keep_scale(prob),
+            listed,
+            [dtype.into(), int_dtype.into()],
+        );
+        output
     }
 }
