@@ -828,12 +828,17 @@ pub fn attention<B: DenseOps>(
 ) -> Tensor<B, 4> {
     let divisor = (query.dims()[3] as f32).sqrt();
     let scores = per_head_product(query, key, true);
-    let probs = if B::fused_softmax() {
-        crate::fused::softmax::attention_softmax(scores, score_bias, divisor)
+    let dropped = if !B::fused_softmax() {
+        let probs = softmax(scores.div_scalar(divisor) + score_bias, 3);
+        dropout::apply(dropout, probs, keys)
+    } else if let Some(call) = dropout::kernel_call::<B>(dropout, &scores.device()) {
+        use crate::fused::softmax::attention_softmax_dropout;
+        attention_softmax_dropout(scores, score_bias, divisor, keys, call, dropout.prob)
     } else {
-        softmax(scores.div_scalar(divisor) + score_bias, 3)
+        let probs = crate::fused::softmax::attention_softmax(scores, score_bias, divisor);
+        dropout::apply(dropout, probs, keys)
     };
-    per_head_product(dropout::apply(dropout, probs, keys), value, false)
+    per_head_product(dropped, value, false)
 }
 
 /// `a · op(b)` for each (sequence, head) of `[batch, heads, rows, cols]` tensors: the

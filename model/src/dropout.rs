@@ -256,16 +256,7 @@ impl<B: DropoutOps, C: CheckpointStrategy> DropoutOps for Autodiff<B, C> {
         call: u64,
         prob: f64,
     ) -> FloatTensor<Self> {
-        // Autodiff's int tensors are its inner backend's.
-        let keys = RowKeys::<B> {
-            first: keys.first,
-            seq: keys.seq,
-            offset: keys.offset,
-            positions: keys.positions.as_ref().map(|p| Positions {
-                host: p.host.clone(),
-                device: p.device.clone(),
-            }),
-        };
+        let keys = inner_keys(keys);
         let y = B::keyed_dropout(x.primitive, &keys, call, prob);
         KeyedDropoutBackward { keys, call, prob }
             .prepare::<C>([x.node.clone()])
@@ -342,6 +333,29 @@ where
         burn_ms,
         fused_ms,
     })
+}
+
+/// The same keys for autodiff's inner backend (whose int tensors autodiff's are).
+pub(crate) fn inner_keys<B: Backend, C: CheckpointStrategy>(
+    keys: &RowKeys<Autodiff<B, C>>,
+) -> RowKeys<B> {
+    RowKeys {
+        first: keys.first,
+        seq: keys.seq,
+        offset: keys.offset,
+        positions: keys.positions.as_ref().map(|p| Positions {
+            host: p.host.clone(),
+            device: p.device.clone(),
+        }),
+    }
+}
+
+/// The stream value of this dropout call when it is to run inside one of the backend's
+/// fused kernels ([`DropoutOps::keyed_dropout_kernel`], in training, `prob` above 0);
+/// None when [`apply`] is to run it. Takes the value [`apply`] would have taken.
+pub(crate) fn kernel_call<B: DropoutOps>(dropout: &Dropout, device: &B::Device) -> Option<u64> {
+    let fused = B::ad_enabled(device) && dropout.prob != 0.0 && B::keyed_dropout_kernel();
+    (fused && !computes_on_host::<B>(device)).then(next_call)
 }
 
 /// Whether `B` keeps tensors in host memory (burn's CPU backends).

@@ -165,6 +165,85 @@ fn fused_softmax_matches_burns_softmax_and_its_gradient() {
     }
 }
 
+/// Attention's softmax with its dropout in the same kernels, and Flex's version of the op
+/// (softmax, then the host's masks), against burn's softmax times the host's mask and
+/// burn's autodiff of that (Flex): the probabilities under the mask and the scores'
+/// gradient, at row lengths below and above a cube's units.
+#[test]
+fn softmax_with_dropout_matches_burns_softmax_under_the_host_mask() {
+    use bertrain_model::fused::softmax::attention_softmax_dropout;
+    fused_on();
+    let (call, prob) = (0xFEED_F00D_1234_5678_u64, 0.1);
+    for [batch, heads, seq] in [[2, 3, 37], [2, 2, 300]] {
+        let n = batch * heads * seq * seq;
+        let scores = values(n, 31, 8.0);
+        let upstream = values(n, 32, 1.0);
+        let bias: Vec<f32> = (0..batch * seq)
+            .map(|i| if i % seq >= seq * 3 / 4 { -1e9 } else { 0.0 })
+            .collect();
+        let shape = [batch, heads, seq, seq];
+        let first = 7 * heads as u64;
+        fn fused<B: bertrain_model::TrainingBackend>(
+            scores: &[f32],
+            bias: &[f32],
+            upstream: &[f32],
+            shape: [usize; 4],
+            first: u64,
+            (call, prob): (u64, f64),
+        ) -> (Vec<f32>, Vec<f32>) {
+            let [batch, _, seq, _] = shape;
+            let s = tensor::<B, 4>(scores, shape).require_grad();
+            let keys = RowKeys::<B>::grid(first, seq);
+            let bias = tensor(bias, [batch, 1, 1, seq]);
+            let p = attention_softmax_dropout(s.clone(), bias, 8.0, &keys, call, prob);
+            let grads = (p.clone() * tensor::<B, 4>(upstream, shape))
+                .sum()
+                .backward();
+            (flat(p), flat(s.grad(&grads).unwrap()))
+        }
+        let (want, want_grad) = {
+            let s = tensor::<Cpu, 4>(&scores, shape).require_grad();
+            let biased = s.clone().div_scalar(8.0) + tensor(&bias, [batch, 1, 1, seq]);
+            let keys = RowKeys::<Flex>::grid(first, seq);
+            let ones = Tensor::<Flex, 4>::ones(shape, &Default::default());
+            let mask =
+                dropout_with_host_mask::<Flex>(ones.into_primitive().tensor(), &keys, call, prob);
+            let mask =
+                Tensor::<Cpu, 4>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(mask)));
+            let p = burn::tensor::activation::softmax(biased, 3) * mask;
+            let grads = (p.clone() * tensor::<Cpu, 4>(&upstream, shape))
+                .sum()
+                .backward();
+            (flat(p), flat(s.grad(&grads).unwrap()))
+        };
+        let dropped = (0..n)
+            .filter(|&i| i % seq < seq * 3 / 4 && want[i] == 0.0)
+            .count();
+        assert!(
+            dropped > n / 20,
+            "some attended probabilities are dropped: {dropped}"
+        );
+        for (name, (got, got_grad)) in [
+            (
+                "kernels",
+                fused::<Gpu>(&scores, &bias, &upstream, shape, first, (call, prob)),
+            ),
+            (
+                "Flex",
+                fused::<Cpu>(&scores, &bias, &upstream, shape, first, (call, prob)),
+            ),
+        ] {
+            let probs = max_diff(&want, &got);
+            assert!(
+                probs < 1e-6,
+                "{name}, {shape:?}: dropped probabilities differ by {probs}"
+            );
+            let grad = max_diff(&want_grad, &got_grad);
+            assert!(grad < 1e-6, "{name}, {shape:?}: gradients differ by {grad}");
+        }
+    }
+}
+
 /// The AdamW kernel gives burn's ops' step (Flex), over more elements than one row of
 /// cubes holds and not a multiple of a cube.
 #[test]

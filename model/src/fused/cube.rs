@@ -441,14 +441,18 @@ fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
 /// One cube per row of the scores: its maximum, then its sum of exponentials, then the
 /// probabilities (see [`super::softmax`]). `per_batch` is heads × seq, the rows that share
 /// one row of the bias.
+/// With `dropout`, also writes `dropped = P ⊙ M` (see [`super::softmax`]).
 #[cube(launch)]
 fn softmax_kernel<F: Float>(
     scores: &Tensor<F>,
     bias: &Tensor<F>,
     probs: &mut Tensor<F>,
+    dropped: &mut Tensor<F>,
     divisor: f32,
     per_batch: usize,
+    mask: DropoutArgs,
     #[comptime] units: u32,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let n = scores.shape(3);
@@ -482,22 +486,38 @@ fn softmax_kernel<F: Float>(
     }
     let sum = cube_sum(&mut shared, sum);
 
+    let stream = row_stream(
+        row as u32,
+        mask.first,
+        mask.seq,
+        mask.offset,
+        mask.call_hi,
+        mask.call_lo,
+    );
     let mut i = first;
     while i < n {
         let v = f32::cast_from(scores[base + i]) / divisor + f32::cast_from(bias[bias_base + i]);
-        probs[base + i] = F::cast_from(f32::exp(v - largest) / sum);
+        let p = f32::exp(v - largest) / sum;
+        probs[base + i] = F::cast_from(p);
+        if dropout {
+            let factor = column_factor(stream, i, mask.drop_below, mask.keep_scale);
+            dropped[base + i] = F::cast_from(p * factor);
+        }
         i += step;
     }
 }
 
-/// One cube per row: `d(scores) = P ⊙ (dP − Σ dP ⊙ P) / divisor`.
+/// One cube per row: `d(scores) = P ⊙ (dP − Σ dP ⊙ P) / divisor`; with `dropout`,
+/// `dprobs` is the gradient of `P ⊙ M`, and `dP` is it times the mask, drawn again.
 #[cube(launch)]
 fn softmax_backward_kernel<F: Float>(
     probs: &Tensor<F>,
     dprobs: &Tensor<F>,
     dscores: &mut Tensor<F>,
     divisor: f32,
+    mask: DropoutArgs,
     #[comptime] units: u32,
+    #[comptime] dropout: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let n = probs.shape(3);
@@ -510,10 +530,22 @@ fn softmax_backward_kernel<F: Float>(
     let first = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(units as usize);
 
+    let stream = row_stream(
+        row as u32,
+        mask.first,
+        mask.seq,
+        mask.offset,
+        mask.call_hi,
+        mask.call_lo,
+    );
     let mut dot = f32::new(0.0);
     let mut i = first;
     while i < n {
-        dot += f32::cast_from(dprobs[base + i]) * f32::cast_from(probs[base + i]);
+        let mut g = f32::cast_from(dprobs[base + i]);
+        if dropout {
+            g *= column_factor(stream, i, mask.drop_below, mask.keep_scale);
+        }
+        dot += g * f32::cast_from(probs[base + i]);
         i += step;
     }
     let dot = cube_sum(&mut shared, dot);
@@ -521,9 +553,106 @@ fn softmax_backward_kernel<F: Float>(
     let mut i = first;
     while i < n {
         let p = f32::cast_from(probs[base + i]);
-        dscores[base + i] = F::cast_from(p * (f32::cast_from(dprobs[base + i]) - dot) / divisor);
+        let mut g = f32::cast_from(dprobs[base + i]);
+        if dropout {
+            g *= column_factor(stream, i, mask.drop_below, mask.keep_scale);
+        }
+        dscores[base + i] = F::cast_from(p * (g - dot) / divisor);
         i += step;
     }
+}
+
+/// Attention's dropout inside the softmax kernels, if any: `(keys, call, prob)`.
+type AttentionDropout<'a, R, F, I, BT> = Option<(&'a RowKeys<CubeBackend<R, F, I, BT>>, u64, f64)>;
+
+/// Launches the softmax kernel; with dropout, also writes `P ⊙ M`.
+/// Returns `(P, P ⊙ M)`.
+fn softmax_forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    scores: CubeTensor<R>,
+    bias: CubeTensor<R>,
+    divisor: f32,
+    dropout: AttentionDropout<R, F, I, BT>,
+) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
+    let dtype = scores.dtype;
+    let [scores, bias] = [scores, bias].map(|t| same_type(t, dtype));
+    let shape = scores.meta.shape().clone();
+    let [batch, heads, seq, n] = shape.dims::<4>();
+    let (client, device) = (scores.client.clone(), scores.device.clone());
+    let empty = |shape| empty_device_dtype(client.clone(), device.clone(), shape, dtype);
+    let probs = empty(shape.clone());
+    // Not written without dropout: one element will do.
+    let dropped = empty(if dropout.is_some() {
+        shape
+    } else {
+        Shape::new([1])
+    });
+    let units = units(n);
+    softmax_kernel::launch::<R>(
+        &client,
+        cube_count(batch * heads * seq),
+        CubeDim::new_1d(units),
+        scores.into_tensor_arg(),
+        bias.into_tensor_arg(),
+        probs.clone().into_tensor_arg(),
+        dropped.clone().into_tensor_arg(),
+        divisor,
+        heads * seq,
+        dropout_args(dropout),
+        units,
+        dropout.is_some(),
+        dtype.into(),
+    );
+    (probs, dropout.map(|_| dropped))
+}
+
+/// Launches the softmax backward kernel; with dropout, `dprobs` is the gradient of `P ⊙ M`.
+fn softmax_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    probs: CubeTensor<R>,
+    dprobs: CubeTensor<R>,
+    divisor: f32,
+    dropout: AttentionDropout<R, F, I, BT>,
+) -> CubeTensor<R> {
+    let dtype = probs.dtype;
+    let [probs, dprobs] = [probs, dprobs].map(|t| same_type(t, dtype));
+    let [batch, heads, seq, n] = probs.meta.shape().dims::<4>();
+    let (client, device) = (probs.client.clone(), probs.device.clone());
+    let dscores = empty_device_dtype(client.clone(), device, probs.meta.shape().clone(), dtype);
+    let units = units(n);
+    softmax_backward_kernel::launch::<R>(
+        &client,
+        cube_count(batch * heads * seq),
+        CubeDim::new_1d(units),
+        probs.into_tensor_arg(),
+        dprobs.into_tensor_arg(),
+        dscores.clone().into_tensor_arg(),
+        divisor,
+        dropout_args(dropout),
+        units,
+        dropout.is_some(),
+        dtype.into(),
+    );
+    dscores
+}
+
+/// The kernels' dropout scalars (zeros, unread, without dropout). The rows of attention's
+/// probabilities are always in grid order.
+fn dropout_args<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    dropout: AttentionDropout<R, F, I, BT>,
+) -> DropoutArgsLaunch<R> {
+    let Some((keys, call, prob)) = dropout else {
+        return DropoutArgsLaunch::new(0, 1, 0, 0, 0, 0, 0.0);
+    };
+    let (first, seq, offset, positions) = keys.parts();
+    assert!(positions.is_none(), "attention's rows are in grid order");
+    DropoutArgsLaunch::new(
+        first as u32,
+        seq,
+        offset,
+        (call >> 32) as u32,
+        call as u32,
+        dropout::drop_below(prob),
+        dropout::keep_scale(prob),
+    )
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SoftmaxOps
@@ -538,25 +667,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SoftmaxOps
         bias: CubeTensor<R>,
         divisor: f32,
     ) -> CubeTensor<R> {
-        let dtype = scores.dtype;
-        let [scores, bias] = [scores, bias].map(|t| same_type(t, dtype));
-        let [batch, heads, seq, n] = scores.meta.shape().dims::<4>();
-        let (client, device) = (scores.client.clone(), scores.device.clone());
-        let probs = empty_device_dtype(client.clone(), device, scores.meta.shape().clone(), dtype);
-        let units = units(n);
-        softmax_kernel::launch::<R>(
-            &client,
-            cube_count(batch * heads * seq),
-            CubeDim::new_1d(units),
-            scores.into_tensor_arg(),
-            bias.into_tensor_arg(),
-            probs.clone().into_tensor_arg(),
-            divisor,
-            heads * seq,
-            units,
-            dtype.into(),
-        );
-        probs
+        softmax_forward::<R, F, I, BT>(scores, bias, divisor, None).0
     }
 
     fn attention_softmax_backward(
@@ -564,24 +675,30 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SoftmaxOps
         dprobs: CubeTensor<R>,
         divisor: f32,
     ) -> CubeTensor<R> {
-        let dtype = probs.dtype;
-        let [probs, dprobs] = [probs, dprobs].map(|t| same_type(t, dtype));
-        let [batch, heads, seq, n] = probs.meta.shape().dims::<4>();
-        let (client, device) = (probs.client.clone(), probs.device.clone());
-        let dscores = empty_device_dtype(client.clone(), device, probs.meta.shape().clone(), dtype);
-        let units = units(n);
-        softmax_backward_kernel::launch::<R>(
-            &client,
-            cube_count(batch * heads * seq),
-            CubeDim::new_1d(units),
-            probs.into_tensor_arg(),
-            dprobs.into_tensor_arg(),
-            dscores.clone().into_tensor_arg(),
-            divisor,
-            units,
-            dtype.into(),
-        );
-        dscores
+        softmax_backward::<R, F, I, BT>(probs, dprobs, divisor, None)
+    }
+
+    fn attention_softmax_dropout(
+        scores: CubeTensor<R>,
+        bias: CubeTensor<R>,
+        divisor: f32,
+        keys: &RowKeys<Self>,
+        call: u64,
+        prob: f64,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (probs, dropped) = softmax_forward(scores, bias, divisor, Some((keys, call, prob)));
+        (dropped.expect("written with dropout"), probs)
+    }
+
+    fn attention_softmax_dropout_backward(
+        probs: CubeTensor<R>,
+        ddropped: CubeTensor<R>,
+        divisor: f32,
+        keys: &RowKeys<Self>,
+        call: u64,
+        prob: f64,
+    ) -> CubeTensor<R> {
+        softmax_backward(probs, ddropped, divisor, Some((keys, call, prob)))
     }
 }
 
@@ -674,6 +791,24 @@ fn keyed_dropout_kernel<F: Float, I: Int>(
     if listed {
         f = u32::cast_from(positions[row]);
     }
+    let stream = row_stream(f, first, seq, offset, call_hi, call_lo);
+    let bits = stream_draw(stream, group);
+    let base = row * row_len;
+    let mut lane = 0usize;
+    while lane < 4 {
+        let column = group * 4 + lane;
+        if column < row_len {
+            let scale = lane_factor(bits, lane, drop_below, keep_scale);
+            output[base + column] = F::cast_from(f32::cast_from(x[base + column]) * scale);
+        }
+        lane += 1;
+    }
+}
+
+/// The state of the stream of the row at grid position `f`: one SplitMix64 step from
+/// `call ^ key · KEY_MULTIPLIER`.
+#[cube]
+fn row_stream(f: u32, first: u32, seq: u32, offset: u32, call_hi: u32, call_lo: u32) -> Word {
     let key = Word {
         hi: first + f / seq,
         lo: f % seq + offset,
@@ -683,24 +818,49 @@ fn keyed_dropout_kernel<F: Float, I: Int>(
         lo: call_lo,
     };
     let start = word_xor(call, word_mul(key, word(KEY_MULTIPLIER)));
-    let state = mix(word_add(start, word(GAMMA)));
+    mix(word_add(start, word(GAMMA)))
+}
+
+/// The stream's 64-bit draw `group` (elements `4 · group` to `4 · group + 3`).
+#[cube]
+fn stream_draw(stream: Word, group: usize) -> Word {
     let counter = Word {
         hi: 0u32,
         lo: group as u32 + 1,
     };
-    let bits = mix(word_add(state, word_mul(counter, word(GAMMA))));
-    let base = row * row_len;
-    let mut lane = 0usize;
-    while lane < 4 {
-        let column = group * 4 + lane;
-        if column < row_len {
-            let half = select(lane < 2, bits.lo, bits.hi);
-            let draw = (half >> (16 * (lane as u32 % 2))) & 0xFFFF;
-            let scale = select(draw < drop_below, f32::new(0.0), keep_scale);
-            output[base + column] = F::cast_from(f32::cast_from(x[base + column]) * scale);
-        }
-        lane += 1;
-    }
+    mix(word_add(stream, word_mul(counter, word(GAMMA))))
+}
+
+/// What the element in `lane` (0 to 3) of a draw is multiplied by: 0 or `keep_scale`.
+#[cube]
+fn lane_factor(bits: Word, lane: usize, drop_below: u32, keep_scale: f32) -> f32 {
+    let half = select(lane < 2, bits.lo, bits.hi);
+    let draw = (half >> (16 * (lane as u32 % 2))) & 0xFFFF;
+    select(draw < drop_below, f32::new(0.0), keep_scale)
+}
+
+/// The factor of element `column` of a row whose stream is `stream`.
+#[cube]
+fn column_factor(stream: Word, column: usize, drop_below: u32, keep_scale: f32) -> f32 {
+    lane_factor(
+        stream_draw(stream, column / 4),
+        column % 4,
+        drop_below,
+        keep_scale,
+    )
+}
+
+/// The scalars of attention's dropout inside the softmax kernels (see
+/// [`keyed_dropout_kernel`]; the rows are in grid order).
+#[derive(CubeType, CubeLaunch, Clone, Copy)]
+struct DropoutArgs {
+    first: u32,
+    seq: u32,
+    offset: u32,
+    call_hi: u32,
+    call_lo: u32,
+    drop_below: u32,
+    keep_scale: f32,
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DropoutOps

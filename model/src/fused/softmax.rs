@@ -7,6 +7,11 @@
 //! The bias (`[batch, 1, 1, seq]`, the padding mask) is a constant: no gradient flows to
 //! it. With `P` the probabilities and `dP` their gradient, per row:
 //! `d(scores) = P ⊙ (dP − Σ dP ⊙ P) / divisor`.
+//!
+//! With attention's dropout in the same op ([`SoftmaxOps::attention_softmax_dropout`]), the
+//! output is `P ⊙ M` for the keyed mask `M` of [`crate::dropout`], and the backward takes
+//! `dP = d(P ⊙ M) ⊙ M`, the mask drawn again: a GPU kernel then writes `P` and `P ⊙ M` in
+//! its one pass, and reads `P` and `d(P ⊙ M)` in the backward's.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -19,10 +24,11 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
 use super::{float, primitive};
+use crate::dropout::{DropoutOps, RowKeys, inner_keys};
 
 /// A backend with attention's softmax as one op. Tensors are `[batch, heads, seq, seq]`
 /// but the bias, `[batch, 1, 1, seq]`.
-pub trait SoftmaxOps: Backend {
+pub trait SoftmaxOps: DropoutOps {
     /// Whether the model should use the op (the backend's own kernels, switched on).
     fn fused_softmax() -> bool {
         false
@@ -51,6 +57,33 @@ pub trait SoftmaxOps: Backend {
         let dot = (dprobs.clone() * probs.clone()).sum_dim(3);
         primitive((probs * (dprobs - dot)).div_scalar(divisor).cast(dtype))
     }
+
+    /// `(P ⊙ M, P)`: the probabilities under attention's keyed dropout (rows `keys`, stream
+    /// value `call`, see [`crate::dropout`]), and without it (for the backward).
+    fn attention_softmax_dropout(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        divisor: f32,
+        keys: &RowKeys<Self>,
+        call: u64,
+        prob: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let probs = Self::attention_softmax(scores, bias, divisor);
+        (Self::keyed_dropout(probs.clone(), keys, call, prob), probs)
+    }
+
+    /// `d(scores)` from the probabilities and the gradient of `P ⊙ M`.
+    fn attention_softmax_dropout_backward(
+        probs: FloatTensor<Self>,
+        ddropped: FloatTensor<Self>,
+        divisor: f32,
+        keys: &RowKeys<Self>,
+        call: u64,
+        prob: f64,
+    ) -> FloatTensor<Self> {
+        let dprobs = Self::keyed_dropout(ddropped, keys, call, prob);
+        Self::attention_softmax_backward(probs, dprobs, divisor)
+    }
 }
 
 /// `softmax(scores / divisor + bias)` through the backend's op.
@@ -64,6 +97,27 @@ pub fn attention_softmax<B: SoftmaxOps>(
         primitive(bias),
         divisor,
     ))
+}
+
+/// `softmax(scores / divisor + bias)` under attention's keyed dropout, through the backend's
+/// op (see [`SoftmaxOps::attention_softmax_dropout`]).
+pub fn attention_softmax_dropout<B: SoftmaxOps>(
+    scores: Tensor<B, 4>,
+    bias: Tensor<B, 4>,
+    divisor: f32,
+    keys: &RowKeys<B>,
+    call: u64,
+    prob: f64,
+) -> Tensor<B, 4> {
+    let (dropped, _) = B::attention_softmax_dropout(
+        primitive(scores),
+        primitive(bias),
+        divisor,
+        keys,
+        call,
+        prob,
+    );
+    float(dropped)
 }
 
 impl SoftmaxOps for burn::backend::Flex {}
@@ -80,6 +134,34 @@ impl<B: SoftmaxOps> Backward<B, 1> for SoftmaxBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dprobs = grads.consume::<B>(&ops.node);
         let dscores = B::attention_softmax_backward(ops.state, dprobs, self.divisor);
+        if let [Some(parent)] = ops.parents {
+            grads.register::<B>(parent.id, dscores);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SoftmaxDropoutBackward<B: Backend> {
+    divisor: f32,
+    keys: RowKeys<B>,
+    call: u64,
+    prob: f64,
+}
+
+impl<B: SoftmaxOps> Backward<B, 1> for SoftmaxDropoutBackward<B> {
+    /// The probabilities before dropout.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ddropped = grads.consume::<B>(&ops.node);
+        let dscores = B::attention_softmax_dropout_backward(
+            ops.state,
+            ddropped,
+            self.divisor,
+            &self.keys,
+            self.call,
+            self.prob,
+        );
         if let [Some(parent)] = ops.parents {
             grads.register::<B>(parent.id, dscores);
         }
@@ -116,6 +198,46 @@ impl<B: SoftmaxOps, C: CheckpointStrategy> SoftmaxOps for Autodiff<B, C> {
         _: FloatTensor<Self>,
         _: FloatTensor<Self>,
         _: f32,
+    ) -> FloatTensor<Self> {
+        unreachable!("the autodiff softmax op's backward runs on its inner backend")
+    }
+
+    fn attention_softmax_dropout(
+        scores: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        divisor: f32,
+        keys: &RowKeys<Self>,
+        call: u64,
+        prob: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let bias = <Self as AutodiffBackend>::inner(bias);
+        let keys = inner_keys(keys);
+        let (dropped, probs) =
+            B::attention_softmax_dropout(scores.primitive, bias, divisor, &keys, call, prob);
+        let prep = SoftmaxDropoutBackward {
+            divisor,
+            keys,
+            call,
+            prob,
+        }
+        .prepare::<C>([scores.node.clone()])
+        .compute_bound()
+        .stateful();
+        let dropped = match prep {
+            OpsKind::Tracked(prep) => prep.finish(probs.clone(), dropped),
+            OpsKind::UnTracked(prep) => prep.finish(dropped),
+        };
+        // The undropped probabilities stay inside the op: nothing downstream differentiates them.
+        (dropped, <Self as AutodiffBackend>::from_inner(probs))
+    }
+
+    fn attention_softmax_dropout_backward(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: f32,
+        _: &RowKeys<Self>,
+        _: u64,
+        _: f64,
     ) -> FloatTensor<Self> {
         unreachable!("the autodiff softmax op's backward runs on its inner backend")
     }
