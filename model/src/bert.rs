@@ -726,6 +726,7 @@ impl<B: DenseOps> Embeddings<B> {
                 self.layer_norm_eps,
                 flat(words + types),
                 flat(positions),
+                None,
             )
         } else {
             flat(self.layer_norm.forward(words + types + positions))
@@ -831,9 +832,8 @@ pub fn attention<B: DenseOps>(
     let dropped = if !B::fused_softmax() {
         let probs = softmax(scores.div_scalar(divisor) + score_bias, 3);
         dropout::apply(dropout, probs, keys)
-    } else if let Some(call) = dropout::kernel_call::<B>(dropout, &scores.device()) {
-        use crate::fused::softmax::attention_softmax_dropout;
-        attention_softmax_dropout(scores, score_bias, divisor, keys, call, dropout.prob)
+    } else if let Some(mask) = dropout::kernel_mask(dropout, keys, &scores.device()) {
+        crate::fused::softmax::attention_softmax_dropout(scores, score_bias, divisor, &mask)
     } else {
         let probs = crate::fused::softmax::attention_softmax(scores, score_bias, divisor);
         dropout::apply(dropout, probs, keys)
@@ -865,26 +865,36 @@ fn per_head_product<B: DenseOps>(
 impl<B: DenseOps> Output<B> {
     fn forward(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>, rows: &Rows<B>) -> Tensor<B, 2> {
         let projected = dense(&self.dense, x, Activation::Identity);
-        let projected = dropout::apply(&self.dropout, projected, &rows.keys);
         if B::fused_layer_norm() {
-            return add_layer_norm(&self.layer_norm, self.layer_norm_eps, projected, residual);
+            // The dropout inside the op's kernels where the backend has them, else before it.
+            let mask = dropout::kernel_mask(&self.dropout, &rows.keys, &projected.device());
+            let projected = match mask {
+                Some(_) => projected,
+                None => dropout::apply(&self.dropout, projected, &rows.keys),
+            };
+            let (layer_norm, eps) = (&self.layer_norm, self.layer_norm_eps);
+            return add_layer_norm(layer_norm, eps, projected, residual, mask.as_ref());
         }
+        let projected = dropout::apply(&self.dropout, projected, &rows.keys);
         per_sequence(projected + residual, rows.view, |x| {
             self.layer_norm.forward(x)
         })
     }
 }
 
-/// `layer_norm(x + residual)` as the backend's fused op (see [`crate::fused::layer_norm`]).
+/// `layer_norm(x ⊙ M + residual)` as the backend's fused op (`x + residual` without a
+/// `mask`; see [`crate::fused::layer_norm`]).
 fn add_layer_norm<B: DenseOps>(
     layer_norm: &LayerNorm<B>,
     epsilon: f64,
     x: Tensor<B, 2>,
     residual: Tensor<B, 2>,
+    mask: Option<&dropout::KeyedMask<B>>,
 ) -> Tensor<B, 2> {
     let beta = layer_norm.beta.as_ref();
     let beta = beta.expect("every LayerNorm of BERT has a bias").val();
-    crate::fused::layer_norm::add_layer_norm(x, residual, layer_norm.gamma.val(), beta, epsilon)
+    let gamma = layer_norm.gamma.val();
+    crate::fused::layer_norm::add_layer_norm(x, residual, gamma, beta, epsilon, mask)
 }
 
 /// `f` applied to `x`, `[rows, n]`, viewed as `view` = `[groups, per group]` by `n`.

@@ -350,12 +350,65 @@ pub(crate) fn inner_keys<B: Backend, C: CheckpointStrategy>(
     }
 }
 
-/// The stream value of this dropout call when it is to run inside one of the backend's
-/// fused kernels ([`DropoutOps::keyed_dropout_kernel`], in training, `prob` above 0);
-/// None when [`apply`] is to run it. Takes the value [`apply`] would have taken.
-pub(crate) fn kernel_call<B: DropoutOps>(dropout: &Dropout, device: &B::Device) -> Option<u64> {
+/// One dropout call that runs inside another op's kernel: the rows, this call's stream
+/// value and the drop probability.
+pub struct KeyedMask<B: Backend> {
+    pub keys: RowKeys<B>,
+    pub call: u64,
+    pub prob: f64,
+}
+
+impl<B: Backend> Clone for KeyedMask<B> {
+    fn clone(&self) -> Self {
+        Self {
+            keys: self.keys.clone(),
+            ..*self
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for KeyedMask<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedMask")
+            .field("keys", &self.keys)
+            .field("call", &self.call)
+            .field("prob", &self.prob)
+            .finish()
+    }
+}
+
+impl<B: DropoutOps> KeyedMask<B> {
+    /// `x ⊙ mask` (see [`DropoutOps::keyed_dropout`]).
+    pub fn apply(&self, x: FloatTensor<B>) -> FloatTensor<B> {
+        B::keyed_dropout(x, &self.keys, self.call, self.prob)
+    }
+}
+
+/// The mask of this dropout call when it is to run inside one of the backend's fused
+/// kernels ([`DropoutOps::keyed_dropout_kernel`], in training, `prob` above 0); None when
+/// [`apply`] is to run it. Takes the stream value [`apply`] would have taken.
+pub(crate) fn kernel_mask<B: DropoutOps>(
+    dropout: &Dropout,
+    keys: &RowKeys<B>,
+    device: &B::Device,
+) -> Option<KeyedMask<B>> {
     let fused = B::ad_enabled(device) && dropout.prob != 0.0 && B::keyed_dropout_kernel();
-    (fused && !computes_on_host::<B>(device)).then(next_call)
+    (fused && !computes_on_host::<B>(device)).then(|| KeyedMask {
+        keys: keys.clone(),
+        call: next_call(),
+        prob: dropout.prob,
+    })
+}
+
+/// The same mask for autodiff's inner backend.
+pub(crate) fn inner_mask<B: Backend, C: CheckpointStrategy>(
+    mask: &KeyedMask<Autodiff<B, C>>,
+) -> KeyedMask<B> {
+    KeyedMask {
+        keys: inner_keys(&mask.keys),
+        call: mask.call,
+        prob: mask.prob,
+    }
 }
 
 /// Whether `B` keeps tensors in host memory (burn's CPU backends).

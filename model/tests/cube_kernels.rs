@@ -8,7 +8,7 @@
 #![cfg(feature = "wgpu")]
 
 use bertrain_model::dropout::{
-    DropoutOps, RowKeys, compare_with_host_masks, dropout_with_host_mask,
+    DropoutOps, KeyedMask, RowKeys, compare_with_host_masks, dropout_with_host_mask,
 };
 use bertrain_model::fixtures::{max_diff, padded_batch, small_config, values};
 use bertrain_model::fused::KERNELS_ENV;
@@ -48,13 +48,67 @@ fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
 }
 
+/// Dropout keys for `rows` hidden rows: in grid order, or listed at scattered positions.
+fn hidden_keys<B: Backend>(rows: usize, listed: bool) -> RowKeys<B> {
+    let seq = 16;
+    if !listed {
+        return RowKeys::grid(2, seq);
+    }
+    let positions: Vec<u32> = (0..rows as u32).map(|r| 3 * r + 1).collect();
+    let ints = positions.iter().map(|&p| i64::from(p)).collect();
+    let device = Tensor::from_data(TensorData::new(ints, [rows]), &Default::default());
+    RowKeys::listed(2, seq, &positions, device)
+}
+
+/// The op on `B`: its output and the gradients of x, the residual, γ and β.
+fn layer_norm_op<B: bertrain_model::TrainingBackend>(
+    [x, residual, gamma, beta, upstream]: [&[f32]; 5],
+    [rows, n]: [usize; 2],
+    mask: Option<(bool, u64, f64)>,
+) -> (Vec<f32>, [Vec<f32>; 4]) {
+    let x = tensor::<B, 2>(x, [rows, n]).require_grad();
+    let residual = tensor::<B, 2>(residual, [rows, n]).require_grad();
+    let gamma = tensor::<B, 1>(gamma, [n]).require_grad();
+    let beta = tensor::<B, 1>(beta, [n]).require_grad();
+    let mask = mask.map(|(listed, call, prob)| KeyedMask {
+        keys: hidden_keys(rows, listed),
+        call,
+        prob,
+    });
+    let y = add_layer_norm(
+        x.clone(),
+        residual.clone(),
+        gamma.clone(),
+        beta.clone(),
+        1e-12,
+        mask.as_ref(),
+    );
+    let grads = (y.clone() * tensor::<B, 2>(upstream, [rows, n]))
+        .sum()
+        .backward();
+    let grads = [
+        flat(x.grad(&grads).unwrap()),
+        flat(residual.grad(&grads).unwrap()),
+        flat(gamma.grad(&grads).unwrap()),
+        flat(beta.grad(&grads).unwrap()),
+    ];
+    (flat(y), grads)
+}
+
 /// The fused op's output and its gradients for x, the residual, γ and β, against burn's
 /// `LayerNorm` of `x + residual` and burn's autodiff of it on Flex, for row counts that do
 /// not fill the backward's last cube and widths below, at and above a cube's 256 units.
+/// Then with dropout on x inside the op (rows in grid order and listed), against burn's
+/// `LayerNorm` of `x ⊙ M + residual` with the host's mask `M`: the kernels, and Flex's
+/// version of the op.
 #[test]
 fn fused_layer_norm_matches_burns_layer_norm_and_its_gradients() {
     fused_on();
-    for (rows, n) in [(37, 128), (70, 768), (5, 100), (33, 1024)] {
+    let (call, prob) = (0xABCD_0123_4567_89EF_u64, 0.1);
+    for ((rows, n), dropout) in [(37, 128), (70, 768), (5, 100), (33, 1024)]
+        .into_iter()
+        .flat_map(|shape| [None, Some(shape.1 >= 768), Some(shape.1 < 768)].map(|d| (shape, d)))
+    {
         let x = values(rows * n, 1, 2.0);
         let residual = values(rows * n, 2, 1.0);
         let gamma: Vec<f32> = values(n, 3, 0.5).iter().map(|v| 1.0 + v).collect();
@@ -75,7 +129,18 @@ fn fused_layer_norm_matches_burns_layer_norm_and_its_gradients() {
         norm.beta = norm
             .beta
             .map(|b| b.map(|_| tensor::<Cpu, 1>(&beta, [n]).require_grad()));
-        let want = norm.forward(xs.clone() + rs.clone());
+        let dropped = match dropout {
+            None => xs.clone(),
+            Some(listed) => {
+                let keys = hidden_keys::<Flex>(rows, listed);
+                let ones = Tensor::<Flex, 2>::ones([rows, n], &Default::default());
+                let mask =
+                    dropout_with_host_mask(ones.into_primitive().tensor(), &keys, call, prob);
+                let mask = Tensor::from_primitive(TensorPrimitive::Float(mask));
+                xs.clone() * Tensor::<Cpu, 2>::from_inner(mask)
+            }
+        };
+        let want = norm.forward(dropped + rs.clone());
         let grads = (want.clone() * tensor::<Cpu, 2>(&upstream, [rows, n]))
             .sum()
             .backward();
@@ -85,38 +150,40 @@ fn fused_layer_norm_matches_burns_layer_norm_and_its_gradients() {
             flat(norm.gamma.val().grad(&grads).unwrap()),
             flat(norm.beta.as_ref().unwrap().val().grad(&grads).unwrap()),
         ];
+        let want = flat(want);
 
-        let xg = tensor::<Gpu, 2>(&x, [rows, n]).require_grad();
-        let rg = tensor::<Gpu, 2>(&residual, [rows, n]).require_grad();
-        let gg = tensor::<Gpu, 1>(&gamma, [n]).require_grad();
-        let bg = tensor::<Gpu, 1>(&beta, [n]).require_grad();
-        let got = add_layer_norm(xg.clone(), rg.clone(), gg.clone(), bg.clone(), 1e-12);
-        let grads = (got.clone() * tensor::<Gpu, 2>(&upstream, [rows, n]))
-            .sum()
-            .backward();
-        let got_grads = [
-            flat(xg.grad(&grads).unwrap()),
-            flat(rg.grad(&grads).unwrap()),
-            flat(gg.grad(&grads).unwrap()),
-            flat(bg.grad(&grads).unwrap()),
-        ];
-
-        let output = max_diff(&flat(want), &flat(got));
-        assert!(output < 1e-5, "{rows}x{n}: outputs differ by {output}");
-        for (name, (want, got)) in ["x", "residual", "gamma", "beta"]
-            .iter()
-            .zip(want_grads.iter().zip(&got_grads))
-        {
-            // γ's and β's gradients are sums over the rows: their error grows with them.
-            let limit = if name.starts_with('x') || *name == "residual" {
-                1e-5
-            } else {
-                1e-4
-            };
-            let diff = max_diff(want, got);
+        let inputs = [&x[..], &residual, &gamma, &beta, &upstream];
+        let mask = dropout.map(|listed| (listed, call, prob));
+        let mut ops = vec![("kernels", layer_norm_op::<Gpu>(inputs, [rows, n], mask))];
+        if dropout.is_some() {
+            ops.push(("Flex", layer_norm_op::<Cpu>(inputs, [rows, n], mask)));
+        }
+        for (op, (got, got_grads)) in ops {
+            let case = format!("{op}, {rows}x{n}, dropout {dropout:?}");
+            let output = max_diff(&want, &got);
+            assert!(output < 1e-5, "{case}: outputs differ by {output}");
+            for (name, (want, got)) in ["x", "residual", "gamma", "beta"]
+                .iter()
+                .zip(want_grads.iter().zip(&got_grads))
+            {
+                // γ's and β's gradients are sums over the rows: their error grows with them.
+                let limit = if name.starts_with('x') || *name == "residual" {
+                    1e-5
+                } else {
+                    1e-4
+                };
+                let diff = max_diff(want, got);
+                assert!(
+                    diff < limit,
+                    "{case}: the gradients of {name} differ by {diff}"
+                );
+            }
+        }
+        if dropout.is_some() {
+            let zeros = want_grads[0].iter().filter(|&&g| g == 0.0).count();
             assert!(
-                diff < limit,
-                "{rows}x{n}: the gradients of {name} differ by {diff}"
+                zeros > rows * n / 20,
+                "x's gradient is masked: {zeros} zeros"
             );
         }
     }
@@ -194,8 +261,9 @@ fn softmax_with_dropout_matches_burns_softmax_under_the_host_mask() {
             let [batch, _, seq, _] = shape;
             let s = tensor::<B, 4>(scores, shape).require_grad();
             let keys = RowKeys::<B>::grid(first, seq);
+            let mask = KeyedMask { keys, call, prob };
             let bias = tensor(bias, [batch, 1, 1, seq]);
-            let p = attention_softmax_dropout(s.clone(), bias, 8.0, &keys, call, prob);
+            let p = attention_softmax_dropout(s.clone(), bias, 8.0, &mask);
             let grads = (p.clone() * tensor::<B, 4>(upstream, shape))
                 .sum()
                 .backward();

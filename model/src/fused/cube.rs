@@ -30,7 +30,7 @@ use super::adamw::{AdamwOps, AdamwStep, adamw_with_burn_ops};
 use super::float;
 use super::layer_norm::LayerNormOps;
 use super::softmax::SoftmaxOps;
-use crate::dropout::{self, DropoutOps, GAMMA, KEY_MULTIPLIER, RowKeys};
+use crate::dropout::{self, DropoutOps, GAMMA, KEY_MULTIPLIER, KeyedMask, RowKeys};
 
 /// Rows of one backward cube: enough that γ's and β's partial sums are few, few enough
 /// that the cubes fill the GPU (16k rows make 512 cubes).
@@ -69,17 +69,64 @@ fn cube_index() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
 }
 
+/// The sum `x ⊙ M + residual` at `index`, column `column` of a row whose dropout stream
+/// is `stream` (`x + residual` without `dropout`), in f32.
+#[cube]
+fn masked_sum<F: Float>(
+    x: &Tensor<F>,
+    residual: &Tensor<F>,
+    index: usize,
+    column: usize,
+    stream: Word,
+    mask: DropoutArgs,
+    #[comptime] dropout: bool,
+) -> f32 {
+    let mut value = f32::cast_from(x[index]);
+    if dropout {
+        value *= column_factor(stream, column, mask.drop_below, mask.keep_scale);
+    }
+    value + f32::cast_from(residual[index])
+}
+
+/// The dropout stream of hidden row `row` (its grid position is `positions[row]` when
+/// `listed`); unused without dropout.
+#[cube]
+fn hidden_row_stream<I: Int>(
+    positions: &Tensor<I>,
+    row: usize,
+    mask: DropoutArgs,
+    #[comptime] listed: bool,
+) -> Word {
+    let mut f = row as u32;
+    if listed {
+        f = u32::cast_from(positions[row]);
+    }
+    row_stream(
+        f,
+        mask.first,
+        mask.seq,
+        mask.offset,
+        mask.call_hi,
+        mask.call_lo,
+    )
+}
+
+/// With `dropout`, normalises `x ⊙ M + residual` (the mask of [`crate::dropout`]).
 #[cube(launch)]
-fn layer_norm_forward_kernel<F: Float>(
+fn layer_norm_forward_kernel<F: Float, I: Int>(
     x: &Tensor<F>,
     residual: &Tensor<F>,
     gamma: &Tensor<F>,
     beta: &Tensor<F>,
     output: &mut Tensor<F>,
     stats: &mut Tensor<f32>,
+    positions: &Tensor<I>,
     epsilon: f32,
+    mask: DropoutArgs,
     #[comptime] units: u32,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] dropout: bool,
+    #[comptime] listed: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let row = cube_index();
     let rows = stats.shape(0);
@@ -91,11 +138,12 @@ fn layer_norm_forward_kernel<F: Float>(
     let first = UNIT_POS_X as usize;
     let base = row * n;
     let mut shared = SharedMemory::<f32>::new(units as usize);
+    let stream = hidden_row_stream(positions, row, mask, listed);
 
     let mut sum = f32::new(0.0);
     let mut i = first;
     while i < n {
-        sum += f32::cast_from(x[base + i]) + f32::cast_from(residual[base + i]);
+        sum += masked_sum(x, residual, base + i, i, stream, mask, dropout);
         i += step;
     }
     let mean = cube_sum(&mut shared, sum) / f32::cast_from(n);
@@ -103,7 +151,7 @@ fn layer_norm_forward_kernel<F: Float>(
     let mut squares = f32::new(0.0);
     let mut i = first;
     while i < n {
-        let centred = f32::cast_from(x[base + i]) + f32::cast_from(residual[base + i]) - mean;
+        let centred = masked_sum(x, residual, base + i, i, stream, mask, dropout) - mean;
         squares += centred * centred;
         i += step;
     }
@@ -113,7 +161,7 @@ fn layer_norm_forward_kernel<F: Float>(
     let mut i = first;
     while i < n {
         let normalised =
-            (f32::cast_from(x[base + i]) + f32::cast_from(residual[base + i]) - mean) * inverse_std;
+            (masked_sum(x, residual, base + i, i, stream, mask, dropout) - mean) * inverse_std;
         output[base + i] =
             F::cast_from(normalised * f32::cast_from(gamma[i]) + f32::cast_from(beta[i]));
         i += step;
@@ -124,19 +172,25 @@ fn layer_norm_forward_kernel<F: Float>(
     }
 }
 
+/// Writes `ds = d(x ⊙ M + residual)` and, with `dropout`, `dx = ds ⊙ M`.
 #[cube(launch)]
-fn layer_norm_backward_kernel<F: Float>(
+fn layer_norm_backward_kernel<F: Float, I: Int>(
     x: &Tensor<F>,
     residual: &Tensor<F>,
     gamma: &Tensor<F>,
     stats: &Tensor<f32>,
     dy: &Tensor<F>,
+    ds: &mut Tensor<F>,
     dx: &mut Tensor<F>,
     gamma_partials: &mut Tensor<f32>,
     beta_partials: &mut Tensor<f32>,
+    positions: &Tensor<I>,
+    mask: DropoutArgs,
     #[comptime] units: u32,
     #[comptime] rows_per_cube: u32,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] dropout: bool,
+    #[comptime] listed: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let cube = cube_index();
     let rows = stats.shape(0);
@@ -167,14 +221,14 @@ fn layer_norm_backward_kernel<F: Float>(
         let base = row * n;
         let mean = stats[row * 2];
         let inverse_std = stats[row * 2 + 1];
+        let stream = hidden_row_stream(positions, row, mask, listed);
 
         let mut sum_g = f32::new(0.0);
         let mut sum_g_normalised = f32::new(0.0);
         let mut i = first;
         while i < n {
-            let normalised = (f32::cast_from(x[base + i]) + f32::cast_from(residual[base + i])
-                - mean)
-                * inverse_std;
+            let normalised =
+                (masked_sum(x, residual, base + i, i, stream, mask, dropout) - mean) * inverse_std;
             let upstream = f32::cast_from(dy[base + i]);
             let g = upstream * f32::cast_from(gamma[i]);
             sum_g += g;
@@ -189,12 +243,15 @@ fn layer_norm_backward_kernel<F: Float>(
 
         let mut i = first;
         while i < n {
-            let normalised = (f32::cast_from(x[base + i]) + f32::cast_from(residual[base + i])
-                - mean)
-                * inverse_std;
+            let normalised =
+                (masked_sum(x, residual, base + i, i, stream, mask, dropout) - mean) * inverse_std;
             let g = f32::cast_from(dy[base + i]) * f32::cast_from(gamma[i]);
-            dx[base + i] =
-                F::cast_from((g - mean_g - normalised * mean_g_normalised) * inverse_std);
+            let d = (g - mean_g - normalised * mean_g_normalised) * inverse_std;
+            ds[base + i] = F::cast_from(d);
+            if dropout {
+                let factor = column_factor(stream, i, mask.drop_below, mask.keep_scale);
+                dx[base + i] = F::cast_from(d * factor);
+            }
             i += step;
         }
         row += 1;
@@ -232,6 +289,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
         gamma: CubeTensor<R>,
         beta: CubeTensor<R>,
         epsilon: f64,
+        mask: Option<&KeyedMask<Self>>,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
         let dtype = x.dtype;
         let [x, residual, gamma, beta] = [x, residual, gamma, beta].map(|t| same_type(t, dtype));
@@ -243,7 +301,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
             x.meta.shape().clone(),
             dtype,
         );
-        let stats = empty_device_dtype(client.clone(), device, Shape::new([rows, 2]), DType::F32);
+        let stats = empty_device_dtype(
+            client.clone(),
+            device.clone(),
+            Shape::new([rows, 2]),
+            DType::F32,
+        );
+        let (positions, listed) = row_positions::<R, F, I, BT>(mask.map(|m| &m.keys), &x);
+        let int_dtype = positions.dtype;
         let units = units(n);
         layer_norm_forward_kernel::launch::<R>(
             &client,
@@ -255,9 +320,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
             beta.into_tensor_arg(),
             output.clone().into_tensor_arg(),
             stats.clone().into_tensor_arg(),
+            positions.into_tensor_arg(),
             epsilon as f32,
+            dropout_args(mask),
             units,
-            dtype.into(),
+            mask.is_some(),
+            listed,
+            [dtype.into(), int_dtype.into()],
         );
         (output, stats)
     }
@@ -268,7 +337,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
         gamma: CubeTensor<R>,
         stats: CubeTensor<R>,
         dy: CubeTensor<R>,
-    ) -> [CubeTensor<R>; 3] {
+        mask: Option<&KeyedMask<Self>>,
+    ) -> [CubeTensor<R>; 4] {
         let dtype = x.dtype;
         let gamma_dtype = gamma.dtype;
         let [x, residual, gamma, dy] = [x, residual, gamma, dy].map(|t| same_type(t, dtype));
@@ -276,12 +346,15 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
         let [rows, n] = x.meta.shape().dims::<2>();
         let (client, device) = (x.client.clone(), x.device.clone());
         let cubes = rows.div_ceil(ROWS_PER_CUBE);
-        let dx = empty_device_dtype(
-            client.clone(),
-            device.clone(),
-            x.meta.shape().clone(),
-            dtype,
-        );
+        let empty = |shape| empty_device_dtype(client.clone(), device.clone(), shape, dtype);
+        let ds = empty(x.meta.shape().clone());
+        // Written with dropout only: one element will do without.
+        let dx = empty(match mask {
+            Some(_) => x.meta.shape().clone(),
+            None => Shape::new([1]),
+        });
+        let (positions, listed) = row_positions::<R, F, I, BT>(mask.map(|m| &m.keys), &x);
+        let int_dtype = positions.dtype;
         let partial = || {
             empty_device_dtype(
                 client.clone(),
@@ -301,18 +374,24 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
             gamma.into_tensor_arg(),
             stats.into_tensor_arg(),
             dy.into_tensor_arg(),
+            ds.clone().into_tensor_arg(),
             dx.clone().into_tensor_arg(),
             gamma_partials.clone().into_tensor_arg(),
             beta_partials.clone().into_tensor_arg(),
+            positions.into_tensor_arg(),
+            dropout_args(mask),
             units,
             ROWS_PER_CUBE as u32,
-            dtype.into(),
+            mask.is_some(),
+            listed,
+            [dtype.into(), int_dtype.into()],
         );
         let finish = |partials: CubeTensor<R>| {
             let sums = float::<Self, 2>(partials).sum_dim(0).reshape([n]);
             sums.cast(gamma_dtype).into_primitive().tensor()
         };
-        [dx, finish(gamma_partials), finish(beta_partials)]
+        let dx = if mask.is_some() { dx } else { ds.clone() };
+        [dx, ds, finish(gamma_partials), finish(beta_partials)]
     }
 }
 
@@ -562,8 +641,8 @@ fn softmax_backward_kernel<F: Float>(
     }
 }
 
-/// Attention's dropout inside the softmax kernels, if any: `(keys, call, prob)`.
-type AttentionDropout<'a, R, F, I, BT> = Option<(&'a RowKeys<CubeBackend<R, F, I, BT>>, u64, f64)>;
+/// Dropout inside a kernel, if any.
+type KernelMask<'a, R, F, I, BT> = Option<&'a KeyedMask<CubeBackend<R, F, I, BT>>>;
 
 /// Launches the softmax kernel; with dropout, also writes `P ⊙ M`.
 /// Returns `(P, P ⊙ M)`.
@@ -571,8 +650,9 @@ fn softmax_forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEleme
     scores: CubeTensor<R>,
     bias: CubeTensor<R>,
     divisor: f32,
-    dropout: AttentionDropout<R, F, I, BT>,
+    dropout: KernelMask<R, F, I, BT>,
 ) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
+    assert_grid_rows(dropout);
     let dtype = scores.dtype;
     let [scores, bias] = [scores, bias].map(|t| same_type(t, dtype));
     let shape = scores.meta.shape().clone();
@@ -610,8 +690,9 @@ fn softmax_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElem
     probs: CubeTensor<R>,
     dprobs: CubeTensor<R>,
     divisor: f32,
-    dropout: AttentionDropout<R, F, I, BT>,
+    dropout: KernelMask<R, F, I, BT>,
 ) -> CubeTensor<R> {
+    assert_grid_rows(dropout);
     let dtype = probs.dtype;
     let [probs, dprobs] = [probs, dprobs].map(|t| same_type(t, dtype));
     let [batch, heads, seq, n] = probs.meta.shape().dims::<4>();
@@ -634,16 +715,40 @@ fn softmax_backward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElem
     dscores
 }
 
+/// The grid positions of listed rows, and whether the rows are listed (an unread one-element
+/// tensor on `like`'s device when they are not, or when there are no keys).
+fn row_positions<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    keys: Option<&RowKeys<CubeBackend<R, F, I, BT>>>,
+    like: &CubeTensor<R>,
+) -> (CubeTensor<R>, bool) {
+    match keys.and_then(|k| k.parts().3) {
+        Some(positions) => (into_contiguous(positions.clone()), true),
+        None => {
+            let (client, device) = (like.client.clone(), like.device.clone());
+            let unread = empty_device_dtype(client, device, Shape::new([1]), I::dtype());
+            (unread, false)
+        }
+    }
+}
+
+/// The softmax kernels key a row by its index: attention's rows are in grid order.
+fn assert_grid_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    dropout: KernelMask<R, F, I, BT>,
+) {
+    let listed = dropout.is_some_and(|m| m.keys.parts().3.is_some());
+    assert!(!listed, "attention's dropout rows are in grid order");
+}
+
 /// The kernels' dropout scalars (zeros, unread, without dropout). The rows of attention's
 /// probabilities are always in grid order.
 fn dropout_args<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    dropout: AttentionDropout<R, F, I, BT>,
+    dropout: KernelMask<R, F, I, BT>,
 ) -> DropoutArgsLaunch<R> {
-    let Some((keys, call, prob)) = dropout else {
+    let Some(KeyedMask { keys, call, prob }) = dropout else {
         return DropoutArgsLaunch::new(0, 1, 0, 0, 0, 0, 0.0);
     };
-    let (first, seq, offset, positions) = keys.parts();
-    assert!(positions.is_none(), "attention's rows are in grid order");
+    let (call, prob) = (*call, *prob);
+    let (first, seq, offset, _) = keys.parts();
     DropoutArgsLaunch::new(
         first as u32,
         seq,
@@ -682,11 +787,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SoftmaxOps
         scores: CubeTensor<R>,
         bias: CubeTensor<R>,
         divisor: f32,
-        keys: &RowKeys<Self>,
-        call: u64,
-        prob: f64,
+        mask: &KeyedMask<Self>,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
-        let (probs, dropped) = softmax_forward(scores, bias, divisor, Some((keys, call, prob)));
+        let (probs, dropped) = softmax_forward(scores, bias, divisor, Some(mask));
         (dropped.expect("written with dropout"), probs)
     }
 
@@ -694,11 +797,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> SoftmaxOps
         probs: CubeTensor<R>,
         ddropped: CubeTensor<R>,
         divisor: f32,
-        keys: &RowKeys<Self>,
-        call: u64,
-        prob: f64,
+        mask: &KeyedMask<Self>,
     ) -> CubeTensor<R> {
-        softmax_backward(probs, ddropped, divisor, Some((keys, call, prob)))
+        softmax_backward(probs, ddropped, divisor, Some(mask))
     }
 }
 
@@ -881,16 +982,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DropoutOps
         let shape = x.meta.shape().clone();
         let row_len = shape.as_slice().last().copied().unwrap_or(1).max(1);
         let rows = shape.num_elements() / row_len;
-        let (first, seq, offset, positions) = keys.parts();
+        let (first, seq, offset, _) = keys.parts();
         let (client, device) = (x.client.clone(), x.device.clone());
-        let (positions, listed) = match positions {
-            Some(p) => (into_contiguous(p.clone()), true),
-            // Not read: any int tensor will do.
-            None => (
-                empty_device_dtype(client.clone(), device.clone(), Shape::new([1]), I::dtype()),
-                false,
-            ),
-        };
+        let (positions, listed) = row_positions::<R, F, I, BT>(Some(keys), &x);
         let int_dtype = positions.dtype;
         let output = empty_device_dtype(client.clone(), device, shape, dtype);
         let units = rows * row_len.div_ceil(4);

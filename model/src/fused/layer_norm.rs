@@ -11,6 +11,10 @@
 //! The backward, per row, with `x̂` the normalised input and `g = dy ⊙ γ`:
 //! `d(x + residual) = (g − mean(g) − x̂ · mean(g ⊙ x̂)) / σ`, `dγ = Σ_rows dy ⊙ x̂`,
 //! `dβ = Σ_rows dy`.
+//!
+//! In training the op also takes the dropout that BERT applies to `x` (a sublayer's
+//! output) before the residual is added: `LayerNorm(x ⊙ M + residual)` with the keyed mask
+//! `M` of [`crate::dropout`], and `dx = d(x ⊙ M + residual) ⊙ M`, the mask drawn again.
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -22,25 +26,31 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
 use super::{float, primitive};
+use crate::dropout::{DropoutOps, KeyedMask, inner_mask};
 
 /// A backend with `LayerNorm(x + residual)` as one op. All tensors are `[rows, n]` but γ
 /// and β, `[n]`.
-pub trait LayerNormOps: Backend {
+pub trait LayerNormOps: DropoutOps {
     /// Whether the model should use the op (the backend's own kernels, switched on).
     fn fused_layer_norm() -> bool {
         false
     }
 
-    /// `(y, stats)`: `y = (s − mean) / σ ⊙ γ + β` for `s = x + residual`, with
-    /// `σ = sqrt(var + ε)` per row, and `stats` `[rows, 2]` in f32: each row's mean and
-    /// 1/σ, for the backward.
+    /// `(y, stats)`: `y = (s − mean) / σ ⊙ γ + β` for `s = x ⊙ M + residual` (`x` where
+    /// there is no `mask`), with `σ = sqrt(var + ε)` per row, and `stats` `[rows, 2]` in
+    /// f32: each row's mean and 1/σ, for the backward.
     fn layer_norm_forward(
         x: FloatTensor<Self>,
         residual: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+        mask: Option<&KeyedMask<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let x = match mask {
+            Some(mask) => mask.apply(x),
+            None => x,
+        };
         let s = float::<Self, 2>(x) + float::<Self, 2>(residual);
         let dtype = s.dtype();
         let s = s.cast(DType::F32);
@@ -55,14 +65,20 @@ pub trait LayerNormOps: Backend {
         (primitive(y.cast(dtype)), primitive(stats))
     }
 
-    /// `[d(x + residual), dγ, dβ]` from the output gradient `dy` (the module's formula).
+    /// `[dx, d(residual), dγ, dβ]` from the output gradient `dy` (the module's formulas;
+    /// `dx = d(residual)` where there is no `mask`).
     fn layer_norm_backward(
         x: FloatTensor<Self>,
         residual: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         stats: FloatTensor<Self>,
         dy: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 3] {
+        mask: Option<&KeyedMask<Self>>,
+    ) -> [FloatTensor<Self>; 4] {
+        let x = match mask {
+            Some(mask) => mask.apply(x),
+            None => x,
+        };
         let s = float::<Self, 2>(x) + float::<Self, 2>(residual);
         let dtype = s.dtype();
         let gamma = float::<Self, 1>(gamma);
@@ -80,21 +96,29 @@ pub trait LayerNormOps: Backend {
         let [_, n] = dy.dims();
         let dgamma = (dy.clone() * normalised).sum_dim(0).reshape([n]);
         let dbeta = dy.sum_dim(0).reshape([n]);
+        let ds = primitive(ds.cast(dtype));
+        let dx = match mask {
+            Some(mask) => mask.apply(ds.clone()),
+            None => ds.clone(),
+        };
         [
-            primitive(ds.cast(dtype)),
+            dx,
+            ds,
             primitive(dgamma.cast(gamma_dtype)),
             primitive(dbeta.cast(gamma_dtype)),
         ]
     }
 }
 
-/// `LayerNorm(x + residual)` through the backend's op.
+/// `LayerNorm(x ⊙ M + residual)` through the backend's op (`x + residual` without a
+/// `mask`).
 pub fn add_layer_norm<B: LayerNormOps>(
     x: Tensor<B, 2>,
     residual: Tensor<B, 2>,
     gamma: Tensor<B, 1>,
     beta: Tensor<B, 1>,
     epsilon: f64,
+    mask: Option<&KeyedMask<B>>,
 ) -> Tensor<B, 2> {
     let (y, _) = B::layer_norm_forward(
         x.into_primitive().tensor(),
@@ -102,6 +126,7 @@ pub fn add_layer_norm<B: LayerNormOps>(
         gamma.into_primitive().tensor(),
         beta.into_primitive().tensor(),
         epsilon,
+        mask,
     );
     float(y)
 }
@@ -109,23 +134,21 @@ pub fn add_layer_norm<B: LayerNormOps>(
 impl LayerNormOps for burn::backend::Flex {}
 
 #[derive(Debug)]
-struct LayerNormBackward;
+struct LayerNormBackward<B: Backend> {
+    mask: Option<KeyedMask<B>>,
+}
 
-impl<B: LayerNormOps> Backward<B, 4> for LayerNormBackward {
+impl<B: LayerNormOps> Backward<B, 4> for LayerNormBackward<B> {
     /// x, residual, γ and the row statistics.
     type State = [FloatTensor<B>; 4];
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<B>(&ops.node);
         let [x, residual, gamma, stats] = ops.state;
-        let [ds, dgamma, dbeta] = B::layer_norm_backward(x, residual, gamma, stats, dy);
+        let [dx, ds, dgamma, dbeta] =
+            B::layer_norm_backward(x, residual, gamma, stats, dy, self.mask.as_ref());
         let [x, residual, gamma, beta] = ops.parents;
-        for (parent, grad) in [
-            (x, ds.clone()),
-            (residual, ds),
-            (gamma, dgamma),
-            (beta, dbeta),
-        ] {
+        for (parent, grad) in [(x, dx), (residual, ds), (gamma, dgamma), (beta, dbeta)] {
             if let Some(parent) = parent {
                 grads.register::<B>(parent.id, grad);
             }
@@ -144,8 +167,10 @@ impl<B: LayerNormOps, C: CheckpointStrategy> LayerNormOps for Autodiff<B, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         epsilon: f64,
+        mask: Option<&KeyedMask<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let prep = LayerNormBackward
+        let mask = mask.map(inner_mask);
+        let prep = LayerNormBackward { mask: mask.clone() }
             .prepare::<C>([
                 x.node.clone(),
                 residual.node.clone(),
@@ -163,11 +188,19 @@ impl<B: LayerNormOps, C: CheckpointStrategy> LayerNormOps for Autodiff<B, C> {
                     gamma.clone(),
                     beta.primitive,
                     epsilon,
+                    mask.as_ref(),
                 );
                 (prep.finish([x, residual, gamma, stats.clone()], y), stats)
             }
             OpsKind::UnTracked(prep) => {
-                let (y, stats) = B::layer_norm_forward(x, residual, gamma, beta.primitive, epsilon);
+                let (y, stats) = B::layer_norm_forward(
+                    x,
+                    residual,
+                    gamma,
+                    beta.primitive,
+                    epsilon,
+                    mask.as_ref(),
+                );
                 (prep.finish(y), stats)
             }
         };
@@ -181,7 +214,8 @@ impl<B: LayerNormOps, C: CheckpointStrategy> LayerNormOps for Autodiff<B, C> {
         _: FloatTensor<Self>,
         _: FloatTensor<Self>,
         _: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 3] {
+        _: Option<&KeyedMask<Self>>,
+    ) -> [FloatTensor<Self>; 4] {
         unreachable!("the autodiff layer-norm op's backward runs on its inner backend")
     }
 }
@@ -211,7 +245,14 @@ pub fn compare_with_burn<B: AutodiffBackend + LayerNormOps>(
         let [x, residual] = [x.clone(), residual.clone()].map(|t| t.detach().require_grad());
         let [gamma, beta] = [gamma.clone(), beta.clone()].map(|t| t.detach().require_grad());
         let y = if fused {
-            add_layer_norm(x.clone(), residual, gamma.clone(), beta.clone(), EPSILON)
+            add_layer_norm(
+                x.clone(),
+                residual,
+                gamma.clone(),
+                beta.clone(),
+                EPSILON,
+                None,
+            )
         } else {
             // What burn's `LayerNorm` module runs.
             float(B::layer_norm(
@@ -268,6 +309,7 @@ mod tests {
             gamma.clone(),
             beta.clone(),
             1e-12,
+            None,
         );
         let weights = Tensor::<Ad, 2>::from_floats([[1.0, 0.0, -1.0], [2.0, 1.0, 0.0]], &device);
         let grads = (y.clone() * weights).sum().backward();

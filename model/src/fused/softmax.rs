@@ -24,7 +24,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
 use super::{float, primitive};
-use crate::dropout::{DropoutOps, RowKeys, inner_keys};
+use crate::dropout::{DropoutOps, KeyedMask, inner_mask};
 
 /// A backend with attention's softmax as one op. Tensors are `[batch, heads, seq, seq]`
 /// but the bias, `[batch, 1, 1, seq]`.
@@ -58,18 +58,16 @@ pub trait SoftmaxOps: DropoutOps {
         primitive((probs * (dprobs - dot)).div_scalar(divisor).cast(dtype))
     }
 
-    /// `(P ⊙ M, P)`: the probabilities under attention's keyed dropout (rows `keys`, stream
-    /// value `call`, see [`crate::dropout`]), and without it (for the backward).
+    /// `(P ⊙ M, P)`: the probabilities under attention's keyed dropout `mask` (see
+    /// [`crate::dropout`]), and without it (for the backward).
     fn attention_softmax_dropout(
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         divisor: f32,
-        keys: &RowKeys<Self>,
-        call: u64,
-        prob: f64,
+        mask: &KeyedMask<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let probs = Self::attention_softmax(scores, bias, divisor);
-        (Self::keyed_dropout(probs.clone(), keys, call, prob), probs)
+        (mask.apply(probs.clone()), probs)
     }
 
     /// `d(scores)` from the probabilities and the gradient of `P ⊙ M`.
@@ -77,12 +75,9 @@ pub trait SoftmaxOps: DropoutOps {
         probs: FloatTensor<Self>,
         ddropped: FloatTensor<Self>,
         divisor: f32,
-        keys: &RowKeys<Self>,
-        call: u64,
-        prob: f64,
+        mask: &KeyedMask<Self>,
     ) -> FloatTensor<Self> {
-        let dprobs = Self::keyed_dropout(ddropped, keys, call, prob);
-        Self::attention_softmax_backward(probs, dprobs, divisor)
+        Self::attention_softmax_backward(probs, mask.apply(ddropped), divisor)
     }
 }
 
@@ -105,18 +100,10 @@ pub fn attention_softmax_dropout<B: SoftmaxOps>(
     scores: Tensor<B, 4>,
     bias: Tensor<B, 4>,
     divisor: f32,
-    keys: &RowKeys<B>,
-    call: u64,
-    prob: f64,
+    mask: &KeyedMask<B>,
 ) -> Tensor<B, 4> {
-    let (dropped, _) = B::attention_softmax_dropout(
-        primitive(scores),
-        primitive(bias),
-        divisor,
-        keys,
-        call,
-        prob,
-    );
+    let (dropped, _) =
+        B::attention_softmax_dropout(primitive(scores), primitive(bias), divisor, mask);
     float(dropped)
 }
 
@@ -143,9 +130,7 @@ impl<B: SoftmaxOps> Backward<B, 1> for SoftmaxBackward {
 #[derive(Debug)]
 struct SoftmaxDropoutBackward<B: Backend> {
     divisor: f32,
-    keys: RowKeys<B>,
-    call: u64,
-    prob: f64,
+    mask: KeyedMask<B>,
 }
 
 impl<B: SoftmaxOps> Backward<B, 1> for SoftmaxDropoutBackward<B> {
@@ -154,14 +139,8 @@ impl<B: SoftmaxOps> Backward<B, 1> for SoftmaxDropoutBackward<B> {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let ddropped = grads.consume::<B>(&ops.node);
-        let dscores = B::attention_softmax_dropout_backward(
-            ops.state,
-            ddropped,
-            self.divisor,
-            &self.keys,
-            self.call,
-            self.prob,
-        );
+        let dscores =
+            B::attention_softmax_dropout_backward(ops.state, ddropped, self.divisor, &self.mask);
         if let [Some(parent)] = ops.parents {
             grads.register::<B>(parent.id, dscores);
         }
@@ -206,23 +185,15 @@ impl<B: SoftmaxOps, C: CheckpointStrategy> SoftmaxOps for Autodiff<B, C> {
         scores: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         divisor: f32,
-        keys: &RowKeys<Self>,
-        call: u64,
-        prob: f64,
+        mask: &KeyedMask<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let bias = <Self as AutodiffBackend>::inner(bias);
-        let keys = inner_keys(keys);
-        let (dropped, probs) =
-            B::attention_softmax_dropout(scores.primitive, bias, divisor, &keys, call, prob);
-        let prep = SoftmaxDropoutBackward {
-            divisor,
-            keys,
-            call,
-            prob,
-        }
-        .prepare::<C>([scores.node.clone()])
-        .compute_bound()
-        .stateful();
+        let mask = inner_mask(mask);
+        let (dropped, probs) = B::attention_softmax_dropout(scores.primitive, bias, divisor, &mask);
+        let prep = SoftmaxDropoutBackward { divisor, mask }
+            .prepare::<C>([scores.node.clone()])
+            .compute_bound()
+            .stateful();
         let dropped = match prep {
             OpsKind::Tracked(prep) => prep.finish(probs.clone(), dropped),
             OpsKind::UnTracked(prep) => prep.finish(dropped),
@@ -235,9 +206,7 @@ impl<B: SoftmaxOps, C: CheckpointStrategy> SoftmaxOps for Autodiff<B, C> {
         _: FloatTensor<Self>,
         _: FloatTensor<Self>,
         _: f32,
-        _: &RowKeys<Self>,
-        _: u64,
-        _: f64,
+        _: &KeyedMask<Self>,
     ) -> FloatTensor<Self> {
         unreachable!("the autodiff softmax op's backward runs on its inner backend")
     }
