@@ -88,10 +88,10 @@ fn masked_sum<F: Float>(
     value + f32::cast_from(residual[index])
 }
 
-/// The dropout stream of hidden row `row` (its grid position is `positions[row]` when
-/// `listed`); unused without dropout.
+/// The dropout stream of row `row`, whose grid position is `positions[row]` when `listed`
+/// and `row` otherwise; unused without dropout.
 #[cube]
-fn hidden_row_stream<I: Int>(
+fn listed_row_stream<I: Int>(
     positions: &Tensor<I>,
     row: usize,
     mask: DropoutArgs,
@@ -101,14 +101,7 @@ fn hidden_row_stream<I: Int>(
     if listed {
         f = u32::cast_from(positions[row]);
     }
-    row_stream(
-        f,
-        mask.first,
-        mask.seq,
-        mask.offset,
-        mask.call_hi,
-        mask.call_lo,
-    )
+    row_stream(f, mask)
 }
 
 /// With `dropout`, normalises `x ⊙ M + residual` (the mask of [`crate::dropout`]).
@@ -138,7 +131,7 @@ fn layer_norm_forward_kernel<F: Float, I: Int>(
     let first = UNIT_POS_X as usize;
     let base = row * n;
     let mut shared = SharedMemory::<f32>::new(units as usize);
-    let stream = hidden_row_stream(positions, row, mask, listed);
+    let stream = listed_row_stream(positions, row, mask, listed);
 
     let mut sum = f32::new(0.0);
     let mut i = first;
@@ -221,7 +214,7 @@ fn layer_norm_backward_kernel<F: Float, I: Int>(
         let base = row * n;
         let mean = stats[row * 2];
         let inverse_std = stats[row * 2 + 1];
-        let stream = hidden_row_stream(positions, row, mask, listed);
+        let stream = listed_row_stream(positions, row, mask, listed);
 
         let mut sum_g = f32::new(0.0);
         let mut sum_g_normalised = f32::new(0.0);
@@ -565,14 +558,7 @@ fn softmax_kernel<F: Float>(
     }
     let sum = cube_sum(&mut shared, sum);
 
-    let stream = row_stream(
-        row as u32,
-        mask.first,
-        mask.seq,
-        mask.offset,
-        mask.call_hi,
-        mask.call_lo,
-    );
+    let stream = row_stream(row as u32, mask);
     let mut i = first;
     while i < n {
         let v = f32::cast_from(scores[base + i]) / divisor + f32::cast_from(bias[bias_base + i]);
@@ -609,14 +595,7 @@ fn softmax_backward_kernel<F: Float>(
     let first = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(units as usize);
 
-    let stream = row_stream(
-        row as u32,
-        mask.first,
-        mask.seq,
-        mask.offset,
-        mask.call_hi,
-        mask.call_lo,
-    );
+    let stream = row_stream(row as u32, mask);
     let mut dot = f32::new(0.0);
     let mut i = first;
     while i < n {
@@ -744,10 +723,18 @@ fn assert_grid_rows<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElem
 fn dropout_args<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     dropout: KernelMask<R, F, I, BT>,
 ) -> DropoutArgsLaunch<R> {
-    let Some(KeyedMask { keys, call, prob }) = dropout else {
-        return DropoutArgsLaunch::new(0, 1, 0, 0, 0, 0, 0.0);
-    };
-    let (call, prob) = (*call, *prob);
+    match dropout {
+        Some(mask) => mask_args(&mask.keys, mask.call, mask.prob),
+        None => DropoutArgsLaunch::new(0, 1, 0, 0, 0, 0, 0.0),
+    }
+}
+
+/// The dropout scalars of the rows `keys` names, for the stream value `call`.
+fn mask_args<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    keys: &RowKeys<CubeBackend<R, F, I, BT>>,
+    call: u64,
+    prob: f64,
+) -> DropoutArgsLaunch<R> {
     let (first, seq, offset, _) = keys.parts();
     DropoutArgsLaunch::new(
         first as u32,
@@ -871,13 +858,7 @@ fn keyed_dropout_kernel<F: Float, I: Int>(
     positions: &Tensor<I>,
     output: &mut Tensor<F>,
     row_len: usize,
-    first: u32,
-    seq: u32,
-    offset: u32,
-    call_hi: u32,
-    call_lo: u32,
-    drop_below: u32,
-    keep_scale: f32,
+    mask: DropoutArgs,
     #[comptime] listed: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
@@ -888,18 +869,14 @@ fn keyed_dropout_kernel<F: Float, I: Int>(
     }
     let row = unit / groups;
     let group = unit % groups;
-    let mut f = row as u32;
-    if listed {
-        f = u32::cast_from(positions[row]);
-    }
-    let stream = row_stream(f, first, seq, offset, call_hi, call_lo);
+    let stream = listed_row_stream(positions, row, mask, listed);
     let bits = stream_draw(stream, group);
     let base = row * row_len;
     let mut lane = 0usize;
     while lane < 4 {
         let column = group * 4 + lane;
         if column < row_len {
-            let scale = lane_factor(bits, lane, drop_below, keep_scale);
+            let scale = lane_factor(bits, lane, mask.drop_below, mask.keep_scale);
             output[base + column] = F::cast_from(f32::cast_from(x[base + column]) * scale);
         }
         lane += 1;
@@ -909,14 +886,14 @@ fn keyed_dropout_kernel<F: Float, I: Int>(
 /// The state of the stream of the row at grid position `f`: one SplitMix64 step from
 /// `call ^ key · KEY_MULTIPLIER`.
 #[cube]
-fn row_stream(f: u32, first: u32, seq: u32, offset: u32, call_hi: u32, call_lo: u32) -> Word {
+fn row_stream(f: u32, mask: DropoutArgs) -> Word {
     let key = Word {
-        hi: first + f / seq,
-        lo: f % seq + offset,
+        hi: mask.first + f / mask.seq,
+        lo: f % mask.seq + mask.offset,
     };
     let call = Word {
-        hi: call_hi,
-        lo: call_lo,
+        hi: mask.call_hi,
+        lo: mask.call_lo,
     };
     let start = word_xor(call, word_mul(key, word(KEY_MULTIPLIER)));
     mix(word_add(start, word(GAMMA)))
@@ -951,8 +928,9 @@ fn column_factor(stream: Word, column: usize, drop_below: u32, keep_scale: f32) 
     )
 }
 
-/// The scalars of attention's dropout inside the softmax kernels (see
-/// [`keyed_dropout_kernel`]; the rows are in grid order).
+/// A keyed mask's scalars, as the kernels read them: the row keys' `first` (its low word),
+/// `seq` and `offset`, the call's stream value in two words, the 16-bit drop threshold and
+/// the kept elements' factor (see [`keyed_dropout_kernel`]).
 #[derive(CubeType, CubeLaunch, Clone, Copy)]
 struct DropoutArgs {
     first: u32,
@@ -982,7 +960,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DropoutOps
         let shape = x.meta.shape().clone();
         let row_len = shape.as_slice().last().copied().unwrap_or(1).max(1);
         let rows = shape.num_elements() / row_len;
-        let (first, seq, offset, _) = keys.parts();
         let (client, device) = (x.client.clone(), x.device.clone());
         let (positions, listed) = row_positions::<R, F, I, BT>(Some(keys), &x);
         let int_dtype = positions.dtype;
@@ -997,13 +974,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DropoutOps
             positions.into_tensor_arg(),
             output.clone().into_tensor_arg(),
             row_len,
-            first as u32,
-            seq,
-            offset,
-            (call >> 32) as u32,
-            call as u32,
-            dropout::drop_below(prob),
-            dropout::keep_scale(prob),
+            mask_args(keys, call, prob),
             listed,
             [dtype.into(), int_dtype.into()],
         );
