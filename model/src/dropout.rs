@@ -76,6 +76,7 @@ fn next_call() -> u64 {
 /// The keys of a tensor's rows. Row `r` is position `f` of a grid of `seq` columns, where
 /// `f = r` or, for a listed set of rows, `f = positions[r]`; its key is
 /// `(first + f / seq) << 32 | (f % seq + offset)` (wrapping in 32 bits).
+#[derive(Clone, Debug)]
 pub struct RowKeys<B: Backend> {
     first: u64,
     seq: u32,
@@ -84,32 +85,10 @@ pub struct RowKeys<B: Backend> {
 }
 
 /// Listed rows' grid positions, on the host (host masks) and on the device (kernels).
+#[derive(Clone, Debug)]
 struct Positions<B: Backend> {
     host: Arc<[u32]>,
     device: IntTensor<B>,
-}
-
-impl<B: Backend> Clone for RowKeys<B> {
-    fn clone(&self) -> Self {
-        Self {
-            positions: self.positions.as_ref().map(|p| Positions {
-                host: p.host.clone(),
-                device: p.device.clone(),
-            }),
-            ..*self
-        }
-    }
-}
-
-impl<B: Backend> std::fmt::Debug for RowKeys<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RowKeys")
-            .field("first", &self.first)
-            .field("seq", &self.seq)
-            .field("offset", &self.offset)
-            .field("listed", &self.positions.as_ref().map(|p| p.host.len()))
-            .finish()
-    }
 }
 
 impl<B: Backend> RowKeys<B> {
@@ -352,29 +331,11 @@ pub(crate) fn inner_keys<B: Backend, C: CheckpointStrategy>(
 
 /// One dropout call that runs inside another op's kernel: the rows, this call's stream
 /// value and the drop probability.
+#[derive(Clone, Debug)]
 pub struct KeyedMask<B: Backend> {
     pub keys: RowKeys<B>,
     pub call: u64,
     pub prob: f64,
-}
-
-impl<B: Backend> Clone for KeyedMask<B> {
-    fn clone(&self) -> Self {
-        Self {
-            keys: self.keys.clone(),
-            ..*self
-        }
-    }
-}
-
-impl<B: Backend> std::fmt::Debug for KeyedMask<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyedMask")
-            .field("keys", &self.keys)
-            .field("call", &self.call)
-            .field("prob", &self.prob)
-            .finish()
-    }
 }
 
 impl<B: DropoutOps> KeyedMask<B> {
