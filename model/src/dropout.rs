@@ -8,7 +8,8 @@
 //! 64-bit output, and applied with one multiply. A GPU backend draws the same mask in a
 //! kernel ([`DropoutOps`], with `BERTRAIN_KERNELS=fused`): one pass instead of burn's
 //! five, no mask kept for the backward (it is drawn again), and the CPU's masks bit for
-//! bit. Otherwise burn's own dropout runs there.
+//! bit; or inside the attention softmax and residual + LayerNorm kernels ([`KeyedMask`]),
+//! no pass of its own. Otherwise burn's own dropout runs there.
 //!
 //! A tensor's mask is drawn row by row (a row is its last dimension), each row from a
 //! stream of its own keyed by what the row is ([`RowKeys`]): (sequence, position) for
