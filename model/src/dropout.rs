@@ -277,39 +277,16 @@ where
         let grads = (y.clone() * dy.clone()).sum().backward();
         [y.inner(), x.grad(&grads).expect("x takes part")]
     };
-    let sync = || B::sync(device).map_err(|e| format!("{e:?}"));
-    let time = |f: &dyn Fn() -> [Tensor<B::InnerBackend, 2>; 2]| -> Result<_, String> {
-        let mut out = f();
-        sync()?;
-        let start = std::time::Instant::now();
-        for _ in 0..iters {
-            out = f();
-        }
-        sync()?;
-        Ok((
-            out,
-            start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64,
-        ))
-    };
-    let (_, burn_ms) = time(&burns)?;
-    let (got, fused_ms) = time(&keyed)?;
+    let (_, burn_ms) = crate::fused::timed::<B, _>(device, iters, burns)?;
+    let (got, fused_ms) = crate::fused::timed::<B, _>(device, iters, keyed)?;
     let inner_keys = RowKeys::<B::InnerBackend>::grid(0, n);
     let reference = |t: Tensor<B::InnerBackend, 2>| {
         let masked = dropout_with_host_mask(t.into_primitive().tensor(), &inner_keys, call, prob);
         Tensor::<B::InnerBackend, 2>::from_primitive(TensorPrimitive::Float(masked))
     };
     let want = [reference(x.inner()), reference(dy.inner())];
-    let mut errors = [0f32; 2];
-    for (error, (got, want)) in errors.iter_mut().zip(got.into_iter().zip(want)) {
-        let scalar = |t: Tensor<B::InnerBackend, 1>| {
-            t.into_data().convert::<f32>().to_vec::<f32>().map(|v| v[0])
-        };
-        let scale = scalar(want.clone().abs().max()).map_err(|e| format!("{e:?}"))?;
-        let diff = scalar((got - want).abs().max()).map_err(|e| format!("{e:?}"))?;
-        *error = diff / scale.max(f32::MIN_POSITIVE);
-    }
     Ok(crate::fused::Comparison {
-        errors,
+        errors: crate::fused::relative_errors(got, want)?,
         burn_ms,
         fused_ms,
     })

@@ -59,31 +59,49 @@ fn compare<B: AutodiffBackend, const N: usize>(
     iters: usize,
     once: impl Fn(bool) -> [Tensor<B::InnerBackend, 2>; N],
 ) -> Result<Comparison<N>, String> {
-    let timed = |fused: bool| -> Result<_, String> {
-        let mut out = once(fused);
-        B::sync(device).map_err(|e| format!("{e:?}"))?;
-        let start = std::time::Instant::now();
-        for _ in 0..iters {
-            out = once(fused);
-        }
-        B::sync(device).map_err(|e| format!("{e:?}"))?;
-        let ms = start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
-        Ok((out, ms))
-    };
-    let (reference, burn_ms) = timed(false)?;
-    let (fused, fused_ms) = timed(true)?;
-    let mut errors = [0f32; N];
-    for (error, (got, want)) in errors.iter_mut().zip(fused.into_iter().zip(reference)) {
-        let scalar = |t: Tensor<B::InnerBackend, 1>| {
-            t.into_data().convert::<f32>().to_vec::<f32>().map(|v| v[0])
-        };
-        let scale = scalar(want.clone().abs().max()).map_err(|e| format!("{e:?}"))?;
-        let diff = scalar((got - want).abs().max()).map_err(|e| format!("{e:?}"))?;
-        *error = diff / scale.max(f32::MIN_POSITIVE);
-    }
+    let (reference, burn_ms) = timed::<B, _>(device, iters, || once(false))?;
+    let (fused, fused_ms) = timed::<B, _>(device, iters, || once(true))?;
     Ok(Comparison {
-        errors,
+        errors: relative_errors(fused, reference)?,
         burn_ms,
         fused_ms,
     })
+}
+
+/// `f`'s result after running it once and then `iters` times, and the mean milliseconds of
+/// those runs (the device drained before and after).
+pub(crate) fn timed<B: Backend, T>(
+    device: &B::Device,
+    iters: usize,
+    f: impl Fn() -> T,
+) -> Result<(T, f64), String> {
+    let mut out = f();
+    B::sync(device).map_err(|e| format!("{e:?}"))?;
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        out = f();
+    }
+    B::sync(device).map_err(|e| format!("{e:?}"))?;
+    Ok((
+        out,
+        start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64,
+    ))
+}
+
+/// For each pair, the largest absolute difference divided by the largest magnitude of `want`.
+pub(crate) fn relative_errors<B: Backend, const N: usize>(
+    got: [Tensor<B, 2>; N],
+    want: [Tensor<B, 2>; N],
+) -> Result<[f32; N], String> {
+    let scalar = |t: Tensor<B, 1>| {
+        let v = t.into_data().convert::<f32>().to_vec::<f32>();
+        v.map(|v| v[0]).map_err(|e| format!("{e:?}"))
+    };
+    let mut errors = [0f32; N];
+    for (error, (got, want)) in errors.iter_mut().zip(got.into_iter().zip(want)) {
+        let scale = scalar(want.clone().abs().max())?;
+        let diff = scalar((got - want).abs().max())?;
+        *error = diff / scale.max(f32::MIN_POSITIVE);
+    }
+    Ok(errors)
 }
