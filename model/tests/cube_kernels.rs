@@ -1,20 +1,20 @@
 //! The cubecl kernels and the model's GPU code path, run without a GPU: on burn-wgpu over
 //! Vulkan, which Mesa's lavapipe (Debian's `mesa-vulkan-drivers`) implements on the CPU.
-//! The same kernels compile for burn-cuda; what only a GPU shows (speed, bf16) is left to
-//! `scripts/gpu-check.sh`.
+//! Their CUDA is compiled with NVIDIA's NVRTC, as burn-cuda compiles it on a GPU; what only
+//! a GPU shows (speed, bf16 arithmetic) is left to `scripts/gpu-check.sh`.
 //!
 //! Run with `cargo test -p bertrain-model --features wgpu --test cube_kernels`
-//! (scripts/test does, after installing lavapipe where it is missing).
+//! (scripts/test does, after installing lavapipe and NVRTC where they are missing).
 #![cfg(feature = "wgpu")]
 
 use bertrain_model::dropout::{
     DropoutOps, KeyedMask, RowKeys, compare_with_host_masks, dropout_with_host_mask,
 };
 use bertrain_model::fixtures::{max_diff, padded_batch, small_config, values};
-use bertrain_model::fused::KERNELS_ENV;
 use bertrain_model::fused::adamw::{AdamwOps, AdamwStep};
 use bertrain_model::fused::layer_norm::{LayerNormOps, add_layer_norm};
 use bertrain_model::fused::softmax::attention_softmax;
+use bertrain_model::fused::{KERNELS_ENV, cuda_sources};
 use bertrain_model::{
     Accumulation, BertForPreTraining, ParamLayout, accumulate_grads, flatten_params, init_bert,
     load_flat_params, seed_dropout,
@@ -453,4 +453,63 @@ fn bert_on_a_cubecl_backend_matches_the_cpu() {
     assert!(logits < 1e-4, "logits differ by {logits}");
     let grads = max_diff(&cpu_grads, &gpu_grads);
     assert!(grads < 1e-4, "gradients differ by {grads}");
+}
+
+/// Where NVRTC and the CUDA headers are: a folder with `lib/libnvrtc.so.13` and `include/`.
+const NVRTC_ENV: &str = "BERTRAIN_NVRTC";
+
+/// Every kernel, in each variant training launches, compiles for an H100 or H200 with
+/// NVIDIA's NVRTC, as burn-cuda compiles it at its first launch on a GPU (same dialect,
+/// options and architecture flag; see `cuda_sources`). NVRTC 13 and its headers come from
+/// NVIDIA's `nvidia-cuda-nvrtc` and `nvidia-cuda-runtime` wheels: scripts/test installs
+/// them with pip in `target/nvrtc` and names their `nvidia/cu13` folder in BERTRAIN_NVRTC.
+#[test]
+fn kernels_compile_for_cuda_with_nvrtc() {
+    let dir = std::env::var(NVRTC_ENV).unwrap_or_else(|_| {
+        panic!(
+            "{NVRTC_ENV} is not set: point it at a folder with lib/libnvrtc.so.13 and include/ \
+             (a CUDA 13 toolkit, or the nvidia/cu13 folder of the nvidia-cuda-nvrtc and \
+             nvidia-cuda-runtime wheels; scripts/test installs them)"
+        )
+    });
+    // cudarc opens NVRTC by its name, and NVRTC its builtins by theirs; once a library is
+    // open by its path, its name finds it.
+    let lib = std::path::Path::new(&dir).join("lib");
+    let builtins = std::fs::read_dir(&lib)
+        .unwrap_or_else(|e| panic!("{} (from {NVRTC_ENV}): {e}", lib.display()))
+        .filter_map(|entry| {
+            entry
+                .ok()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+        })
+        .find(|name| name.starts_with("libnvrtc-builtins.so."))
+        .unwrap_or_else(|| panic!("no libnvrtc-builtins.so.* in {}", lib.display()));
+    for name in [builtins.as_str(), "libnvrtc.so.13"] {
+        let path = lib.join(name);
+        // SAFETY: NVRTC's initialisers only set up its own state.
+        let library = unsafe { libloading::Library::new(&path) }
+            .unwrap_or_else(|e| panic!("{} cannot be opened: {e}", path.display()));
+        std::mem::forget(library);
+    }
+
+    let sources = cuda_sources();
+    assert_eq!(sources.len(), 25, "every kernel variant");
+    let mut failed = Vec::new();
+    for kernel in &sources {
+        let options = cudarc::nvrtc::CompileOptions {
+            arch: Some("sm_90a"),
+            include_paths: vec![format!("{dir}/include")],
+            options: vec!["-lineinfo".into()],
+            ..Default::default()
+        };
+        match cudarc::nvrtc::compile_ptx_with_opts(&kernel.source, options) {
+            Ok(ptx) => assert!(
+                ptx.to_src().contains(".entry"),
+                "{}: NVRTC gave no kernel entry",
+                kernel.name
+            ),
+            Err(e) => failed.push(format!("{}: {e:?}", kernel.name)),
+        }
+    }
+    assert!(failed.is_empty(), "NVRTC refused:\n{}", failed.join("\n\n"));
 }

@@ -32,6 +32,11 @@ use super::layer_norm::LayerNormOps;
 use super::softmax::SoftmaxOps;
 use crate::dropout::{self, DropoutOps, GAMMA, KEY_MULTIPLIER, KeyedMask, RowKeys};
 
+#[cfg(feature = "wgpu")]
+mod cuda_source;
+#[cfg(feature = "wgpu")]
+pub use cuda_source::{CudaSource, cuda_sources};
+
 /// Rows of one backward cube: enough that γ's and β's partial sums are few, few enough
 /// that the cubes fill the GPU (16k rows make 512 cubes).
 const ROWS_PER_CUBE: usize = 32;

@@ -13,6 +13,8 @@
 pub mod adamw;
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "wgpu")]
+pub use cube::{CudaSource, cuda_sources};
 pub mod layer_norm;
 pub mod softmax;
 
