@@ -16,8 +16,9 @@ use bertrain_model::fused::layer_norm::{LayerNormOps, add_layer_norm};
 use bertrain_model::fused::softmax::attention_softmax;
 use bertrain_model::fused::{KERNELS_ENV, cuda_sources};
 use bertrain_model::{
-    Accumulation, BertForPreTraining, ParamLayout, accumulate_grads, flatten_params, init_bert,
-    load_flat_params, seed_dropout,
+    Accumulation, BertForPreTraining, BertForSequenceClassification, ClassificationBatch,
+    ParamLayout, Targets, Unpadding, accumulate_grads, flatten_params, init_bert, load_flat_params,
+    seed_dropout,
 };
 use burn::backend::{Autodiff, Flex, Wgpu};
 use burn::nn::LayerNormConfig;
@@ -444,6 +445,69 @@ fn bert_on_a_cubecl_backend_matches_the_cpu() {
     let (cpu_loss, cpu_logits, cpu_grads) = step(&cpu);
     seed_dropout(17, 0);
     let (gpu_loss, gpu_logits, gpu_grads) = step(&gpu);
+    assert!(cpu_grads.iter().any(|g| g.abs() > 1e-3), "gradients flow");
+    assert!(
+        (cpu_loss - gpu_loss).abs() < 1e-4,
+        "losses {cpu_loss} and {gpu_loss}"
+    );
+    let logits = max_diff(&cpu_logits, &gpu_logits);
+    assert!(logits < 1e-4, "logits differ by {logits}");
+    let grads = max_diff(&cpu_grads, &gpu_grads);
+    assert!(grads < 1e-4, "gradients differ by {grads}");
+}
+
+/// A fine-tuning step of the classifier (`bertrain finetune`'s model): its logits, its loss
+/// over three classes and every parameter's gradient.
+fn classifier_step<B: bertrain_model::TrainingBackend>(
+    model: &BertForSequenceClassification<B>,
+) -> (f32, Vec<f32>, Vec<f32>) {
+    let device = Default::default();
+    let (batch, _) = padded_batch::<B>(&device);
+    let mask: Vec<i64> = batch
+        .attention_mask
+        .to_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap();
+    let unpadding = Unpadding::new(&mask, batch.input_ids.dims(), &[]);
+    let batch = ClassificationBatch {
+        input_ids: batch.input_ids,
+        token_type_ids: batch.token_type_ids,
+        attention_mask: batch.attention_mask,
+    };
+    let labels = Tensor::from_data(TensorData::new(vec![2i64, 0, 1, 2], [4]), &device);
+    let logits = model.forward(&batch, &unpadding);
+    let loss = model.loss(logits.clone(), &Targets::Classes(labels));
+    let layout = ParamLayout::of(model);
+    let mut grads = vec![0.0; layout.total + 1];
+    accumulate_grads(
+        model,
+        &loss.clone().backward(),
+        &layout,
+        &mut grads,
+        Accumulation::Overwrite,
+    );
+    (flat(loss)[0], flat(logits), grads)
+}
+
+/// The classifier of `bertrain finetune` takes the GPU code path on the cubecl backend (the
+/// [CLS] rows gathered from the unpadded encoder, the pooler, the pooled rows' keyed
+/// dropout) and gives the CPU's logits, loss and gradients, dropout 0.1 included.
+#[test]
+fn classifier_on_a_cubecl_backend_matches_the_cpu() {
+    fused_on();
+    let config = small_config(0.1);
+    let cpu = BertForSequenceClassification::<Cpu>::new(&config, 3, &Default::default());
+    let layout = ParamLayout::of(&cpu);
+    let params = values(layout.total, 5, 0.05);
+    let cpu = load_flat_params(cpu, &params, &layout);
+    let gpu = BertForSequenceClassification::<Gpu>::new(&config, 3, &Default::default());
+    let gpu = load_flat_params(gpu, &params, &layout);
+
+    seed_dropout(23, 1);
+    let (cpu_loss, cpu_logits, cpu_grads) = classifier_step(&cpu);
+    seed_dropout(23, 1);
+    let (gpu_loss, gpu_logits, gpu_grads) = classifier_step(&gpu);
     assert!(cpu_grads.iter().any(|g| g.abs() > 1e-3), "gradients flow");
     assert!(
         (cpu_loss - gpu_loss).abs() < 1e-4,
