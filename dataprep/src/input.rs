@@ -469,7 +469,7 @@ fn read_parquet_document(
                 path.display()
             ),
         }
-        if col.null_count() == col.len() && col.len() > 0 {
+        if col.null_count() == col.len() && !col.is_empty() {
             continue;
         }
     }

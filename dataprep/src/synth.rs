@@ -75,7 +75,15 @@ pub fn synth_corpus_regions(options: SynthOptions) -> impl Iterator<Item = (&'st
     })
 }
 
-const TOPIC_CORE: &[(&str, &[&str], &[&str], &[&str])] = &[
+/// A region's trade: its name, then its nouns, verbs and adjectives.
+type TopicCore = (
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+const TOPIC_CORE: &[TopicCore] = &[
     (
         "farming",
         &[
@@ -451,7 +459,7 @@ impl Lexicon {
         let (name, pronoun) = *rng.pick(cast);
         let place = *rng.pick(places);
         let template = if index == 0 { 0 } else { 1 + rng.below(9) };
-        let s = match template {
+        match template {
             0 => {
                 let a = adj(rng);
                 format!("{name} was {} {a} {} from {place}.", article(&a), noun(rng))
@@ -514,8 +522,7 @@ impl Lexicon {
                     noun(rng)
                 )
             }
-        };
-        s
+        }
     }
 }
 

@@ -248,14 +248,14 @@ mod tests {
             let alphabet: Vec<u8> = (0u8..128).collect();
             let mut rng = Rng::new(7);
             for _ in 0..3000 {
-                let len = rng.below(40) as usize;
+                let len = rng.below(40);
                 let s: String = (0..len)
                     .map(|_| {
                         // Mostly letters from the vocab so pieces match; sometimes anything.
                         if rng.below(4) == 0 {
-                            alphabet[rng.below(128) as usize] as char
+                            alphabet[rng.below(128)] as char
                         } else {
-                            b"thecasbunlievHx19 "[rng.below(18) as usize] as char
+                            b"thecasbunlievHx19 "[rng.below(18)] as char
                         }
                     })
                     .collect();

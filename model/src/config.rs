@@ -210,7 +210,9 @@ impl BertConfig {
                 bail!("key {key} = {p} must be in [0, 1)");
             }
         }
-        if !(self.layer_norm_eps > 0.0) || !(self.initializer_range > 0.0) {
+        // Written so that NaN is refused too.
+        let positive = |x: f64| x > 0.0;
+        if !positive(self.layer_norm_eps) || !positive(self.initializer_range) {
             bail!("keys layer_norm_eps and initializer_range must be positive");
         }
         Ok(())

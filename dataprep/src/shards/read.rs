@@ -175,24 +175,24 @@ impl Iterator for RowIter {
             return None;
         }
         loop {
-            if let Some(cols) = &self.batch {
-                if self.row < cols.labels.len() {
-                    let r = self.row;
-                    self.row += 1;
-                    let tt = cols.token_type_ids.value(r);
-                    return Some(Ok(Instance {
-                        input_ids: i32_values(&cols.input_ids, r),
-                        token_type_ids: tt
-                            .as_primitive::<Int8Type>()
-                            .values()
-                            .iter()
-                            .map(|&x| x as u8)
-                            .collect(),
-                        masked_lm_positions: i32_values(&cols.positions, r),
-                        masked_lm_ids: i32_values(&cols.masked_ids, r),
-                        next_sentence_label: cols.labels.value(r) as u8,
-                    }));
-                }
+            if let Some(cols) = &self.batch
+                && self.row < cols.labels.len()
+            {
+                let r = self.row;
+                self.row += 1;
+                let tt = cols.token_type_ids.value(r);
+                return Some(Ok(Instance {
+                    input_ids: i32_values(&cols.input_ids, r),
+                    token_type_ids: tt
+                        .as_primitive::<Int8Type>()
+                        .values()
+                        .iter()
+                        .map(|&x| x as u8)
+                        .collect(),
+                    masked_lm_positions: i32_values(&cols.positions, r),
+                    masked_lm_ids: i32_values(&cols.masked_ids, r),
+                    next_sentence_label: cols.labels.value(r) as u8,
+                }));
             }
             match self.reader.next()? {
                 Ok(batch) => match self.load(batch) {
