@@ -21,6 +21,7 @@ use bertrain_model::{
     seed_dropout,
 };
 use burn::backend::{Autodiff, Flex, Wgpu};
+use burn::module::Module;
 use burn::nn::LayerNormConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensorOps;
@@ -352,24 +353,55 @@ fn fused_adamw_matches_burns_ops() {
 }
 
 /// The loss, the logits and every parameter's gradient, flat.
-fn step<B: bertrain_model::TrainingBackend>(
-    model: &BertForPreTraining<B>,
-) -> (f32, Vec<f32>, Vec<f32>) {
+/// What one training step computed: its loss, its logits and every parameter's gradient.
+struct Step {
+    loss: f32,
+    logits: Vec<f32>,
+    grads: Vec<f32>,
+}
+
+impl Step {
+    fn of<B: bertrain_model::TrainingBackend, M: Module<B>>(
+        model: &M,
+        loss: Tensor<B, 1>,
+        logits: Vec<f32>,
+    ) -> Step {
+        let layout = ParamLayout::of(model);
+        let mut grads = vec![0.0; layout.total + 1];
+        accumulate_grads(
+            model,
+            &loss.clone().backward(),
+            &layout,
+            &mut grads,
+            Accumulation::Overwrite,
+        );
+        Step {
+            loss: flat(loss)[0],
+            logits,
+            grads,
+        }
+    }
+
+    /// `self` (the CPU's) and `other` (the cubecl backend's) agree within 1e-4.
+    fn assert_matches(&self, other: Step) {
+        assert!(self.grads.iter().any(|g| g.abs() > 1e-3), "gradients flow");
+        let (a, b) = (self.loss, other.loss);
+        assert!((a - b).abs() < 1e-4, "losses {a} and {b}");
+        let logits = max_diff(&self.logits, &other.logits);
+        assert!(logits < 1e-4, "logits differ by {logits}");
+        let grads = max_diff(&self.grads, &other.grads);
+        assert!(grads < 1e-4, "gradients differ by {grads}");
+    }
+}
+
+/// A pretraining step of BERT.
+fn step<B: bertrain_model::TrainingBackend>(model: &BertForPreTraining<B>) -> Step {
     let (batch, unpadding) = padded_batch::<B>(&Default::default());
     let output = model.forward_unpadded(&batch, &unpadding);
     let loss = model.loss(&output, &batch).loss;
-    let layout = ParamLayout::of(model);
-    let mut grads = vec![0.0; layout.total + 1];
-    accumulate_grads(
-        model,
-        &loss.clone().backward(),
-        &layout,
-        &mut grads,
-        Accumulation::Overwrite,
-    );
     let mut logits = flat(output.mlm_logits);
     logits.extend(flat(output.nsp_logits));
-    (flat(loss)[0], logits, grads)
+    Step::of(model, loss, logits)
 }
 
 /// The keyed dropout kernel draws, bit for bit, the masks the host draws for the same rows
@@ -442,25 +474,16 @@ fn bert_on_a_cubecl_backend_matches_the_cpu() {
     let gpu = load_flat_params(gpu, &params, &layout);
 
     seed_dropout(17, 0);
-    let (cpu_loss, cpu_logits, cpu_grads) = step(&cpu);
+    let on_cpu = step(&cpu);
     seed_dropout(17, 0);
-    let (gpu_loss, gpu_logits, gpu_grads) = step(&gpu);
-    assert!(cpu_grads.iter().any(|g| g.abs() > 1e-3), "gradients flow");
-    assert!(
-        (cpu_loss - gpu_loss).abs() < 1e-4,
-        "losses {cpu_loss} and {gpu_loss}"
-    );
-    let logits = max_diff(&cpu_logits, &gpu_logits);
-    assert!(logits < 1e-4, "logits differ by {logits}");
-    let grads = max_diff(&cpu_grads, &gpu_grads);
-    assert!(grads < 1e-4, "gradients differ by {grads}");
+    on_cpu.assert_matches(step(&gpu));
 }
 
-/// A fine-tuning step of the classifier (`bertrain finetune`'s model): its logits, its loss
-/// over three classes and every parameter's gradient.
+/// A fine-tuning step of the classifier (`bertrain finetune`'s model), its loss over three
+/// classes.
 fn classifier_step<B: bertrain_model::TrainingBackend>(
     model: &BertForSequenceClassification<B>,
-) -> (f32, Vec<f32>, Vec<f32>) {
+) -> Step {
     let device = Default::default();
     let (batch, _) = padded_batch::<B>(&device);
     let mask: Vec<i64> = batch
@@ -478,16 +501,7 @@ fn classifier_step<B: bertrain_model::TrainingBackend>(
     let labels = Tensor::from_data(TensorData::new(vec![2i64, 0, 1, 2], [4]), &device);
     let logits = model.forward(&batch, &unpadding);
     let loss = model.loss(logits.clone(), &Targets::Classes(labels));
-    let layout = ParamLayout::of(model);
-    let mut grads = vec![0.0; layout.total + 1];
-    accumulate_grads(
-        model,
-        &loss.clone().backward(),
-        &layout,
-        &mut grads,
-        Accumulation::Overwrite,
-    );
-    (flat(loss)[0], flat(logits), grads)
+    Step::of(model, loss, flat(logits))
 }
 
 /// The classifier of `bertrain finetune` takes the GPU code path on the cubecl backend (the
@@ -505,18 +519,9 @@ fn classifier_on_a_cubecl_backend_matches_the_cpu() {
     let gpu = load_flat_params(gpu, &params, &layout);
 
     seed_dropout(23, 1);
-    let (cpu_loss, cpu_logits, cpu_grads) = classifier_step(&cpu);
+    let on_cpu = classifier_step(&cpu);
     seed_dropout(23, 1);
-    let (gpu_loss, gpu_logits, gpu_grads) = classifier_step(&gpu);
-    assert!(cpu_grads.iter().any(|g| g.abs() > 1e-3), "gradients flow");
-    assert!(
-        (cpu_loss - gpu_loss).abs() < 1e-4,
-        "losses {cpu_loss} and {gpu_loss}"
-    );
-    let logits = max_diff(&cpu_logits, &gpu_logits);
-    assert!(logits < 1e-4, "logits differ by {logits}");
-    let grads = max_diff(&cpu_grads, &gpu_grads);
-    assert!(grads < 1e-4, "gradients differ by {grads}");
+    on_cpu.assert_matches(classifier_step(&gpu));
 }
 
 /// Where NVRTC and the CUDA headers are: a folder with `lib/libnvrtc.so.13` and `include/`.
