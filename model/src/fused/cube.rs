@@ -4,19 +4,25 @@
 //! whatever the tensors' float type. Forward: one cube per row; the row's sum and then its
 //! squared deviations are reduced in shared memory, and the normalised row is written with
 //! γ and β applied. The row's mean and 1/σ are kept for the backward (8 bytes a row).
+//! The first pass keeps the row's `x ⊙ M + residual` in shared memory for the others, so
+//! the inputs are read and the mask drawn once.
 //!
 //! Backward: one cube per [`ROWS_PER_CUBE`] rows, by the formula of [`super::layer_norm`].
 //! Each unit also sums `dy ⊙ x̂` and `dy` over the cube's rows for its own columns, so γ's
 //! and β's gradients leave the kernel as `[cubes, n]` partial sums, which one small
-//! reduction finishes (reducing all the rows at once is what burn-cuda does slowly).
+//! reduction finishes (reducing all the rows at once is what burn-cuda does slowly). The
+//! first pass over a row keeps `x̂` and the mask in shared memory for the second.
 //!
 //! Attention's softmax: one cube per row of the scores, each way, in f32.
 //!
 //! AdamW: one unit per element of the flat buffers.
 //!
-//! Keyed dropout: one unit per four elements of a row, which share one 64-bit draw of the
-//! row's stream (see [`crate::dropout`]). The GPU has no 64-bit integers everywhere (WebGPU
-//! has none), so the draws are computed on pairs of 32-bit words.
+//! Keyed dropout (see [`crate::dropout`]): four neighbouring elements of a row share one
+//! 64-bit draw of the row's stream, so every pass that applies a mask takes a row's
+//! columns in groups of four, one draw a group (a SplitMix64 output is some 30 integer
+//! operations, several times an element's memory traffic on a GPU). The GPU has no 64-bit
+//! integers everywhere (WebGPU has none), so the draws are computed on pairs of 32-bit
+//! words.
 
 use burn::tensor::{DType, Shape, Tensor as BurnTensor, TensorData};
 use burn_cubecl::kernel::into_contiguous;
@@ -74,25 +80,6 @@ fn cube_index() -> usize {
     (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize
 }
 
-/// The sum `x ⊙ M + residual` at `index`, column `column` of a row whose dropout stream
-/// is `stream` (`x + residual` without `dropout`), in f32.
-#[cube]
-fn masked_sum<F: Float>(
-    x: &Tensor<F>,
-    residual: &Tensor<F>,
-    index: usize,
-    column: usize,
-    stream: Word,
-    mask: DropoutArgs,
-    #[comptime] dropout: bool,
-) -> f32 {
-    let mut value = f32::cast_from(x[index]);
-    if dropout {
-        value *= column_factor(stream, column, mask.drop_below, mask.keep_scale);
-    }
-    value + f32::cast_from(residual[index])
-}
-
 /// The dropout stream of row `row`, whose grid position is `positions[row]` when `listed`
 /// and `row` otherwise; unused without dropout.
 #[cube]
@@ -122,6 +109,7 @@ fn layer_norm_forward_kernel<F: Float, I: Int>(
     epsilon: f32,
     mask: DropoutArgs,
     #[comptime] units: u32,
+    #[comptime] row_len: u32,
     #[comptime] dropout: bool,
     #[comptime] listed: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
@@ -131,25 +119,42 @@ fn layer_norm_forward_kernel<F: Float, I: Int>(
     if row >= rows {
         terminate!();
     }
-    let n = x.shape(1);
+    let n = row_len as usize;
     let step = units as usize;
     let first = UNIT_POS_X as usize;
     let base = row * n;
     let mut shared = SharedMemory::<f32>::new(units as usize);
     let stream = listed_row_stream(positions, row, mask, listed);
 
+    // The row's `x ⊙ M + residual`, computed once into shared memory; the reduction's
+    // barrier makes it whole before the other passes read it.
+    let mut sums = SharedMemory::<f32>::new(row_len as usize);
     let mut sum = f32::new(0.0);
-    let mut i = first;
-    while i < n {
-        sum += masked_sum(x, residual, base + i, i, stream, mask, dropout);
-        i += step;
+    let mut group = first;
+    while group < n.div_ceil(4) {
+        let bits = group_bits(stream, group, dropout);
+        let mut lane = 0usize;
+        while lane < 4 {
+            let i = group * 4 + lane;
+            if i < n {
+                let mut value = f32::cast_from(x[base + i]);
+                if dropout {
+                    value *= lane_factor(bits, lane, mask.drop_below, mask.keep_scale);
+                }
+                value += f32::cast_from(residual[base + i]);
+                sums[i] = value;
+                sum += value;
+            }
+            lane += 1;
+        }
+        group += step;
     }
     let mean = cube_sum(&mut shared, sum) / f32::cast_from(n);
 
     let mut squares = f32::new(0.0);
     let mut i = first;
     while i < n {
-        let centred = masked_sum(x, residual, base + i, i, stream, mask, dropout) - mean;
+        let centred = sums[i] - mean;
         squares += centred * centred;
         i += step;
     }
@@ -158,8 +163,7 @@ fn layer_norm_forward_kernel<F: Float, I: Int>(
 
     let mut i = first;
     while i < n {
-        let normalised =
-            (masked_sum(x, residual, base + i, i, stream, mask, dropout) - mean) * inverse_std;
+        let normalised = (sums[i] - mean) * inverse_std;
         output[base + i] =
             F::cast_from(normalised * f32::cast_from(gamma[i]) + f32::cast_from(beta[i]));
         i += step;
@@ -185,6 +189,7 @@ fn layer_norm_backward_kernel<F: Float, I: Int>(
     positions: &Tensor<I>,
     mask: DropoutArgs,
     #[comptime] units: u32,
+    #[comptime] row_len: u32,
     #[comptime] rows_per_cube: u32,
     #[comptime] dropout: bool,
     #[comptime] listed: bool,
@@ -196,18 +201,27 @@ fn layer_norm_backward_kernel<F: Float, I: Int>(
     if first_row >= rows {
         terminate!();
     }
-    let n = x.shape(1);
+    let n = row_len as usize;
+    let groups = n.div_ceil(4);
     let step = units as usize;
     let first = UNIT_POS_X as usize;
     let partials = cube * n;
     let mut shared = SharedMemory::<f32>::new(units as usize);
+    // A row's x̂ and mask factors, from the first pass for the second.
+    let mut normalised_row = SharedMemory::<f32>::new(row_len as usize);
+    let mut factors = SharedMemory::<f32>::new(row_len as usize);
 
-    // Each unit owns the columns first, first + step, ...: no other unit touches them.
-    let mut i = first;
-    while i < n {
-        gamma_partials[partials + i] = f32::new(0.0);
-        beta_partials[partials + i] = f32::new(0.0);
-        i += step;
+    // Each unit owns the groups of four columns first, first + step, ... (one dropout draw
+    // each): no other unit touches their partial sums.
+    let mut group = first;
+    while group < groups {
+        let mut i = group * 4;
+        while i < n && i < group * 4 + 4 {
+            gamma_partials[partials + i] = f32::new(0.0);
+            beta_partials[partials + i] = f32::new(0.0);
+            i += 1;
+        }
+        group += step;
     }
 
     let mut row = first_row;
@@ -223,17 +237,33 @@ fn layer_norm_backward_kernel<F: Float, I: Int>(
 
         let mut sum_g = f32::new(0.0);
         let mut sum_g_normalised = f32::new(0.0);
-        let mut i = first;
-        while i < n {
-            let normalised =
-                (masked_sum(x, residual, base + i, i, stream, mask, dropout) - mean) * inverse_std;
-            let upstream = f32::cast_from(dy[base + i]);
-            let g = upstream * f32::cast_from(gamma[i]);
-            sum_g += g;
-            sum_g_normalised += g * normalised;
-            gamma_partials[partials + i] = gamma_partials[partials + i] + upstream * normalised;
-            beta_partials[partials + i] = beta_partials[partials + i] + upstream;
-            i += step;
+        let mut group = first;
+        while group < groups {
+            let bits = group_bits(stream, group, dropout);
+            let mut lane = 0usize;
+            while lane < 4 {
+                let i = group * 4 + lane;
+                if i < n {
+                    let mut value = f32::cast_from(x[base + i]);
+                    if dropout {
+                        let factor = lane_factor(bits, lane, mask.drop_below, mask.keep_scale);
+                        factors[i] = factor;
+                        value *= factor;
+                    }
+                    let normalised =
+                        (value + f32::cast_from(residual[base + i]) - mean) * inverse_std;
+                    normalised_row[i] = normalised;
+                    let upstream = f32::cast_from(dy[base + i]);
+                    let g = upstream * f32::cast_from(gamma[i]);
+                    sum_g += g;
+                    sum_g_normalised += g * normalised;
+                    gamma_partials[partials + i] =
+                        gamma_partials[partials + i] + upstream * normalised;
+                    beta_partials[partials + i] = beta_partials[partials + i] + upstream;
+                }
+                lane += 1;
+            }
+            group += step;
         }
         let count = f32::cast_from(n);
         let mean_g = cube_sum(&mut shared, sum_g) / count;
@@ -241,17 +271,17 @@ fn layer_norm_backward_kernel<F: Float, I: Int>(
 
         let mut i = first;
         while i < n {
-            let normalised =
-                (masked_sum(x, residual, base + i, i, stream, mask, dropout) - mean) * inverse_std;
+            let normalised = normalised_row[i];
             let g = f32::cast_from(dy[base + i]) * f32::cast_from(gamma[i]);
             let d = (g - mean_g - normalised * mean_g_normalised) * inverse_std;
             ds[base + i] = F::cast_from(d);
             if dropout {
-                let factor = column_factor(stream, i, mask.drop_below, mask.keep_scale);
-                dx[base + i] = F::cast_from(d * factor);
+                dx[base + i] = F::cast_from(d * factors[i]);
             }
             i += step;
         }
+        // The next row's first pass overwrites what this pass reads.
+        sync_cube();
         row += 1;
     }
 }
@@ -322,6 +352,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
             epsilon as f32,
             dropout_args(mask),
             units,
+            n as u32,
             mask.is_some(),
             listed,
             [dtype.into(), int_dtype.into()],
@@ -379,6 +410,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
             positions.into_tensor_arg(),
             dropout_args(mask),
             units,
+            n as u32,
             ROWS_PER_CUBE as u32,
             mask.is_some(),
             listed,
@@ -563,17 +595,27 @@ fn softmax_kernel<F: Float>(
     }
     let sum = cube_sum(&mut shared, sum);
 
+    // In groups of four columns, which share one draw of the row's stream.
     let stream = row_stream(row as u32, mask);
-    let mut i = first;
-    while i < n {
-        let v = f32::cast_from(scores[base + i]) / divisor + f32::cast_from(bias[bias_base + i]);
-        let p = f32::exp(v - largest) / sum;
-        probs[base + i] = F::cast_from(p);
-        if dropout {
-            let factor = column_factor(stream, i, mask.drop_below, mask.keep_scale);
-            dropped[base + i] = F::cast_from(p * factor);
+    let mut group = first;
+    while group < n.div_ceil(4) {
+        let bits = group_bits(stream, group, dropout);
+        let mut lane = 0usize;
+        while lane < 4 {
+            let i = group * 4 + lane;
+            if i < n {
+                let v = f32::cast_from(scores[base + i]) / divisor
+                    + f32::cast_from(bias[bias_base + i]);
+                let p = f32::exp(v - largest) / sum;
+                probs[base + i] = F::cast_from(p);
+                if dropout {
+                    let factor = lane_factor(bits, lane, mask.drop_below, mask.keep_scale);
+                    dropped[base + i] = F::cast_from(p * factor);
+                }
+            }
+            lane += 1;
         }
-        i += step;
+        group += step;
     }
 }
 
@@ -600,28 +642,46 @@ fn softmax_backward_kernel<F: Float>(
     let first = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(units as usize);
 
+    // Both passes in groups of four columns, which share one draw of the row's stream.
     let stream = row_stream(row as u32, mask);
+    let groups = n.div_ceil(4);
     let mut dot = f32::new(0.0);
-    let mut i = first;
-    while i < n {
-        let mut g = f32::cast_from(dprobs[base + i]);
-        if dropout {
-            g *= column_factor(stream, i, mask.drop_below, mask.keep_scale);
+    let mut group = first;
+    while group < groups {
+        let bits = group_bits(stream, group, dropout);
+        let mut lane = 0usize;
+        while lane < 4 {
+            let i = group * 4 + lane;
+            if i < n {
+                let mut g = f32::cast_from(dprobs[base + i]);
+                if dropout {
+                    g *= lane_factor(bits, lane, mask.drop_below, mask.keep_scale);
+                }
+                dot += g * f32::cast_from(probs[base + i]);
+            }
+            lane += 1;
         }
-        dot += g * f32::cast_from(probs[base + i]);
-        i += step;
+        group += step;
     }
     let dot = cube_sum(&mut shared, dot);
 
-    let mut i = first;
-    while i < n {
-        let p = f32::cast_from(probs[base + i]);
-        let mut g = f32::cast_from(dprobs[base + i]);
-        if dropout {
-            g *= column_factor(stream, i, mask.drop_below, mask.keep_scale);
+    let mut group = first;
+    while group < groups {
+        let bits = group_bits(stream, group, dropout);
+        let mut lane = 0usize;
+        while lane < 4 {
+            let i = group * 4 + lane;
+            if i < n {
+                let p = f32::cast_from(probs[base + i]);
+                let mut g = f32::cast_from(dprobs[base + i]);
+                if dropout {
+                    g *= lane_factor(bits, lane, mask.drop_below, mask.keep_scale);
+                }
+                dscores[base + i] = F::cast_from(p * (g - dot) / divisor);
+            }
+            lane += 1;
         }
-        dscores[base + i] = F::cast_from(p * (g - dot) / divisor);
-        i += step;
+        group += step;
     }
 }
 
@@ -922,15 +982,14 @@ fn lane_factor(bits: Word, lane: usize, drop_below: u32, keep_scale: f32) -> f32
     select(draw < drop_below, f32::new(0.0), keep_scale)
 }
 
-/// The factor of element `column` of a row whose stream is `stream`.
+/// The draw shared by the four columns of `group` of a row (none without `dropout`).
 #[cube]
-fn column_factor(stream: Word, column: usize, drop_below: u32, keep_scale: f32) -> f32 {
-    lane_factor(
-        stream_draw(stream, column / 4),
-        column % 4,
-        drop_below,
-        keep_scale,
-    )
+fn group_bits(stream: Word, group: usize, #[comptime] dropout: bool) -> Word {
+    if dropout {
+        stream_draw(stream, group)
+    } else {
+        Word { hi: 0u32, lo: 0u32 }
+    }
 }
 
 /// A keyed mask's scalars, as the kernels read them: the row keys' `first` (its low word),
