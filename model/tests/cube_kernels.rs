@@ -563,6 +563,21 @@ fn kernels_compile_for_cuda_with_nvrtc() {
 
     let sources = cuda_sources();
     assert_eq!(sources.len(), 25, "every kernel variant");
+    // A kernel added to the file but not to `cuda_sources` would go unchecked.
+    let launched = include_str!("../src/fused/cube.rs")
+        .matches("#[cube(launch)]")
+        .count();
+    let mut kernels: Vec<&str> = sources
+        .iter()
+        .map(|s| s.name.split(' ').next().unwrap())
+        .collect();
+    kernels.sort();
+    kernels.dedup();
+    assert_eq!(
+        kernels.len(),
+        launched,
+        "kernels in cuda_sources: {kernels:?}"
+    );
     let mut failed = Vec::new();
     for kernel in &sources {
         let options = cudarc::nvrtc::CompileOptions {
