@@ -720,7 +720,7 @@ impl<B: DenseOps> Embeddings<B> {
         let positions = self.position_embeddings.forward(position_ids);
         let [groups, per_group, hidden_size] = words.dims();
         let flat = |t: Tensor<B, 3>| t.reshape([groups * per_group, hidden_size]);
-        let normed = if B::fused_layer_norm() {
+        let normed = if B::fused_layer_norm(hidden_size) {
             add_layer_norm(
                 &self.layer_norm,
                 self.layer_norm_eps,
@@ -865,7 +865,7 @@ fn per_head_product<B: DenseOps>(
 impl<B: DenseOps> Output<B> {
     fn forward(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>, rows: &Rows<B>) -> Tensor<B, 2> {
         let projected = dense(&self.dense, x, Activation::Identity);
-        if B::fused_layer_norm() {
+        if B::fused_layer_norm(projected.dims()[1]) {
             // The dropout inside the op's kernels where the backend has them, else before it.
             let mask = dropout::kernel_mask(&self.dropout, &rows.keys, &projected.device());
             let projected = match mask {

@@ -43,6 +43,15 @@ mod cuda_source;
 #[cfg(feature = "wgpu")]
 pub use cuda_source::{CudaSource, cuda_sources};
 
+/// The longest row the LayerNorm kernels take (longer ones keep burn's LayerNorm): the
+/// backward keeps two rows of f32 in shared memory, which must stay under the 48 KB a cube
+/// may use without opting in.
+const MAX_ROW_LEN: usize = 4096;
+
+fn assert_row_fits(n: usize) {
+    assert!(n <= MAX_ROW_LEN, "LayerNorm rows of {n} > {MAX_ROW_LEN}");
+}
+
 /// Rows of one backward cube: enough that γ's and β's partial sums are few, few enough
 /// that the cubes fill the GPU (16k rows make 512 cubes).
 const ROWS_PER_CUBE: usize = 32;
@@ -307,8 +316,8 @@ fn cube_count(count: usize) -> CubeCount {
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormOps
     for CubeBackend<R, F, I, BT>
 {
-    fn fused_layer_norm() -> bool {
-        super::enabled()
+    fn fused_layer_norm(row_len: usize) -> bool {
+        super::enabled() && row_len <= MAX_ROW_LEN
     }
 
     fn layer_norm_forward(
@@ -322,6 +331,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
         let dtype = x.dtype;
         let [x, residual, gamma, beta] = [x, residual, gamma, beta].map(|t| same_type(t, dtype));
         let [rows, n] = x.meta.shape().dims::<2>();
+        assert_row_fits(n);
         let (client, device) = (x.client.clone(), x.device.clone());
         let output = empty_device_dtype(
             client.clone(),
@@ -373,6 +383,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> LayerNormO
         let [x, residual, gamma, dy] = [x, residual, gamma, dy].map(|t| same_type(t, dtype));
         let stats = into_contiguous(stats);
         let [rows, n] = x.meta.shape().dims::<2>();
+        assert_row_fits(n);
         let (client, device) = (x.client.clone(), x.device.clone());
         let cubes = rows.div_ceil(ROWS_PER_CUBE);
         let empty = |shape| empty_device_dtype(client.clone(), device.clone(), shape, dtype);

@@ -31,8 +31,9 @@ use crate::dropout::{DropoutOps, KeyedMask, inner_mask};
 /// A backend with `LayerNorm(x + residual)` as one op. All tensors are `[rows, n]` but γ
 /// and β, `[n]`.
 pub trait LayerNormOps: DropoutOps {
-    /// Whether the model should use the op (the backend's own kernels, switched on).
-    fn fused_layer_norm() -> bool {
+    /// Whether the model should use the op for rows of `row_len` (the backend's own kernels,
+    /// switched on, where they take such rows).
+    fn fused_layer_norm(_row_len: usize) -> bool {
         false
     }
 
@@ -157,8 +158,8 @@ impl<B: LayerNormOps> Backward<B, 4> for LayerNormBackward<B> {
 }
 
 impl<B: LayerNormOps, C: CheckpointStrategy> LayerNormOps for Autodiff<B, C> {
-    fn fused_layer_norm() -> bool {
-        B::fused_layer_norm()
+    fn fused_layer_norm(row_len: usize) -> bool {
+        B::fused_layer_norm(row_len)
     }
 
     fn layer_norm_forward(
