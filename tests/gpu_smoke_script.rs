@@ -120,13 +120,12 @@ fn bench_step_prints_where_a_step_goes() {
     };
     assert_eq!((seq, batch), (128.0, 8.0), "{stdout}");
     assert!(step > 0.0 && dense > 0.0 && attention > 0.0, "{stdout}");
-    assert!(dense + attention < 2.0 * step, "{stdout}");
     // One process: nothing to all-reduce.
     assert!(all_reduce < 1.0, "{stdout}");
-    // At 512 the same tokens attend over 4x the positions: attention costs about 4x.
-    let (seq, attention_512) = (rows[1][0], rows[1][7]);
-    assert_eq!(seq, 512.0, "{stdout}");
-    assert!(attention_512 > 2.0 * attention, "{stdout}");
+    // The same tokens per step at 512: a quarter of the sequences. Times are not compared
+    // here (a loaded CI machine makes any ratio of them flaky): that is the table's job.
+    assert_eq!((rows[1][0], rows[1][1]), (512.0, 2.0), "{stdout}");
+    assert!(rows[1][2] > 0.0 && rows[1][7] > 0.0, "{stdout}");
 
     // Without the cuda feature the GPU variant says so in one line.
     if !cfg!(feature = "cuda") {
