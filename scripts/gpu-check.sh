@@ -5,7 +5,9 @@
 # a section failed.
 #
 #   scripts/gpu-check.sh [BERTRAIN]      (default: target/release/bertrain, built with
-#                                         `cargo build --release --features cuda`)
+#                                         `cargo build --release --features cuda`; a
+#                                         BERTRAIN ending in .gz, as scripts/gpu-pack.sh
+#                                         makes it, is unpacked first)
 #
 # Sections (SECTIONS, default all, in this order):
 #   dense     bench dense: cuBLASLt's dense products against burn's (values, gradients, time)
@@ -49,6 +51,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 
 work=$(mktemp -d -t bertrain-gpu-check.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+if [[ $bin == *.gz ]]; then
+    gunzip -c "$bin" > "$work/bertrain"
+    chmod +x "$work/bertrain"
+    bin=$work/bertrain
+fi
 declare -A result seconds
 dense_ok=1
 
