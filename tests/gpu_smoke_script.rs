@@ -124,8 +124,11 @@ fn bench_step_prints_where_a_step_goes() {
     assert!(all_reduce < 1.0, "{stdout}");
     // The same tokens per step at 512: a quarter of the sequences. Times are not compared
     // here (a loaded CI machine makes any ratio of them flaky): that is the table's job.
-    assert_eq!((rows[1][0], rows[1][1]), (512.0, 2.0), "{stdout}");
-    assert!(rows[1][2] > 0.0 && rows[1][7] > 0.0, "{stdout}");
+    let [seq, batch, step, _, _, _, _, attention, ..] = rows[1][..] else {
+        panic!("{stdout}")
+    };
+    assert_eq!((seq, batch), (512.0, 2.0), "{stdout}");
+    assert!(step > 0.0 && attention > 0.0, "{stdout}");
 
     // Without the cuda feature the GPU variant says so in one line.
     if !cfg!(feature = "cuda") {
